@@ -1,0 +1,24 @@
+"""The CAM engine: torch + numpy + standard library only (never Slicer, Qt or VTK).
+
+Main entry points: :func:`explain` (one target, one layer) and :func:`compute_cams` (several targets and
+layers from one forward pass); targets in :mod:`.targets` and :mod:`.regions`; methods in :mod:`.methods`.
+"""
+
+from .cam import CAMResult, compute_cams, explain
+from .hooks import LayerCapture, count_hooks, model_guard, named_layers, resolve_layer
+from .layers import LayerInfo, auto_layer, trace_layers
+from .methods import DEFAULT_METHOD, METHODS, get_method
+from .outputs import main_output
+from .postprocess import normalize, postprocess, upsample
+from .regions import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, VoxelRegion, WholeRegion,
+                      connected_components)
+from .targets import (SegmentTarget, class_maps, empty_target, predicted_mask, threshold_target,
+                      whole_image_target)
+
+__all__ = [
+    "CAMResult", "compute_cams", "explain", "LayerCapture", "count_hooks", "model_guard", "named_layers",
+    "resolve_layer", "LayerInfo", "auto_layer", "trace_layers", "DEFAULT_METHOD", "METHODS", "get_method",
+    "main_output", "normalize", "postprocess", "upsample", "ComponentRegion", "EmptyRegion", "MaskRegion",
+    "PredictedRegion", "VoxelRegion", "WholeRegion", "connected_components", "SegmentTarget", "class_maps",
+    "empty_target", "predicted_mask", "threshold_target", "whole_image_target",
+]

@@ -1,0 +1,211 @@
+"""The CAM engine: one forward pass, gradients at the chosen layers for every target, combination, heatmaps.
+
+>>> import torch
+>>> from torch import nn
+>>> from SegHiResCAMLib.engine import explain, SegmentTarget
+>>> net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+>>> x = torch.randn(1, 1, 8, 8, 8)
+>>> res = explain(net, x, SegmentTarget(1), layer="1")
+>>> res.map.shape, res.raw.shape
+(torch.Size([1, 8, 8, 8]), torch.Size([1, 8, 8, 8]))
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import InputError, InternalError, LayerError, ModelError, SegHiResCAMError
+from .hooks import LayerCapture, model_guard
+from .layers import auto_layer
+from .methods import DEFAULT_METHOD, CAMMethod, get_method
+from .outputs import main_output
+from .postprocess import NORMALIZATIONS, UPSAMPLING, postprocess
+from .targets import SegmentTarget
+
+#: ``progress(fraction in [0, 1], message)``; may raise :class:`~SegHiResCAMLib.errors.CancelledError`
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class CAMResult:
+    """One heatmap: a target explained at a layer by a method.
+
+    Attributes:
+        target: the explained target.
+        layer: the layer's module name.
+        method: the method's name.
+        raw: signed map on the layer grid, ``[B, *S_layer]``, before ReLU and normalisation (float32, or
+            float64 for a float64 model).
+        map: heatmap on the input grid, ``[B, *S_input]`` float32, after ReLU/up-sampling/normalisation.
+        score: the explained scalar ``y`` per batch element, ``[B]``.
+        region: the explained voxels M on the output grid, boolean ``[B, *S_output]``.
+        flat: ``[B]`` True where the map is constant (e.g. zero gradient everywhere): nothing to show.
+        output: the model's main output (logits, detached), shared by all results of one call.
+        options: method and post-processing options, for provenance.
+    """
+
+    target: SegmentTarget
+    layer: str
+    method: str
+    raw: torch.Tensor
+    map: torch.Tensor
+    score: torch.Tensor
+    region: torch.Tensor
+    flat: torch.Tensor
+    output: torch.Tensor
+    options: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """JSON-friendly provenance (no tensors)."""
+        return {"method": self.method, "layer": self.layer, "target": self.target.describe(),
+                "score": [float(s) for s in self.score], "region_voxels": [int(r.sum()) for r in self.region],
+                "flat": [bool(f) for f in self.flat], "layer_grid": list(self.raw.shape[1:]),
+                "options": dict(self.options)}
+
+
+def expected_in_channels(model: nn.Module) -> Optional[int]:
+    """Input channels of the first convolution/linear layer, if the model has one."""
+    for module in model.modules():
+        channels = getattr(module, "in_channels", None)
+        if isinstance(channels, int) and isinstance(module, (nn.modules.conv._ConvNd,)):
+            return channels
+    return None
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Fail early, with a remedy, on inputs the model cannot take."""
+    if not torch.is_tensor(x):
+        raise InputError("the input must be a torch tensor [batch, channels, *spatial], got %s" % type(x).__name__)
+    if x.ndim not in (4, 5):
+        raise InputError("the input must be [batch, channels, H, W] (2D) or [batch, channels, D, H, W] (3D); got "
+                         "shape %s" % (tuple(x.shape),))
+    if not x.is_floating_point():
+        raise InputError("the input must be floating point, got %s; convert it with x.float()" % x.dtype)
+    if min(x.shape) == 0:
+        raise InputError("the input has an empty axis: shape %s" % (tuple(x.shape),))
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("the input holds NaN or infinite values; replace them (e.g. torch.nan_to_num) first")
+    channels = expected_in_channels(model)
+    if channels is not None and x.shape[1] != channels:
+        raise InputError("the model expects %d input channel(s) but the input has %d; give an image with %d "
+                         "channel(s)" % (channels, x.shape[1], channels))
+
+
+def _run_model(model: nn.Module, x: torch.Tensor):
+    try:
+        return model(x)
+    except SegHiResCAMError:
+        raise
+    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        raise InternalError("out of memory on %s for an input of shape %s; use a smaller window, a smaller image "
+                            "or --device cpu" % (x.device, tuple(x.shape))) from exc
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "out of memory" in text.lower():
+            raise InternalError("out of memory for an input of shape %s; use a smaller window or image, or "
+                                "another device" % (tuple(x.shape),)) from exc
+        raise ModelError("the model failed on an input of shape %s: %s" % (tuple(x.shape), text)) from exc
+
+
+def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTarget],
+                 layers: Union[str, Sequence[str]] = "auto", method: Union[str, CAMMethod] = DEFAULT_METHOD,
+                 relu: bool = True, normalization: str = "max", upsampling: str = "linear",
+                 output_key: Optional[str] = None, eval_mode: bool = True,
+                 progress: Optional[ProgressCallback] = None, **method_options) -> List[CAMResult]:
+    """Explain several targets at several layers from a single forward pass.
+
+    Args:
+        model: any ``nn.Module`` returning logits ``[B, C, *S]`` (or a tuple/list/dict of them).
+        x: input ``[B, C_in, *S]`` with 2 or 3 spatial axes; never modified, never made to require grad.
+        targets: :class:`SegmentTarget` objects (see :mod:`.targets`).
+        layers: a module name, a list of names, or ``"auto"`` (see :mod:`.layers`).
+        method: a name from :data:`~SegHiResCAMLib.engine.methods.METHODS` or a method instance.
+        relu: apply ReLU to the raw map before up-sampling (default True, as in the papers).
+        normalization: ``max`` (default), ``minmax`` or ``none``.
+        upsampling: ``linear`` (bilinear/trilinear, ``align_corners=False``) or ``nearest``.
+        output_key: the dict key of the main output, for models that return dicts.
+        eval_mode: run the model in eval mode (restored afterwards).
+        progress: optional callback ``progress(fraction, message)``.
+        **method_options: passed to the method, e.g. ``pool_size=2`` for ``seg-xres-cam``.
+
+    Returns:
+        One :class:`CAMResult` per (target, layer), target-major.
+
+    The model is left exactly as found: hooks removed, ``training`` and ``requires_grad`` flags restored, no
+    ``.grad`` filled — also when an exception is raised.
+    """
+    started = time.perf_counter()
+    cam_method = get_method(method, **method_options)
+    if normalization not in NORMALIZATIONS:
+        raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
+    if upsampling not in UPSAMPLING:
+        raise InputError("upsampling must be one of %s, got %r" % (", ".join(UPSAMPLING), upsampling))
+    targets = list(targets)
+    if not targets:
+        raise InputError("no target given: pass at least one SegmentTarget")
+    check_input(model, x)
+    report = progress or (lambda fraction, message: None)
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise LayerError("no layer given: pass a layer name or 'auto'")
+    if "auto" in names:
+        report(0.0, "choosing the layer")
+        chosen = auto_layer(model, x, output_key)
+        names = [chosen if name == "auto" else name for name in names]
+    names = list(dict.fromkeys(names))
+    report(0.05, "forward pass")
+    with torch.inference_mode(False), torch.enable_grad():
+        with model_guard(model, eval_mode=eval_mode), LayerCapture(model, names) as capture:
+            raw_output = _run_model(model, x.detach())
+        missing = capture.missing()
+        if missing:
+            raise LayerError("layer(s) %s did not run during the forward pass; choose layers on the path from the "
+                             "input to the output" % ", ".join(missing))
+        output = main_output(raw_output, output_key)
+        if output.ndim != x.ndim:
+            raise ModelError("the model output has shape %s; a segmentation model returns [batch, classes, "
+                             "*spatial] with as many spatial axes as its input %s"
+                             % (tuple(output.shape), tuple(x.shape)))
+        activations = [capture.activations[name] for name in names]
+        spatial = tuple(x.shape[2:])
+        results: List[CAMResult] = []
+        for t_index, target in enumerate(targets):
+            report(0.1 + 0.85 * t_index / len(targets), "gradients for %s" % target.name)
+            region = target.region(output)
+            score = target(output, region)
+            last = t_index == len(targets) - 1
+            if score.requires_grad:
+                grads = torch.autograd.grad(score.sum(), activations, retain_graph=not last, allow_unused=True)
+            else:  # the output does not depend on any captured layer
+                grads = (None,) * len(activations)
+            for name, act, grad in zip(names, activations, grads):
+                act = act.detach()
+                grad = torch.zeros_like(act) if grad is None else grad.detach()
+                dtype = torch.promote_types(act.dtype, torch.float32)  # float64 models keep float64 raw maps
+                raw = cam_method.combine(act.to(dtype), grad.to(dtype))
+                heat, flat = postprocess(raw, spatial, relu=relu, upsampling=upsampling, normalization=normalization)
+                results.append(CAMResult(
+                    target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
+                    score=score.detach(), region=region, flat=flat, output=output.detach(),
+                    options=dict(cam_method.options(), relu=relu, normalization=normalization,
+                                 upsampling=upsampling),
+                ))
+    elapsed = time.perf_counter() - started
+    for res in results:
+        res.options["seconds"] = elapsed
+    report(1.0, "done")
+    return results
+
+
+def explain(model: nn.Module, x: torch.Tensor, target: Optional[SegmentTarget] = None, layer: str = "auto",
+            method: Union[str, CAMMethod] = DEFAULT_METHOD, **kwargs) -> CAMResult:
+    """Explain one target at one layer (see :func:`compute_cams` for the arguments).
+
+    ``target`` defaults to the voxels the model predicts as class 1.
+    """
+    if target is None:
+        target = SegmentTarget(1)
+    return compute_cams(model, x, [target], [layer], method, **kwargs)[0]

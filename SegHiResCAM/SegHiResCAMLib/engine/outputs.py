@@ -1,0 +1,47 @@
+"""Picking the main output of models that return several (deep supervision, dicts)."""
+
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ModelError
+
+#: dict keys tried, in order, when a model returns a dict and no key is given
+PREFERRED_KEYS = ("out", "logits", "pred", "seg", "segmentation", "output")
+
+
+def main_output(raw: Any, key: Optional[str] = None) -> torch.Tensor:
+    """The full-resolution main output of a model.
+
+    - a tensor is returned as is;
+    - a tuple/list (deep supervision, e.g. nnU-Net, DynUNet): the element with the most voxels, the first one
+      among equals (by convention the full-resolution head comes first);
+    - a dict: ``raw[key]`` when ``key`` is given, else the first of :data:`PREFERRED_KEYS` present, else the
+      tensor with the most voxels.
+
+    Raises:
+        ModelError: nothing tensor-like in the output, or an unknown key.
+    """
+    if torch.is_tensor(raw):
+        return raw
+    if isinstance(raw, dict):
+        if key is not None:
+            if key not in raw:
+                raise ModelError("the model output has no key %r; its keys are: %s" % (key, ", ".join(map(str, raw))))
+            return main_output(raw[key])
+        for name in PREFERRED_KEYS:
+            if name in raw and torch.is_tensor(raw[name]):
+                return raw[name]
+        values = [v for v in raw.values() if torch.is_tensor(v)]
+    elif isinstance(raw, (list, tuple)):
+        values = [v for v in raw if torch.is_tensor(v)]
+    else:
+        values = []
+    if not values:
+        raise ModelError("the model returned %s, which holds no output tensor; explainable models return a "
+                         "tensor, or a tuple/list/dict of tensors" % type(raw).__name__)
+    best = values[0]
+    for value in values[1:]:
+        if value.numel() > best.numel():
+            best = value
+    return best

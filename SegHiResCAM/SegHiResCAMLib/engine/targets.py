@@ -1,0 +1,172 @@
+"""Targets: the explained scalar ``y^c_M = sum_{p in M} Y^c_p`` (ALGORITHMS.md, "The explained scalar").
+
+A target is a callable ``target(output) -> tensor [B]``: one differentiable score per batch element, computed
+from the model's main output (logits ``[B, C, *S]``). The engine back-propagates the sum over the batch; since
+batch elements do not interact in eval mode, every element gets its own gradient. :meth:`SegmentTarget.region`
+returns the explained voxels M (boolean ``[B, *S]``).
+
+Class conventions:
+
+- softmax models (``C >= 2``): class ``c`` is channel ``c``; probability = softmax over channels.
+- sigmoid models with one output channel: class 1 (foreground) has logit ``z``, class 0 (background) has logit
+  ``-z`` (so that ``sigmoid(-z) = 1 - sigmoid(z)``); "predicted" means ``p > 0.5``.
+- multi-label sigmoid models (``C >= 2`` with ``activation="sigmoid"``): class ``c`` is channel ``c``.
+
+Scores are ``logits`` (default, both papers) or ``probabilities``. Probabilities saturate: the derivative of a
+sigmoid/softmax, ``p (1 - p)``, vanishes on confident voxels, which flattens the maps of well-trained models.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import TargetError
+from .regions import ClassView, EmptyRegion, PredictedRegion, Region, WholeRegion
+
+SCORES = ("logits", "probabilities")
+REDUCTIONS = ("sum", "mean")
+ACTIVATIONS = ("auto", "softmax", "sigmoid")
+
+
+def resolve_activation(activation: str, channels: int) -> str:
+    """``auto`` means sigmoid for one output channel, softmax otherwise."""
+    if activation not in ACTIVATIONS:
+        raise TargetError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))
+    if activation == "auto":
+        return "sigmoid" if channels == 1 else "softmax"
+    if activation == "softmax" and channels == 1:
+        raise TargetError("a softmax over one output channel is constant; use activation 'sigmoid'")
+    return activation
+
+
+def class_maps(output: torch.Tensor, class_index: int, activation: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logit and probability maps ``[B, *S]`` of one class, differentiable.
+
+    Args:
+        output: logits ``[B, C, *S]``.
+        class_index: the class (see the module docstring for one-channel sigmoid models).
+        activation: ``auto``, ``softmax`` or ``sigmoid``.
+    """
+    if output.ndim < 3:
+        raise TargetError("the model output must be [batch, classes, *spatial], got shape %s" % (tuple(output.shape),))
+    channels = output.shape[1]
+    act = resolve_activation(activation, channels)
+    if act == "sigmoid" and channels == 1:
+        if class_index not in (0, 1):
+            raise TargetError("the model has one sigmoid output channel: class must be 1 (foreground) or 0 "
+                              "(background), got %r" % (class_index,))
+        logit = output[:, 0] if class_index == 1 else -output[:, 0]
+        return logit, torch.sigmoid(logit)
+    if not 0 <= class_index < channels:
+        raise TargetError("class %r does not exist: the model outputs %d classes (0..%d)"
+                          % (class_index, channels, channels - 1))
+    logit = output[:, class_index]
+    if act == "sigmoid":
+        return logit, torch.sigmoid(logit)
+    return logit, torch.softmax(output, dim=1)[:, class_index]
+
+
+def predicted_mask(output: torch.Tensor, class_index: int, activation: str = "auto") -> torch.Tensor:
+    """Voxels predicted as ``class_index`` (boolean ``[B, *S]``): arg-max for softmax, ``p > 0.5`` for sigmoid."""
+    act = resolve_activation(activation, output.shape[1])
+    if act == "softmax":
+        return output.argmax(dim=1) == class_index
+    _, probs = class_maps(output, class_index, activation)
+    return probs > 0.5
+
+
+class SegmentTarget:
+    """The score of class ``c`` summed (or averaged) over a region M of the output.
+
+    Args:
+        class_index: explained class (see the module docstring).
+        region: a :mod:`~SegHiResCAMLib.engine.regions` region; default: the voxels predicted as ``c``.
+        score: ``logits`` (default) or ``probabilities``.
+        reduction: ``sum`` (default, the papers) or ``mean`` over M.
+        activation: ``auto``, ``softmax`` or ``sigmoid``; how the model turns logits into probabilities.
+        name: label used in metadata and file names.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(1, 2, 2, 2)
+        >>> logits[0, 1, 0, 1] = 2.0          # only voxel (0, 1) is predicted as class 1
+        >>> SegmentTarget(1)(logits)
+        tensor([2.])
+    """
+
+    def __init__(self, class_index: int, region: Optional[Region] = None, score: str = "logits",
+                 reduction: str = "sum", activation: str = "auto", name: Optional[str] = None):
+        if score not in SCORES:
+            raise TargetError("score must be one of %s, got %r" % (", ".join(SCORES), score))
+        if reduction not in REDUCTIONS:
+            raise TargetError("reduction must be one of %s, got %r" % (", ".join(REDUCTIONS), reduction))
+        if activation not in ACTIVATIONS:
+            raise TargetError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))
+        if isinstance(class_index, bool) or not isinstance(class_index, int):
+            raise TargetError("class must be an integer, got %r" % (class_index,))
+        self.class_index = class_index
+        self.region_spec = region if region is not None else PredictedRegion()
+        self.score = score
+        self.reduction = reduction
+        self.activation = activation
+        self.name = name or "class%d" % class_index
+
+    def region(self, output: torch.Tensor) -> torch.Tensor:
+        """The explained voxels M, boolean ``[B, *S]``, computed on the detached output."""
+        with torch.no_grad():
+            out = output.detach()
+            _, probs = class_maps(out, self.class_index, self.activation)
+            view = ClassView(out, probs, predicted_mask(out, self.class_index, self.activation), self.class_index)
+            mask = self.region_spec(view).bool()
+        if mask.shape != (out.shape[0],) + tuple(out.shape[2:]):
+            raise TargetError("internal: region shape %s does not match output %s" % (tuple(mask.shape), tuple(out.shape)))
+        if not self.region_spec.allow_empty:
+            empty = [b for b in range(mask.shape[0]) if not bool(mask[b].any())]
+            if empty:
+                raise TargetError(
+                    "the target region is empty%s (%s); choose another class, segment or voxel, or lower the "
+                    "threshold" % ("" if mask.shape[0] == 1 else " for batch element(s) %s" % empty,
+                                   self.describe_short())
+                )
+        return mask
+
+    def __call__(self, output: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Differentiable score ``[B]``; ``region`` may pass a precomputed :meth:`region`."""
+        mask = self.region(output) if region is None else region
+        logit, probs = class_maps(output, self.class_index, self.activation)
+        values = logit if self.score == "logits" else probs
+        dims = tuple(range(1, values.ndim))
+        weights = mask.to(values.dtype)
+        total = (values * weights).sum(dim=dims)
+        if self.reduction == "mean":
+            total = total / weights.sum(dim=dims).clamp_min(1.0)
+        return total
+
+    def describe_short(self) -> str:
+        info = self.region_spec.describe()
+        return "class %d, %s" % (self.class_index, info.get("region"))
+
+    def describe(self) -> dict:
+        """JSON-friendly description for provenance metadata."""
+        info = {"name": self.name, "class": self.class_index, "score": self.score, "reduction": self.reduction,
+                "activation": self.activation}
+        info.update(self.region_spec.describe())
+        return info
+
+
+def threshold_target(class_index: int, threshold: float = 0.5, score: str = "probabilities",
+                     activation: str = "auto") -> SegmentTarget:
+    """The EIECS 2021 target: keep the output voxels whose class probability exceeds ``threshold`` and explain
+    the sum of their values (probabilities by default, or logits), combined afterwards like Grad-CAM."""
+    return SegmentTarget(class_index, PredictedRegion(threshold), score=score, activation=activation,
+                         name="class%d-p>%g" % (class_index, threshold))
+
+
+def whole_image_target(class_index: int, **kwargs) -> SegmentTarget:
+    """Score of class ``c`` over the whole output."""
+    return SegmentTarget(class_index, WholeRegion(), name="class%d-whole" % class_index, **kwargs)
+
+
+def empty_target(class_index: int, **kwargs) -> SegmentTarget:
+    """Sanity check: explains nothing; every method must return an all-zero map."""
+    return SegmentTarget(class_index, EmptyRegion(), name="class%d-empty" % class_index, **kwargs)

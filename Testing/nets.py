@@ -1,0 +1,60 @@
+"""Tiny networks with known answers, shared by the engine tests (2D and 3D)."""
+
+import torch
+from torch import nn
+
+
+def conv(nd, *args, **kwargs):
+    return (nn.Conv2d if nd == 2 else nn.Conv3d)(*args, **kwargs)
+
+
+class LinearHeadNet(nn.Module):
+    """features -> A (hooked: ``features``) -> 1x1 conv head with bias: ``Y^c = sum_k w_ck A_k + b_c``."""
+
+    def __init__(self, nd=3, in_channels=1, features=4, classes=2):
+        super().__init__()
+        self.features = nn.Sequential(conv(nd, in_channels, features, 3, padding=1), nn.Tanh())
+        self.head = conv(nd, features, classes, 1)
+        with torch.no_grad():
+            self.head.bias.uniform_(-1.0, 1.0)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class HomogeneousNet(nn.Module):
+    """Everything after the hooked layer ``features`` is bias-free and piecewise linear (Euler identity)."""
+
+    def __init__(self, nd=3, in_channels=1, features=4, classes=2):
+        super().__init__()
+        self.features = nn.Sequential(conv(nd, in_channels, features, 3, padding=1), nn.Tanh())
+        self.mid = nn.Sequential(conv(nd, features, 6, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+        self.head = conv(nd, 6, classes, 1, bias=False)
+
+    def forward(self, x):
+        return self.head(self.mid(self.features(x)))
+
+
+class TinyUNet(nn.Module):
+    """A small encoder-decoder with a skip connection, in-place ReLUs and optional deep supervision."""
+
+    def __init__(self, nd=3, in_channels=1, classes=2, width=4, deep_supervision=None):
+        super().__init__()
+        pool = nn.MaxPool2d if nd == 2 else nn.MaxPool3d
+        self.enc = nn.Sequential(conv(nd, in_channels, width, 3, padding=1), nn.ReLU(inplace=True))
+        self.down = nn.Sequential(pool(2), conv(nd, width, 2 * width, 3, padding=1), nn.ReLU(inplace=True))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Sequential(conv(nd, 3 * width, width, 3, padding=1), nn.ReLU(inplace=True))
+        self.head = conv(nd, width, classes, 1)
+        self.aux = conv(nd, 2 * width, classes, 1)
+        self.deep_supervision = deep_supervision
+
+    def forward(self, x):
+        e = self.enc(x)
+        d = self.down(e)
+        y = self.head(self.dec(torch.cat([self.up(d), e], 1)))
+        if self.deep_supervision == "tuple":
+            return (self.aux(d), y)  # low-resolution first: the engine must still pick the full-res one
+        if self.deep_supervision == "dict":
+            return {"aux": self.aux(d), "out": y}
+        return y
