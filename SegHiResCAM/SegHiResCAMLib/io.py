@@ -199,7 +199,7 @@ def write_image(
     """
     path = os.fspath(path)
     target = os.path.abspath(path)
-    _check_not_protected(target, protect)
+    check_not_protected(target, protect)
     ext = _extension(path)
     if ext is None and not _is_folder_path(path):
         raise InputError(f"Output '{path}' has an unknown file type; {SUPPORTED} (a folder path without extension).")
@@ -406,7 +406,7 @@ def _is_folder_path(path: str) -> bool:
     return not os.path.exists(path) and os.path.splitext(os.path.basename(path))[1] == ""
 
 
-def _check_not_protected(target: str, protect: Sequence[str]) -> None:
+def check_not_protected(target: str, protect: Sequence[str]) -> None:
     """Raise InputError when ``target`` is (or, for a folder, contains) one of the ``protect`` paths."""
     if isinstance(protect, (str, os.PathLike)):
         protect = [protect]

@@ -35,11 +35,10 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     if name in layers:
         return layers[name]
     hints = close_matches(name, layers)
-    hint = ("; did you mean " + ", ".join(hints) + "?") if hints else ""
+    hint = (" (did you mean %s?)" % ", ".join(hints)) if hints else ""
     some = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
     raise LayerError(
-        "unknown layer %r%s Valid layers include: %s (run `seghirescam layers` for the full list)"
-        % (name, hint + " " if hint else ".", some)
+        "unknown layer %r%s; valid layers: %s (run `seghirescam layers` for the full list)" % (name, hint, some)
     )
 
 

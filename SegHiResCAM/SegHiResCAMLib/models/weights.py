@@ -1,0 +1,104 @@
+"""Reading weight files safely: state dicts with ``weights_only=True``; pickled models only when trusted."""
+
+import hashlib
+import os
+import pickle
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+TRUST_HINT = ("a pickled model can run arbitrary code when it is loaded; pass --trust-model "
+              "(trust_model=True in Python) only if you trust where the file came from")
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file (streamed), for provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_file(path: str, what: str = "weights file") -> None:
+    if not os.path.isfile(path):
+        raise ModelError("%s %r does not exist; check the path" % (what, path))
+
+
+def load_checkpoint(path: str, trust_model: bool = False) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``; a clear error for corrupt or pickled-object files.
+
+    Args:
+        path: the file.
+        trust_model: allow full unpickling (``weights_only=False``) for files that hold model objects.
+    """
+    _require_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+        text = str(exc)
+        unsafe = "weights only load failed" in text.lower() or "unsupported global" in text.lower()
+        if unsafe and trust_model:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as inner:  # noqa: BLE001 - any failure of an untrusted unpickle is a model error
+                raise ModelError("cannot load %r even as a trusted pickle: %s" % (path, _first_line(inner))) from inner
+        if unsafe:
+            raise ModelError("%r holds pickled Python objects, not only tensors; %s" % (path, TRUST_HINT)) from exc
+        raise ModelError("cannot read weights file %r (corrupt, truncated or not a PyTorch file): %s"
+                         % (path, _first_line(exc))) from exc
+    except (EOFError, OSError, ValueError, pickle.PickleError) as exc:
+        raise ModelError("cannot read weights file %r (corrupt, truncated or not a PyTorch file): %s"
+                         % (path, _first_line(exc))) from exc
+
+
+def extract_state_dict(checkpoint: Any, path: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: the dict itself, or under ``state_dict``/``model``/``network_weights``,
+    with a DataParallel ``module.`` prefix removed."""
+    if isinstance(checkpoint, nn.Module):
+        return checkpoint.state_dict()
+    if not isinstance(checkpoint, dict):
+        raise ModelError("%s holds a %s, not a state dict" % (path, type(checkpoint).__name__))
+    for key in ("state_dict", "model", "network_weights", "model_state_dict", "net"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    tensors = {k: v for k, v in checkpoint.items() if torch.is_tensor(v)}
+    if not tensors:
+        raise ModelError("%s holds no tensors; expected a state dict (name -> tensor)" % path)
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_state_dict_into(network: nn.Module, state: Dict[str, torch.Tensor], path: str = "weights") -> None:
+    """Strict ``load_state_dict`` with a readable message on mismatching names or shapes."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append("missing %d (e.g. %s)" % (len(missing), ", ".join(missing[:3])))
+        if unexpected:
+            parts.append("unexpected %d (e.g. %s)" % (len(unexpected), ", ".join(unexpected[:3])))
+        if wrong:
+            k = wrong[0]
+            parts.append("%d with other shapes (e.g. %s: file %s, network %s)"
+                         % (len(wrong), k, tuple(state[k].shape), tuple(own[k].shape)))
+        raise ModelError("the weights in %s do not fit the network: %s; check that the factory builds the "
+                         "architecture these weights were trained with" % (path, "; ".join(parts)))
+    network.load_state_dict(state, strict=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def maybe_hash(path: Optional[str]) -> Dict[str, str]:
+    return {} if not path else {os.path.abspath(path): file_sha256(path)}
