@@ -271,3 +271,15 @@ def test_upsampled_map_is_trilinear_of_layer_map():
     up = F.interpolate(torch.relu(res.raw)[:, None], size=x.shape[2:], mode="trilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(res.map.double(), up / up.max(), rtol=1e-5, atol=1e-6)
     assert res.raw.shape[1:] == (4, 5, 6)
+
+
+def test_several_methods_share_one_backward_pass():
+    net, x = setup(3, 3)
+    target = SegmentTarget(2, MaskRegion(random_mask(x)))
+    many = compute_cams(net, x, [target], ["features"], ["seg-hires-grad-cam", "seg-grad-cam", "seg-xres-cam"],
+                        pool_size=2)
+    assert [r.method for r in many] == ["seg-hires-grad-cam", "seg-grad-cam", "seg-xres-cam"]
+    for res in many:
+        one = explain(net, x, target, layer="features", method=res.method,
+                      **({"pool_size": 2} if res.method == "seg-xres-cam" else {}))
+        torch.testing.assert_close(res.map, one.map)

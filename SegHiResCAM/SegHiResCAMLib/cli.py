@@ -25,6 +25,7 @@ examples:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a model."""
     p.add_argument("--model", required=True, help="model spec (see below)")
     p.add_argument("--weights", help="state-dict file for a package.module:factory model")
     p.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the factory")
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="label map file to write")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("demo", help="explain the bundled HD-BET model on the bundled ROBEX atlas scan")
+    p.add_argument("--out", required=True, help="folder for the results")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("layers", help="list the layers that can be explained")
@@ -263,6 +269,21 @@ def _cmd_layers(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    progress = _Progress(args.quiet)
+    try:
+        data = run_demo(args.out, device=args.device, progress=progress)
+    finally:
+        progress.close()
+    print("Dice vs atlas mask: %.4f" % data["dice"])
+    for row in data["heatmaps"]:
+        print("%-20s %-10s heat inside/outside brain %.2f  %s" % (row["method"], row["layer"], row["ratio"],
+                                                                row["figure"]))
+    print("report: %s" % os.path.join(args.out, "report.md"))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -272,7 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     try:
         _parse_model_args(args)
-        return {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers}[args.command](args)
+        commands = {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers, "demo": _cmd_demo}
+        return commands[args.command](args)
     except SegHiResCAMError as exc:
         print("seghirescam: error: %s" % exc, file=sys.stderr)
         return exc.exit_code

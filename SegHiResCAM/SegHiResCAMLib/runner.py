@@ -158,7 +158,8 @@ def _to_tensor(x: np.ndarray, device: torch.device, model: SegModel) -> torch.Te
 
 
 def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, targets: Sequence[TargetSpec],
-                  layers: Union[str, Sequence[str]] = "auto", method: str = "seg-hires-grad-cam",
+                  layers: Union[str, Sequence[str]] = "auto",
+                  method: Union[str, Sequence[str]] = "seg-hires-grad-cam",
                   device: str = "auto", relu: bool = True, normalization: str = "max",
                   progress: Optional[ProgressCallback] = None, **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
@@ -186,7 +187,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     t0 = time.perf_counter()
     prediction = space.to_image(_labels(results[0].output, model), "nearest")
     heatmaps = []
-    per_target = len(results) // len(cam_targets)
+    per_target = len(results) // len(cam_targets)  # results are target-major
     for i, res in enumerate(results):
         spec = targets[i // per_target]
         array = space.to_image(res.map[0].float().cpu().numpy(), "linear")

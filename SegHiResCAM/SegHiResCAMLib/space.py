@@ -95,6 +95,13 @@ def _resampled_grid(geom: Geometry, spacing: Sequence[float]) -> Geometry:
 
 def _normalize(values: np.ndarray, prep: Preprocessing) -> np.ndarray:
     values = values.astype(np.float32, copy=False)
+    if prep.channels is not None:  # one scheme per channel; a single channel has no channel axis here
+        if len(prep.channels) == 1:
+            return _normalize(values, prep.channels[0])
+        if values.shape[-1] != len(prep.channels):
+            raise InputError("the model normalises %d channels separately but the image has %d"
+                             % (len(prep.channels), values.shape[-1]))
+        return np.stack([_normalize(values[..., c], scheme) for c, scheme in enumerate(prep.channels)], axis=-1)
     how = prep.normalization
     if how == "none":
         return values
@@ -112,6 +119,13 @@ def _normalize(values: np.ndarray, prep: Preprocessing) -> np.ndarray:
     if how == "minmax":
         low, high = float(values.min()), float(values.max())
         return (values - low) / (high - low if high - low > _EPS else 1.0)
+    if how == "range":  # MONAI ScaleIntensityRange: [a_min, a_max] -> [b_min, b_max], optionally clipped
+        (a_min, a_max), (b_min, b_max) = prep.intensity_range, prep.output_range
+        out = (values - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
+        return np.clip(out, min(b_min, b_max), max(b_min, b_max)) if prep.clip else out
+    if how == "clip-zscore":  # nnU-Net CTNormalization: clip to dataset percentiles, dataset mean and std
+        (low, high), (mean, std) = prep.intensity_range, prep.mean_std
+        return (np.clip(values, low, high) - mean) / max(std, 1e-8)
     low, high = prep.ct_window
     return (np.clip(values, low, high) - low) / float(high - low)
 

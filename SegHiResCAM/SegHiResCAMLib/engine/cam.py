@@ -110,8 +110,34 @@ def _run_model(model: nn.Module, x: torch.Tensor):
         raise ModelError("the model failed on an input of shape %s: %s" % (tuple(x.shape), text)) from exc
 
 
+def _methods(method, options) -> List[CAMMethod]:
+    """One method, or several sharing the same gradients; options go to the methods that take them."""
+    names = [method] if isinstance(method, (str, CAMMethod)) else list(method)
+    if not names:
+        raise InputError("no method given")
+    if len(names) == 1:
+        return [get_method(names[0], **options)]
+    import inspect
+    built, used = [], set()
+    for name in names:
+        cls = type(name) if isinstance(name, CAMMethod) else None
+        if cls is None:
+            get_method(name)  # validates the name with a clear message
+            from .methods import METHODS
+            cls = METHODS[name]
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        mine = {k: v for k, v in options.items() if k in accepted}
+        used |= set(mine)
+        built.append(name if isinstance(name, CAMMethod) else get_method(name, **mine))
+    unused = set(options) - used
+    if unused:
+        raise InputError("no chosen method takes the option(s) %s" % sorted(unused))
+    return built
+
+
 def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTarget],
-                 layers: Union[str, Sequence[str]] = "auto", method: Union[str, CAMMethod] = DEFAULT_METHOD,
+                 layers: Union[str, Sequence[str]] = "auto",
+                 method: Union[str, CAMMethod, Sequence[Union[str, CAMMethod]]] = DEFAULT_METHOD,
                  relu: bool = True, normalization: str = "max", upsampling: str = "linear",
                  output_key: Optional[str] = None, eval_mode: bool = True,
                  progress: Optional[ProgressCallback] = None, **method_options) -> List[CAMResult]:
@@ -122,7 +148,8 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
         x: input ``[B, C_in, *S]`` with 2 or 3 spatial axes; never modified, never made to require grad.
         targets: :class:`SegmentTarget` objects (see :mod:`.targets`).
         layers: a module name, a list of names, or ``"auto"`` (see :mod:`.layers`).
-        method: a name from :data:`~SegHiResCAMLib.engine.methods.METHODS` or a method instance.
+        method: a name from :data:`~SegHiResCAMLib.engine.methods.METHODS` or a method instance, or a list of
+            them: every method then combines the same activations and gradients (no extra backward pass).
         relu: apply ReLU to the raw map before up-sampling (default True, as in the papers).
         normalization: ``max`` (default), ``minmax`` or ``none``.
         upsampling: ``linear`` (bilinear/trilinear, ``align_corners=False``) or ``nearest``.
@@ -132,13 +159,13 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
         **method_options: passed to the method, e.g. ``pool_size=2`` for ``seg-xres-cam``.
 
     Returns:
-        One :class:`CAMResult` per (target, layer), target-major.
+        One :class:`CAMResult` per (target, layer, method), in that nesting order.
 
     The model is left exactly as found: hooks removed, ``training`` and ``requires_grad`` flags restored, no
     ``.grad`` filled — also when an exception is raised.
     """
     started = time.perf_counter()
-    cam_method = get_method(method, **method_options)
+    cam_methods = _methods(method, method_options)
     if normalization not in NORMALIZATIONS:
         raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
     if upsampling not in UPSAMPLING:
@@ -185,14 +212,17 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
                 act = act.detach()
                 grad = torch.zeros_like(act) if grad is None else grad.detach()
                 dtype = torch.promote_types(act.dtype, torch.float32)  # float64 models keep float64 raw maps
-                raw = cam_method.combine(act.to(dtype), grad.to(dtype))
-                heat, flat = postprocess(raw, spatial, relu=relu, upsampling=upsampling, normalization=normalization)
-                results.append(CAMResult(
-                    target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
-                    score=score.detach(), region=region, flat=flat, output=output.detach(),
-                    options=dict(cam_method.options(), relu=relu, normalization=normalization,
-                                 upsampling=upsampling),
-                ))
+                act, grad = act.to(dtype), grad.to(dtype)
+                for cam_method in cam_methods:
+                    raw = cam_method.combine(act, grad)
+                    heat, flat = postprocess(raw, spatial, relu=relu, upsampling=upsampling,
+                                             normalization=normalization)
+                    results.append(CAMResult(
+                        target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
+                        score=score.detach(), region=region, flat=flat, output=output.detach(),
+                        options=dict(cam_method.options(), relu=relu, normalization=normalization,
+                                     upsampling=upsampling),
+                    ))
     elapsed = time.perf_counter() - started
     for res in results:
         res.options["seconds"] = elapsed

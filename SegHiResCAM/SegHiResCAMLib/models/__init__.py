@@ -34,4 +34,7 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
     raise ModelError("unknown model %r; give one of: %s" % (spec, kinds))
 
 
+# model kinds register themselves on import (after LOADERS exists)
+from . import hdbet  # noqa: E402,F401
+
 __all__ = ["Preprocessing", "SegModel", "load_model", "register_loader", "LOADERS"]

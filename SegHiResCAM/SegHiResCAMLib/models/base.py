@@ -4,6 +4,7 @@ Everything the engine needs to run a network *in model space* and map results ba
 declared here, explicitly, instead of being guessed per call.
 """
 
+import itertools
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -11,8 +12,21 @@ from torch import nn
 
 from ..errors import InputError
 
-NORMALIZATIONS = ("none", "zscore", "zscore-nonzero", "minmax", "ct")
-ORIENTATIONS = (None, "keep", "RAS", "LPS", "LAS", "RAI")
+NORMALIZATIONS = ("none", "zscore", "zscore-nonzero", "minmax", "ct", "range", "clip-zscore")
+
+
+def _orientation_codes() -> Tuple[str, ...]:
+    """Every code ``DICOMOrient`` accepts: one letter of R/L, A/P, S/I per axis, in any axis order (48)."""
+    codes = []
+    for order in itertools.permutations((("R", "L"), ("A", "P"), ("S", "I"))):
+        codes.extend("".join(letters) for letters in itertools.product(*order))
+    return tuple(sorted(codes))
+
+
+#: ``None``/``keep`` (no reorientation), the common codes first, then every other valid 3-letter code (e.g.
+#: ``SAR``, which MONAI's ``Orientationd(axcodes="RAS")`` needs, see ``models/monai_models.py``)
+ORIENTATIONS = (None, "keep", "RAS", "LPS", "LAS", "RAI") + tuple(
+    c for c in _orientation_codes() if c not in ("RAS", "LPS", "LAS", "RAI"))
 
 
 @dataclass
@@ -30,6 +44,15 @@ class Preprocessing:
         divisible_by: pad every spatial axis (at its end) to a multiple of this.
         pad_value: value of padded voxels, in normalised units.
         min_size: pad every spatial axis to at least this many voxels (array order).
+        intensity_range: ``(a_min, a_max)``: the input window of ``range`` (MONAI ``ScaleIntensityRanged``) and
+            the clipping bounds of ``clip-zscore`` (nnU-Net ``CTNormalization``: its 0.5 and 99.5 percentiles).
+        output_range: ``(b_min, b_max)`` of ``range``: ``a_min -> b_min``, ``a_max -> b_max``, linear between.
+        clip: ``range`` clips its output to ``output_range`` (else the line is extended).
+        mean_std: ``(mean, std)`` of ``clip-zscore``: ``(clip(x, *intensity_range) - mean) / std``, fixed
+            statistics of the training set (not of the image).
+        channels: one :class:`Preprocessing` per input channel whose intensity fields (``normalization`` and
+            the fields above) normalise that channel alone (nnU-Net normalises every channel by its own scheme);
+            ``None``: ``normalization`` applies to all channels together.
     """
 
     orientation: Optional[str] = None
@@ -39,12 +62,36 @@ class Preprocessing:
     divisible_by: int = 1
     pad_value: float = 0.0
     min_size: Optional[Tuple[int, ...]] = None
+    intensity_range: Optional[Tuple[float, float]] = None
+    output_range: Tuple[float, float] = (0.0, 1.0)
+    clip: bool = True
+    mean_std: Optional[Tuple[float, float]] = None
+    channels: Optional[Tuple["Preprocessing", ...]] = None
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
             raise InputError("normalization must be one of %s, got %r" % (", ".join(NORMALIZATIONS), self.normalization))
         if self.orientation not in ORIENTATIONS:
-            raise InputError("orientation must be one of %s, got %r" % (ORIENTATIONS, self.orientation))
+            raise InputError("orientation must be None, 'keep' or a 3-letter code with one of R/L, A/P, S/I per "
+                             "axis (e.g. RAS, LPS, SAR), got %r" % (self.orientation,))
+        if self.normalization in ("range", "clip-zscore"):
+            if self.intensity_range is None or len(self.intensity_range) != 2:
+                raise InputError("normalization %r needs intensity_range=(low, high), got %r"
+                                 % (self.normalization, self.intensity_range))
+        if self.intensity_range is not None:
+            self.intensity_range = (float(self.intensity_range[0]), float(self.intensity_range[1]))
+            if self.normalization == "range" and self.intensity_range[0] == self.intensity_range[1]:
+                raise InputError("intensity_range of 'range' must have two different values, got %s"
+                                 % (self.intensity_range,))
+        self.output_range = (float(self.output_range[0]), float(self.output_range[1]))
+        if self.normalization == "clip-zscore" and (self.mean_std is None or len(self.mean_std) != 2):
+            raise InputError("normalization 'clip-zscore' needs mean_std=(mean, std), got %r" % (self.mean_std,))
+        if self.mean_std is not None:
+            self.mean_std = (float(self.mean_std[0]), float(self.mean_std[1]))
+        if self.channels is not None:
+            self.channels = tuple(self.channels)
+            if not self.channels or not all(isinstance(c, Preprocessing) for c in self.channels):
+                raise InputError("channels must be a non-empty sequence of Preprocessing (one per input channel)")
         if self.spacing is not None:
             self.spacing = tuple(float(s) for s in self.spacing)
             if any(s <= 0 for s in self.spacing):
@@ -57,7 +104,22 @@ class Preprocessing:
         return {"orientation": self.orientation, "spacing": list(self.spacing) if self.spacing else None,
                 "normalization": self.normalization, "ct_window": list(self.ct_window),
                 "divisible_by": self.divisible_by, "pad_value": self.pad_value,
-                "min_size": list(self.min_size) if self.min_size else None}
+                "min_size": list(self.min_size) if self.min_size else None, **self._describe_intensity()}
+
+    def _describe_intensity(self) -> dict:
+        """The intensity fields beyond ``ct_window``, only where they are used (older descriptions unchanged)."""
+        extra = {}
+        if self.normalization in ("range", "clip-zscore"):
+            extra["intensity_range"] = list(self.intensity_range)
+        if self.normalization == "range":
+            extra.update(output_range=list(self.output_range), clip=self.clip)
+        if self.normalization == "clip-zscore":
+            extra["mean_std"] = list(self.mean_std)
+        if self.channels is not None:
+            extra["channels"] = [dict(normalization=c.normalization, **c._describe_intensity(),
+                                      **({"ct_window": list(c.ct_window)} if c.normalization == "ct" else {}))
+                                 for c in self.channels]
+        return extra
 
 
 @dataclass

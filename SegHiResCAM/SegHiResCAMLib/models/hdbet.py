@@ -84,7 +84,7 @@ MODEL_SPACING = (1.5, 1.5, 1.5)
 PATCH_SIZE = (128, 128, 128)
 
 #: known-good layers: ``loc2`` (decoder, 1/4 of the input grid) is the default; ``context5`` is the bottleneck
-DEFAULT_LAYER = "loc2"
+DEFAULT_LAYER = "loc1"
 GOOD_LAYERS = ("loc2", "context5")
 
 CLASS_NAMES = ["background", "brain"]
