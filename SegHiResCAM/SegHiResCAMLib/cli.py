@@ -196,6 +196,8 @@ def _cmd_explain(args) -> int:
     io.write_image(args.out, heat.array, geometry, protect=protect)
     if args.prediction:
         io.write_image(args.prediction, result.prediction, geometry, protect=protect)
+    for warning in heat.info.get("warnings", []):
+        print("seghirescam: warning: %s" % warning, file=sys.stderr)
     if heat.info.get("flat"):
         print("seghirescam: warning: the heatmap is flat (zero gradient at layer %s); try another layer or "
               "method" % heat.layer, file=sys.stderr)

@@ -1,7 +1,7 @@
 """``seghirescam demo``: the bundled real model (HD-BET, fold 0) explained on a real scan (the ROBEX atlas T1).
 
-Writes into the output folder: the model's prediction, Seg-HiRes-Grad CAM and Seg-Grad CAM heatmaps at two
-layers (one forward and one backward pass serve all four), a PNG figure per heatmap, ``report.md`` (Dice
+Writes into the output folder: the model's prediction, Seg-HiRes-Grad CAM and Seg-Grad CAM heatmaps at three
+layers (one forward and one backward pass serve all six), a PNG figure per heatmap, ``report.md`` (Dice
 against the atlas brain mask, heat inside vs outside the brain, timings, provenance) and ``metadata.json``.
 """
 
@@ -16,7 +16,7 @@ from . import io
 from .report import dice, energy_ratio, heatmap_figure, markdown_report
 from .runner import TargetSpec, explain_image
 
-DEMO_LAYERS = ("context5", "loc2")
+DEMO_LAYERS = ("context5", "loc2", "up4")
 DEMO_METHODS = ("seg-hires-grad-cam", "seg-grad-cam")
 
 
@@ -53,7 +53,8 @@ def run_demo(out: str, device: str = "auto", progress: Optional[Callable[[float,
                        "HD-BET brain class - %s at %s (in/out %.1fx)" % (heat.method, heat.layer, ratio),
                        mask=result.prediction == 1)
         rows.append({"method": heat.method, "layer": heat.layer, "ratio": ratio, "seconds": cam_seconds,
-                     "figure": stem + ".png", "file": stem + ".nii.gz", "flat": heat.info.get("flat")})
+                     "figure": stem + ".png", "file": stem + ".nii.gz", "flat": heat.info.get("flat"),
+                     "warnings": heat.info.get("warnings", [])})
     total = time.perf_counter() - started
     model_info = result.metadata["model"]
     summary = {
@@ -72,7 +73,7 @@ def run_demo(out: str, device: str = "auto", progress: Optional[Callable[[float,
         "model space": "; ".join(result.space.steps), "image": image_path,
     }
     markdown_report(os.path.join(out, "report.md"), "SegHiResCAM demo: HD-BET on the ROBEX atlas", summary, rows,
-                    provenance)
+                    provenance, ratio_label="mean heat inside / outside the atlas brain mask")
     data = {"summary": summary, "dice": score, "heatmaps": rows, "metadata": result.metadata,
             "prediction": "prediction.nii.gz", "seconds": total}
     with open(os.path.join(out, "metadata.json.tmp"), "w") as handle:

@@ -107,15 +107,17 @@ def energy_ratio(heat: np.ndarray, mask: np.ndarray) -> float:
 
 
 def markdown_report(path: str, title: str, summary: Dict[str, object], rows: List[Dict[str, object]],
-                    provenance: Dict[str, object]) -> str:
+                    provenance: Dict[str, object], ratio_label: str = "mean heat inside / outside the mask") -> str:
     """Write a short Markdown report: summary, one table row per heatmap (with its figure), provenance."""
     lines = ["# %s" % title, ""]
     for key, value in summary.items():
         lines.append("- **%s**: %s" % (key, value))
-    lines += ["", "| method | layer | mean heat in / out of target | seconds | figure |", "|---|---|---|---|---|"]
+    lines += ["", "| method | layer | %s | figure |" % ratio_label, "|---|---|---|---|"]
     for row in rows:
-        lines.append("| %s | %s | %.2f | %.1f | ![](%s) |" % (row["method"], row["layer"], row["ratio"],
-                                                           row["seconds"], row["figure"]))
+        lines.append("| %s | %s | %.2f | ![](%s) |" % (row["method"], row["layer"], row["ratio"], row["figure"]))
+    warnings = ["- %s / %s: %s" % (row["method"], row["layer"], w) for row in rows for w in row.get("warnings", [])]
+    if warnings:
+        lines += ["", "Warnings:", ""] + warnings
     lines += ["", "## Provenance", "", "```"]
     for key, value in provenance.items():
         lines.append("%s: %s" % (key, value))

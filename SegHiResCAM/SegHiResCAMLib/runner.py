@@ -193,6 +193,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         array = space.to_image(res.map[0].float().cpu().numpy(), "linear")
         info = res.describe()
         info["flat"] = bool(res.flat[0])
+        info["warnings"] = list(res.warnings)
         heatmaps.append(Heatmap(array.astype(np.float32, copy=False), res.layer, res.method, spec, info))
     timings["postprocess_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started

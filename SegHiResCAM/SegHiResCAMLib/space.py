@@ -188,7 +188,7 @@ def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_
         want = max(size, int(low))
         want = int(np.ceil(want / k) * k)
         extra = want - size
-        pad.append((extra // 2, extra - extra // 2))
+        pad.append((extra // 2, extra - extra // 2) if prep.pad_side == "both" else (0, extra))
     pad = tuple(pad)
     if any(b or a for b, a in pad):
         widths = list(pad) + ([(0, 0)] if values.ndim > len(shape) else [])

@@ -57,13 +57,25 @@ class CAMResult:
     flat: torch.Tensor
     output: torch.Tensor
     options: dict = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
 
     def describe(self) -> dict:
         """JSON-friendly provenance (no tensors)."""
         return {"method": self.method, "layer": self.layer, "target": self.target.describe(),
                 "score": [float(s) for s in self.score], "region_voxels": [int(r.sum()) for r in self.region],
                 "flat": [bool(f) for f in self.flat], "layer_grid": list(self.raw.shape[1:]),
-                "options": dict(self.options)}
+                "options": dict(self.options), "warnings": list(self.warnings)}
+
+
+#: below this |mean G| / mean |G|, Grad-CAM-style channel weights are considered cancelled
+MEAN_GRADIENT_WARNING = 1e-4
+
+
+def gradient_mean_ratio(grad: torch.Tensor) -> float:
+    """``sum_k |mean_q G_kq| / sum_k mean_q |G_kq|``: 0 when every channel's gradient averages out."""
+    dims = tuple(range(2, grad.ndim))
+    denominator = float(grad.abs().mean(dim=dims).sum())
+    return 0.0 if denominator == 0 else float(grad.mean(dim=dims).abs().sum()) / denominator
 
 
 def expected_in_channels(model: nn.Module) -> Optional[int]:
@@ -213,6 +225,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
                 grad = torch.zeros_like(act) if grad is None else grad.detach()
                 dtype = torch.promote_types(act.dtype, torch.float32)  # float64 models keep float64 raw maps
                 act, grad = act.to(dtype), grad.to(dtype)
+                mean_ratio = gradient_mean_ratio(grad)
                 for cam_method in cam_methods:
                     raw = cam_method.combine(act, grad)
                     heat, flat = postprocess(raw, spatial, relu=relu, upsampling=upsampling,
@@ -221,8 +234,14 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
                         target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
                         score=score.detach(), region=region, flat=flat, output=output.detach(),
                         options=dict(cam_method.options(), relu=relu, normalization=normalization,
-                                     upsampling=upsampling),
+                                     upsampling=upsampling, gradient_mean_ratio=mean_ratio),
                     ))
+                    if cam_method.uses_mean_gradient and mean_ratio < MEAN_GRADIENT_WARNING:
+                        results[-1].warnings.append(
+                            "the spatial means of the gradients at layer %s cancel (|mean G| / mean |G| = %.1e), "
+                            "so %s's channel weights are rounding noise (typical before instance/batch "
+                            "normalisation); use seg-hires-grad-cam or another layer" % (name, mean_ratio,
+                                                                                        cam_method.name))
     elapsed = time.perf_counter() - started
     for res in results:
         res.options["seconds"] = elapsed

@@ -41,7 +41,9 @@ class Preprocessing:
             zero voxels stay 0, as brain MRI models expect); ``minmax`` to [0, 1]; ``ct`` (clip to
             ``ct_window`` then scale to [0, 1]).
         ct_window: ``(low, high)`` HU window for ``ct``.
-        divisible_by: pad every spatial axis (at its end) to a multiple of this.
+        divisible_by: pad every spatial axis to a multiple of this.
+        pad_side: ``end`` (pad after the last voxel of each axis, as HD-BET and nnU-Net do) or ``both``
+            (split the padding between both ends).
         pad_value: value of padded voxels, in normalised units.
         min_size: pad every spatial axis to at least this many voxels (array order).
         intensity_range: ``(a_min, a_max)``: the input window of ``range`` (MONAI ``ScaleIntensityRanged``) and
@@ -60,6 +62,7 @@ class Preprocessing:
     normalization: str = "none"
     ct_window: Tuple[float, float] = (-1000.0, 1000.0)
     divisible_by: int = 1
+    pad_side: str = "end"
     pad_value: float = 0.0
     min_size: Optional[Tuple[int, ...]] = None
     intensity_range: Optional[Tuple[float, float]] = None
@@ -96,6 +99,8 @@ class Preprocessing:
             self.spacing = tuple(float(s) for s in self.spacing)
             if any(s <= 0 for s in self.spacing):
                 raise InputError("spacing must be positive, got %s" % (self.spacing,))
+        if self.pad_side not in ("end", "both"):
+            raise InputError("pad_side must be 'end' or 'both', got %r" % (self.pad_side,))
         if int(self.divisible_by) < 1:
             raise InputError("divisible_by must be >= 1, got %r" % (self.divisible_by,))
         self.divisible_by = int(self.divisible_by)
@@ -103,7 +108,7 @@ class Preprocessing:
     def describe(self) -> dict:
         return {"orientation": self.orientation, "spacing": list(self.spacing) if self.spacing else None,
                 "normalization": self.normalization, "ct_window": list(self.ct_window),
-                "divisible_by": self.divisible_by, "pad_value": self.pad_value,
+                "divisible_by": self.divisible_by, "pad_side": self.pad_side, "pad_value": self.pad_value,
                 "min_size": list(self.min_size) if self.min_size else None, **self._describe_intensity()}
 
     def _describe_intensity(self) -> dict:

@@ -40,7 +40,9 @@ def load_checkpoint(path: str, trust_model: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
         text = str(exc)
-        unsafe = "weights only load failed" in text.lower() or "unsupported global" in text.lower()
+        # a file that holds pickled objects names the class it would import ("Unsupported global: GLOBAL x.y");
+        # a corrupt file fails on an opcode or the zip structure instead
+        unsafe = "unsupported global" in text.lower()
         if unsafe and trust_model:
             try:
                 return torch.load(path, map_location="cpu", weights_only=False)

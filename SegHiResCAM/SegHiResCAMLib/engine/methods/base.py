@@ -19,6 +19,9 @@ class CAMMethod:
 
     name = ""
     citation = ""
+    #: the method weighs channels by the spatial mean of the gradient (Grad-CAM family): when those means
+    #: cancel (e.g. a layer followed by instance normalisation), the map is rounding noise and is flagged
+    uses_mean_gradient = False
 
     def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Combine layer activations ``A`` and gradients ``G`` (both ``[B, K, *S_l]``) into the raw, signed

@@ -13,6 +13,7 @@ class SegGradCAM(CAMMethod):
     """
 
     name = "seg-grad-cam"
+    uses_mean_gradient = True
     citation = "Vinogradova et al., Towards Interpretable Semantic Segmentation via Gradient-weighted Class Activation Mapping, AAAI 2020"
 
     def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:

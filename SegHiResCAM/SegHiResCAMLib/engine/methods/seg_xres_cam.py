@@ -29,6 +29,7 @@ class SegXResCAM(CAMMethod):
             if not sizes or any((not isinstance(s, int)) or s < 1 for s in sizes):
                 raise InputError("pool size must be a positive integer (or one per axis), got %r" % (pool_size,))
         self.pool_size = pool_size
+        self.uses_mean_gradient = pool_size is None
 
     def _window(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         if self.pool_size is None:
