@@ -180,3 +180,18 @@ def test_bad_inputs_fail_early_with_remedy():
     with pytest.raises(InputError, match="unknown method"):
         explain(net, torch.randn(1, 1, 8, 8, 8), layer="dec", method="hires")
     assert count_hooks(net) == 0
+
+
+def test_cancelled_gradient_means_are_flagged_for_grad_cam_only():
+    """A layer followed by instance normalisation: every channel's gradient averages to 0 (a shift of a channel
+    does not change the normalised output), so Grad-CAM's channel weights are rounding noise; HiRes is fine."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.ReLU(),
+                        nn.Conv3d(4, 2, 1))
+    x = torch.randn(1, 1, 8, 8, 8)
+    grad_cam, hires = compute_cams(net, x, [whole_image_target(1)], ["0"], ["seg-grad-cam", "seg-hires-grad-cam"])
+    assert grad_cam.options["gradient_mean_ratio"] < 1e-4
+    assert len(grad_cam.warnings) == 1 and "cancel" in grad_cam.warnings[0] and "layer 0" in grad_cam.warnings[0]
+    assert hires.warnings == []
+    plain = explain(net, x, whole_image_target(1), layer="2", method="seg-grad-cam")
+    assert plain.warnings == [] and plain.options["gradient_mean_ratio"] > 1e-3

@@ -378,3 +378,21 @@ def test_folder_without_dicom(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(InputError, match="holds no DICOM series"):
         shio.read_image(str(tmp_path))
+
+
+def test_model_space_padding_sides_and_exact_round_trip():
+    from SegHiResCAMLib.models.base import Preprocessing
+    from SegHiResCAMLib.space import prepare
+
+    geometry = Geometry(size=(20, 18, 9), spacing=(0.8, 1.1, 2.5), origin=(3.0, -4.0, 7.0),
+                        direction=tuple(np.eye(3).flatten()))
+    image = np.random.RandomState(1).rand(*geometry.array_shape).astype(np.float32)
+    for side, expected in (("end", ((0, 7), (0, 6), (0, 4))), ("both", ((3, 4), (3, 3), (2, 2)))):
+        x, space = prepare(image, geometry, Preprocessing(divisible_by=8, pad_side=side), 3)
+        assert x.shape == (1, 16, 24, 24) and space.pad == expected
+        np.testing.assert_array_equal(space.to_image(x[0]), image)  # padding removed exactly, no interpolation
+        # the model grid is the image grid extended: voxel (0,0,0) of the image sits at index `before`
+        before = np.array([p[0] for p in expected][::-1], dtype=float)
+        np.testing.assert_allclose(space.grid.ijk_to_lps() @ np.append(before, 1), geometry.ijk_to_lps()[:, 3])
+    x, space = prepare(image, geometry, Preprocessing(orientation="RAS"), 3)
+    np.testing.assert_array_equal(space.to_image(x[0]), image)  # a reorientation is a permutation: exact
