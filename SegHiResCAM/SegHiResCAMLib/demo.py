@@ -64,8 +64,8 @@ def run_demo(out: str, device: str = "auto", progress: Optional[Callable[[float,
         "model": "HD-BET fold 0 (%s parameters), source: %s" % (model_info["parameters"], model_info["source"]),
         "Dice of the prediction vs the atlas brain mask": "%.4f" % score,
         "explained target": "the voxels HD-BET predicts as brain (class 1), pre-softmax logits, sum",
-        "timings": "preprocessing %.1f s, one forward + one backward for all four maps %.1f s, total %.1f s on %s"
-                   % (result.metadata["timings"]["preprocess_s"], cam_seconds, total, result.metadata["device"]),
+        "timings": "preprocessing %.1f s, one forward + one backward for all %d maps %.1f s, total %.1f s on %s"
+                   % (result.metadata["timings"]["preprocess_s"], len(rows), cam_seconds, total, result.metadata["device"]),
     }
     provenance = {
         "seghirescam": result.metadata["seghirescam_version"], "torch": result.metadata["torch_version"],
