@@ -1,0 +1,285 @@
+"""Exact sliding-window CAM for inputs larger than what fits through the network at once.
+
+As in sliding-window inference, the volume is covered by overlapping windows of ``roi_size``, each window's
+output is weighted by an importance map (constant or Gaussian) and the weighted outputs are blended into one
+prediction ``Y = sum_p w_p y_p / sum_p w_p``. The explained scalar is the target evaluated on that *blended*
+prediction, so its gradient with respect to window ``p``'s output is ``(w_p / sum w) * dS/dY`` — each window
+is run forward and backward with exactly its share of the target's gradient (pass 2), after a gradient-free
+pass that builds ``Y`` and the region M (pass 1, independent of the target, reused by :class:`WindowedCAM`).
+
+Accumulation on the full layer grid (windows start on multiples of the layer's down-sampling factor):
+
+- element-wise methods (``seg-hires-grad-cam``, ``layer-cam``): the per-window maps ``sum_k f(G_pk) A_pk`` are
+  summed — one channel of memory;
+- the other methods need global channel statistics: the importance-blended activations
+  ``A = sum_p w_p A_p / sum_p w_p`` and the summed gradients ``G = sum_p G_p`` are accumulated (K channels of
+  memory on the layer grid) and combined once at the end.
+
+Both are exact where it can be checked: with one window the maps equal the whole-volume maps, and for a head
+that is linear in the layer, the Seg-HiRes raw map is ``1[M] (Y^c - b_c)`` of the blended prediction
+(ALGORITHMS.md). Memory is bounded by the window (plus the accumulators), not by the network on the volume.
+"""
+
+import itertools
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, LayerError
+from .cam import CAMResult, _methods, _run_model, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING
+from .hooks import LayerCapture, model_guard, resolve_layer
+from .methods import DEFAULT_METHOD, CAMMethod
+from .outputs import main_output
+from .postprocess import postprocess
+from .targets import SegmentTarget
+
+#: methods whose map is a sum over windows of per-window maps (no global channel statistics)
+ELEMENTWISE = ("seg-hires-grad-cam", "layer-cam")
+BLENDS = ("constant", "gaussian")
+
+
+def importance_map(roi: Sequence[int], mode: str = "constant", sigma_scale: float = 0.125,
+                   device=None, dtype=torch.float32) -> torch.Tensor:
+    """Window weights ``[*roi]``: ones, or a separable Gaussian (sigma = ``sigma_scale * roi``) scaled to max 1
+    and clamped away from 0 so that every voxel keeps a positive weight."""
+    if mode not in BLENDS:
+        raise InputError("blend mode must be one of %s, got %r" % (", ".join(BLENDS), mode))
+    if mode == "constant":
+        return torch.ones(tuple(roi), device=device, dtype=dtype)
+    weights = None
+    for size in roi:
+        centre = (size - 1) / 2.0
+        sigma = max(sigma_scale * size, 1e-3)
+        axis = torch.exp(-0.5 * ((torch.arange(size, dtype=torch.float64) - centre) / sigma) ** 2)
+        weights = axis if weights is None else weights[..., None] * axis
+    weights = weights / weights.max()
+    return weights.clamp_min(1e-3).to(device=device, dtype=dtype)
+
+
+def window_starts(size: int, roi: int, overlap: float, align: int = 1) -> List[int]:
+    """Start indices covering ``[0, size)`` with windows of ``roi`` overlapping by ``overlap`` (fraction),
+    every start a multiple of ``align`` (``size - roi`` must then be one too)."""
+    if roi >= size:
+        return [0]
+    step = max(align, int(roi * (1.0 - overlap)) // align * align)
+    starts = list(range(0, size - roi + 1, step))
+    if starts[-1] != size - roi:
+        starts.append(size - roi)
+    return starts
+
+
+class WindowedCAM:
+    """Sliding-window CAMs of one image; pass 1 (the blended prediction) is computed once and reused by every
+    target explained afterwards.
+
+    Args:
+        model: the network (left exactly as found).
+        x: input ``[B, C, *S]``.
+        roi_size: window size (one int or one per spatial axis); windows never exceed the (padded) input.
+        layers: the explained layers (fixed per instance: window starts are aligned to their down-sampling).
+        overlap: fraction of overlap between neighbouring windows, in [0, 1).
+        blend: ``constant`` or ``gaussian`` importance.
+        output_key: dict key of the main output.
+        progress: ``progress(fraction, message)``; may raise ``CancelledError`` between windows.
+        autocast: run windows under ``torch.autocast`` (e.g. float16 on CUDA); maps are accumulated in float32.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, roi_size: Union[int, Sequence[int]],
+                 layers: Sequence[str], overlap: float = 0.25, blend: str = "constant",
+                 output_key: Optional[str] = None, progress: Optional[Callable[[float, str], None]] = None,
+                 autocast: bool = False):
+        check_input(model, x)
+        nd = x.ndim - 2
+        roi = (roi_size,) * nd if isinstance(roi_size, int) else tuple(int(r) for r in roi_size)
+        if len(roi) != nd or any(r < 1 for r in roi):
+            raise InputError("roi size %s must give one positive size per spatial axis (%d)" % (roi_size, nd))
+        if not 0.0 <= overlap < 1.0:
+            raise InputError("overlap must be in [0, 1), got %r" % (overlap,))
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        if not self.layers or "auto" in self.layers:
+            raise LayerError("pass layer names to the windowed CAM (resolve 'auto' on one window first)")
+        self.model, self.output_key, self.blend, self.autocast = model, output_key, blend, autocast
+        self.overlap = overlap
+        self.report = progress or (lambda f, m: None)
+        self.spatial = tuple(x.shape[2:])
+        self.roi = tuple(min(r, s) for r, s in zip(roi, self.spatial))
+        self.x_input = x.detach()
+        self.weights = importance_map(self.roi, blend, device=x.device)
+        self._prediction: Optional[torch.Tensor] = None
+        self.windows: List[Tuple[int, ...]] = []
+
+    def _layout(self, align: Tuple[int, ...]) -> None:
+        """Pad (at the end) so that window starts can be multiples of every layer's down-sampling ``align``."""
+        padded = []
+        for size, r, a in zip(self.spatial, self.roi, align):
+            padded.append(r if size <= r else r + int(math.ceil((size - r) / a) * a))
+        pad = []
+        for size, p in zip(reversed(self.spatial), reversed(padded)):
+            pad += [0, p - size]
+        self.x = F.pad(self.x_input, pad) if any(pad) else self.x_input
+        self.padded = tuple(padded)
+        self.windows = [tuple(s) for s in itertools.product(*[
+            window_starts(p, r, self.overlap, a) for p, r, a in zip(self.padded, self.roi, align)])]
+
+    def _layer_scales(self) -> Tuple[int, ...]:
+        """Down-sampling factor of the chosen layers on one window (one gradient-free forward pass)."""
+        shapes = {}
+        handles = []
+        modules = {name: resolve_layer(self.model, name) for name in self.layers}
+        try:
+            for name, module in modules.items():
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[2:])) if torch.is_tensor(o) else None))
+            window = self.x_input[(slice(None), slice(None)) + tuple(slice(0, r) for r in self.roi)]
+            with model_guard(self.model, freeze_parameters=False), torch.no_grad():
+                self._forward(window)
+        finally:
+            for handle in handles:
+                handle.remove()
+        align = [1] * len(self.roi)
+        for name in self.layers:
+            if name not in shapes:
+                raise LayerError("layer %r did not run or does not return a tensor" % name)
+            for axis, (r, l) in enumerate(zip(self.roi, shapes[name])):
+                if l < 1 or r % l:
+                    raise LayerError("layer %r maps a window of %s to a grid of %s, not an integer down-sampling; "
+                                     "choose a window size that is a multiple of the network's down-sampling"
+                                     % (name, self.roi, shapes[name]))
+                align[axis] = align[axis] * (r // l) // math.gcd(align[axis], r // l)
+        return tuple(align)
+
+    def _slices(self, start: Tuple[int, ...]) -> Tuple[slice, ...]:
+        return (slice(None), slice(None)) + tuple(slice(s, s + r) for s, r in zip(start, self.roi))
+
+    def _forward(self, window: torch.Tensor):
+        if self.autocast and window.is_cuda:
+            with torch.autocast("cuda"):
+                return main_output(_run_model(self.model, window), self.output_key)
+        return main_output(_run_model(self.model, window), self.output_key)
+
+    def prediction(self) -> torch.Tensor:
+        """Pass 1: the blended logits ``[B, C, *S_padded]`` (float32, cached)."""
+        if self._prediction is None:
+            self._layout(self._layer_scales())
+            total, norm = None, torch.zeros(self.padded, device=self.x.device)
+            with model_guard(self.model, freeze_parameters=False), torch.no_grad():
+                for i, start in enumerate(self.windows):
+                    self.report(0.3 * i / len(self.windows), "prediction, window %d/%d" % (i + 1, len(self.windows)))
+                    out = self._forward(self.x[self._slices(start)]).float()
+                    if tuple(out.shape[2:]) != self.roi:
+                        raise InputError("windowed CAM needs an output on the input grid; the model maps a %s "
+                                         "window to %s" % (self.roi, tuple(out.shape[2:])))
+                    if total is None:
+                        total = torch.zeros((out.shape[0], out.shape[1]) + self.padded, device=self.x.device)
+                    total[self._slices(start)] += out * self.weights
+                    norm[self._slices(start)[2:]] += self.weights
+            self._prediction = total / norm
+            self._norm = norm
+        return self._prediction
+
+    def explain(self, targets: Sequence[SegmentTarget],
+                method: Union[str, CAMMethod, Sequence] = DEFAULT_METHOD, relu: bool = True,
+                normalization: str = "max", upsampling: str = "linear", **method_options) -> List[CAMResult]:
+        """Pass 2 for ``targets`` (target-major, then layer, then method, like :func:`compute_cams`)."""
+        cam_methods = _methods(method, method_options)
+        layers = self.layers
+        Y = self.prediction()
+        crop = (slice(None),) + tuple(slice(0, s) for s in self.spatial)
+        regions, grads_Y, scores = [], [], []
+        for target in targets:
+            Yg = Y.detach().requires_grad_(True)
+            region = target.region(Yg[(slice(None),) + crop])
+            full_region = torch.zeros((Y.shape[0],) + self.padded, dtype=torch.bool, device=Y.device)
+            full_region[crop] = region
+            with torch.enable_grad():
+                score = target(Yg, full_region)
+                (gY,) = torch.autograd.grad(score.sum(), Yg)
+            regions.append(region)
+            scores.append(score.detach())
+            grads_Y.append(gY / self._norm)  # each window then gets w_p * gY / sum w: its share of the gradient
+        acc: Dict[Tuple[int, str], dict] = {}
+        with model_guard(self.model), torch.inference_mode(False), torch.enable_grad():
+            for i, start in enumerate(self.windows):
+                self.report(0.3 + 0.65 * i / len(self.windows), "gradients, window %d/%d" % (i + 1, len(self.windows)))
+                with LayerCapture(self.model, layers) as capture:
+                    out = self._forward(self.x[self._slices(start)])
+                acts = [capture.activations[name] for name in layers]
+                for t_index in range(len(targets)):
+                    share = grads_Y[t_index][self._slices(start)] * self.weights
+                    grads = torch.autograd.grad(out, acts, grad_outputs=share.to(out.dtype),
+                                                retain_graph=t_index < len(targets) - 1, allow_unused=True)
+                    for name, act, grad in zip(layers, acts, grads):
+                        act = act.detach().float()
+                        grad = torch.zeros_like(act) if grad is None else grad.detach().float()
+                        self._accumulate(acc.setdefault((t_index, name), {}), start, act, grad, cam_methods)
+        results = []
+        for t_index, target in enumerate(targets):
+            for name in layers:
+                state = acc[(t_index, name)]
+                mean_ratio = gradient_mean_ratio(state["G"]) if "G" in state else float("nan")
+                for cam_method in cam_methods:
+                    if cam_method.name in ELEMENTWISE:
+                        raw = state["maps"][cam_method.name]
+                    else:
+                        raw = cam_method.combine(state["A"] / state["W"].clamp_min(1e-12), state["G"])
+                    raw = raw[(slice(None),) + tuple(slice(0, int(math.ceil(s / f)))
+                                                     for s, f in zip(self.spatial, state["scale"]))]
+                    heat, flat = postprocess(raw, self.spatial, relu=relu, upsampling=upsampling,
+                                             normalization=normalization)
+                    res = CAMResult(target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
+                                    score=scores[t_index], region=regions[t_index], flat=flat,
+                                    output=self._prediction[(slice(None),) + crop],
+                                    options=dict(cam_method.options(), relu=relu, normalization=normalization,
+                                                 upsampling=upsampling, windows=len(self.windows),
+                                                 roi_size=list(self.roi), blend=self.blend,
+                                                 gradient_mean_ratio=mean_ratio))
+                    if cam_method.uses_mean_gradient and mean_ratio < MEAN_GRADIENT_WARNING:
+                        res.warnings.append("the spatial means of the gradients at layer %s cancel; %s's channel "
+                                            "weights are rounding noise" % (name, cam_method.name))
+                    results.append(res)
+        self.report(1.0, "done")
+        return results
+
+    def _accumulate(self, state: dict, start, act, grad, cam_methods) -> None:
+        layer_roi = tuple(act.shape[2:])
+        scale = []
+        for r, l, s in zip(self.roi, layer_roi, start):
+            if r % l or s % (r // l):
+                raise LayerError("the layer grid %s does not tile the window %s at start %s; use windows and an "
+                                 "input size that are multiples of the layer's down-sampling" % (layer_roi, self.roi, start))
+            scale.append(r // l)
+        if "scale" not in state:
+            state["scale"] = tuple(scale)
+            grid = tuple(p // f for p, f in zip(self.padded, scale))
+            state["maps"] = {}
+            if any(m.name not in ELEMENTWISE for m in cam_methods):
+                state["A"] = torch.zeros((act.shape[0], act.shape[1]) + grid, device=act.device)
+                state["G"] = torch.zeros_like(state["A"])
+                state["W"] = torch.zeros(grid, device=act.device)
+            for m in cam_methods:
+                if m.name in ELEMENTWISE:
+                    state["maps"][m.name] = torch.zeros((act.shape[0],) + grid, device=act.device)
+        where = (slice(None), slice(None)) + tuple(slice(s // f, s // f + l) for s, f, l in zip(start, scale, layer_roi))
+        for m in cam_methods:
+            if m.name in ELEMENTWISE:
+                state["maps"][m.name][(slice(None),) + where[2:]] += m.combine(act, grad)
+        if "A" in state:
+            w = self.weights
+            if tuple(w.shape) != layer_roi:  # window weights on the layer grid: mean over each layer voxel
+                w = F.adaptive_avg_pool3d(w[None, None], layer_roi)[0, 0] if w.ndim == 3 else \
+                    F.adaptive_avg_pool2d(w[None, None], layer_roi)[0, 0]
+            state["A"][where] += act * w
+            state["W"][where[2:]] += w
+            state["G"][where] += grad
+
+
+def windowed_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTarget], layers: Sequence[str],
+                  roi_size: Union[int, Sequence[int]], method=DEFAULT_METHOD, overlap: float = 0.25,
+                  blend: str = "constant", output_key: Optional[str] = None, progress=None, **kwargs) -> List[CAMResult]:
+    """One-call form of :class:`WindowedCAM` (see there)."""
+    cam = WindowedCAM(model, x, roi_size, layers, overlap=overlap, blend=blend, output_key=output_key,
+                      progress=progress)
+    return cam.explain(targets, method, **kwargs)

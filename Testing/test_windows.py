@@ -1,0 +1,83 @@
+"""Sliding-window CAM: exact against the whole volume (one window) and the linear-head identity (many windows)."""
+
+import pytest
+import torch
+
+from SegHiResCAMLib.engine import MaskRegion, SegmentTarget, compute_cams, count_hooks, whole_image_target
+from SegHiResCAMLib.engine.windows import WindowedCAM, importance_map, window_starts
+from SegHiResCAMLib.errors import CancelledError
+
+from nets import LinearHeadNet, TinyUNet
+
+METHODS = ["seg-hires-grad-cam", "seg-grad-cam", "layer-cam", "grad-cam++", "xgrad-cam"]
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_single_window_equals_whole_volume(nd):
+    torch.manual_seed(0)
+    net = TinyUNet(nd=nd).double()
+    x = torch.randn((2, 1) + (12,) * nd, dtype=torch.float64)
+    targets = [whole_image_target(1), SegmentTarget(0, MaskRegion(torch.rand((12,) * nd) > 0.5))]
+    ref = compute_cams(net, x, targets, ["dec", "down"], METHODS)
+    win = WindowedCAM(net, x, 12, ["dec", "down"]).explain(targets, METHODS)
+    assert len(ref) == len(win) == 2 * 2 * len(METHODS)
+    for a, b in zip(ref, win):
+        assert (a.layer, a.method) == (b.layer, b.method)
+        scale = a.raw.abs().max().item() or 1.0
+        torch.testing.assert_close(b.raw.double() / scale, a.raw.double() / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.map, a.map, rtol=0, atol=1e-5)
+    assert count_hooks(net) == 0
+
+
+@pytest.mark.parametrize("nd,shape", [(3, (2, 1, 20, 24, 18)), (2, (1, 1, 40, 36))])
+@pytest.mark.parametrize("blend", ["constant", "gaussian"])
+def test_linear_head_identity_on_the_blended_prediction(nd, shape, blend):
+    torch.manual_seed(1)
+    net = LinearHeadNet(nd=nd, classes=3).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    cam = WindowedCAM(net, x, 8, ["features"], overlap=0.5, blend=blend)
+    M = torch.rand((shape[0],) + shape[2:]) > 0.5
+    hires, grad = cam.explain([SegmentTarget(2, MaskRegion(M))], ["seg-hires-grad-cam", "seg-grad-cam"],
+                              relu=False, normalization="none")
+    assert len(cam.windows) > 20
+    Y = cam.prediction()[(slice(None), 2) + tuple(slice(0, s) for s in shape[2:])]
+    b = net.head.bias[2].item()
+    Mf = M.double()
+    torch.testing.assert_close(hires.raw.double(), Mf * (Y - b), rtol=0, atol=1e-5)
+    count = Mf.flatten(1).sum(1).view((-1,) + (1,) * nd)
+    torch.testing.assert_close(grad.raw.double(), count / M[0].numel() * (Y - b), rtol=0, atol=1e-5)
+    # the windows really differ from one whole-volume pass (zero padding at window borders)
+    with torch.no_grad():
+        assert (net(x)[:, 2] - Y).abs().max() > 1e-3
+
+
+def test_second_target_reuses_the_prediction_and_cancel_between_windows():
+    torch.manual_seed(2)
+    net = TinyUNet(nd=3)
+    calls = {"n": 0}
+    counter = net.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
+    x = torch.randn(1, 1, 24, 24, 24)
+    cam = WindowedCAM(net, x, 16, ["dec"], overlap=0.5)
+    cam.explain([whole_image_target(1)])
+    first = calls["n"]
+    cam.explain([whole_image_target(0)])
+    assert calls["n"] - first == len(cam.windows)  # pass 2 only; pass 1 (blended prediction) is reused
+    counter.remove()
+    seen = []
+
+    def cancel(fraction, message):
+        seen.append(message)
+        if "gradients, window 2" in message:
+            raise CancelledError("cancelled")
+
+    with pytest.raises(CancelledError):
+        WindowedCAM(net, x, 16, ["dec"], overlap=0.5, progress=cancel).explain([whole_image_target(1)])
+    assert count_hooks(net) == 0 and all(p.requires_grad for p in net.parameters())
+
+
+def test_window_layout_helpers():
+    assert window_starts(100, 40, 0.25, 1) == [0, 30, 60]
+    assert window_starts(100, 40, 0.25, 16) == [0, 16, 32, 48, 60]
+    assert window_starts(30, 40, 0.25) == [0]
+    w = importance_map((9, 9), "gaussian")
+    assert w.max() == 1.0 and w.min() > 0 and w[4, 4] == 1.0 and w[0, 0] < w[4, 0] < w[4, 4]
