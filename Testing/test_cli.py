@@ -186,3 +186,17 @@ def test_console_script_entry_point(case):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "unknown layer" in done.stderr
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "seghirescam" in done.stdout
+
+
+def test_windowed_explain_with_one_window_equals_whole_volume(case, capsys):
+    outs = []
+    for extra in ([], ["--roi-size", "10,18,20"], ["--roi-size", "8", "--overlap", "0.5", "--blend", "gaussian"]):
+        out = str(case["folder"] / ("heat-win-%d.nrrd" % len(outs)))
+        code, _, err = run(["explain", "--model", "toy_models:unet3d", "--weights", case["weights"], "--image",
+                            case["paths"][".nrrd"], "--out", out, "--whole", "--layer", "dec", "--quiet"] + extra,
+                           capsys)
+        assert code == 0, err
+        outs.append(io.read_image(out)[0])
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)  # one window = the whole volume
+    assert outs[2].shape == outs[0].shape and np.isfinite(outs[2]).all() and outs[2].max() == pytest.approx(1.0)
+    assert np.corrcoef(outs[2].ravel(), outs[0].ravel())[0, 1] > 0.5  # many windows: close, not identical

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=2, help="window of seg-xres-cam, in layer voxels (default 2)")
     p.add_argument("--no-relu", action="store_true", help="keep negative values (signed map)")
     p.add_argument("--normalize", default="max", choices=["max", "minmax", "none"], help="default: max")
+    p.add_argument("--roi-size", help="run the model in overlapping windows of this size (voxels of the model grid, "
+                   "'128' or 'z,y,x'): bounded memory for large scans")
+    p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
+    p.add_argument("--blend", default="constant", choices=["constant", "gaussian"], help="window blending")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -185,11 +189,21 @@ def _cmd_explain(args) -> int:
                       radius_mm=args.radius, threshold=args.threshold, whole=args.whole, score=args.score,
                       reduction=args.reduction)
     options = {"pool_size": args.pool_size} if args.method == "seg-xres-cam" else {}
+    roi = None
+    if args.roi_size:
+        try:
+            roi = [int(v) for v in args.roi_size.replace(" ", "").split(",")]
+        except ValueError as exc:
+            raise InputError("--roi-size must be one integer or 'z,y,x', got %r" % args.roi_size) from exc
+        if len(roi) == 1:
+            roi = roi * geometry.ndim
+        if len(roi) != geometry.ndim or min(roi) < 1:
+            raise InputError("--roi-size needs 1 or %d positive integers, got %r" % (geometry.ndim, args.roi_size))
     progress = _Progress(args.quiet)
     try:
         result = explain_image(model, image, geometry, [spec], layers=args.layer, method=args.method,
                                device=args.device, relu=not args.no_relu, normalization=args.normalize,
-                               progress=progress, **options)
+                               progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend, **options)
     finally:
         progress.close()
     heat = result.heatmaps[0]

@@ -19,6 +19,8 @@ from .engine import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, 
                      WholeRegion, compute_cams, main_output)
 from .engine.cam import _run_model, check_input
 from .engine.hooks import model_guard
+from .engine.layers import auto_layer
+from .engine.windows import WindowedCAM
 from .errors import InputError, TargetError
 from .geometry import Geometry
 from .models.base import SegModel
@@ -161,10 +163,13 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   layers: Union[str, Sequence[str]] = "auto",
                   method: Union[str, Sequence[str]] = "seg-hires-grad-cam",
                   device: str = "auto", relu: bool = True, normalization: str = "max",
-                  progress: Optional[ProgressCallback] = None, **method_options) -> ImageExplanation:
+                  progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
+                  overlap: float = 0.25, blend: str = "constant", **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
-    ``layers="auto"`` uses the model's known-good default layer when it declares one.
+    ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
+    model runs in overlapping windows (exact sliding-window CAM, :mod:`.engine.windows`): memory is bounded
+    by the window instead of the volume.
     """
     report = progress or (lambda f, m: None)
     timings = {}
@@ -179,9 +184,20 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
     cam_targets = [build_target(t, space, model) for t in targets]
     t0 = time.perf_counter()
-    results = compute_cams(model.network, x, cam_targets, names, method, relu=relu, normalization=normalization,
-                           output_key=model.output_key,
-                           progress=lambda f, m: report(0.05 + 0.85 * f, m), **method_options)
+    engine_progress = lambda f, m: report(0.05 + 0.85 * f, m)  # noqa: E731
+    if roi_size is None:
+        results = compute_cams(model.network, x, cam_targets, names, method, relu=relu,
+                               normalization=normalization, output_key=model.output_key,
+                               progress=engine_progress, **method_options)
+    else:
+        roi = tuple(int(r) for r in roi_size)
+        if "auto" in names:
+            first = x[(slice(None), slice(None)) + tuple(slice(0, r) for r in roi)]
+            chosen = auto_layer(model.network, first, model.output_key)
+            names = [chosen if n == "auto" else n for n in names]
+        cam = WindowedCAM(model.network, x, roi, names, overlap=overlap, blend=blend,
+                          output_key=model.output_key, progress=engine_progress)
+        results = cam.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
     timings["cam_s"] = time.perf_counter() - t0
     report(0.92, "mapping back to the image grid")
     t0 = time.perf_counter()
