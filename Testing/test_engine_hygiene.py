@@ -195,3 +195,26 @@ def test_cancelled_gradient_means_are_flagged_for_grad_cam_only():
     assert hires.warnings == []
     plain = explain(net, x, whole_image_target(1), layer="2", method="seg-grad-cam")
     assert plain.warnings == [] and plain.options["gradient_mean_ratio"] > 1e-3
+
+
+def test_session_reuses_the_forward_pass_for_new_targets():
+    from SegHiResCAMLib.engine import CAMSession, SegmentTarget, VoxelRegion
+    torch.manual_seed(3)
+    net = TinyUNet(nd=3)
+    x = torch.randn(1, 1, 8, 8, 8)
+    calls = {"n": 0}
+    counter = net.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
+    session = CAMSession(net, x, ["dec", "down"])
+    first = session.explain([whole_image_target(1)])
+    second = session.explain([SegmentTarget(1, VoxelRegion((4, 4, 4), radius=2))], method="seg-grad-cam")
+    assert calls["n"] == 1  # one forward pass served both calls
+    counter.remove()
+    for res, target, method in [(first, whole_image_target(1), "seg-hires-grad-cam"),
+                                (second, SegmentTarget(1, VoxelRegion((4, 4, 4), radius=2)), "seg-grad-cam")]:
+        fresh = compute_cams(net, x, [target], ["dec", "down"], method)
+        for a, b in zip(res, fresh):
+            torch.testing.assert_close(a.map, b.map)
+    assert count_hooks(net) == 0 and all(p.requires_grad for p in net.parameters())
+    session.release()
+    with pytest.raises(Exception, match="released"):
+        session.explain([whole_image_target(1)])

@@ -87,4 +87,5 @@ def test_explain_command_matches_demo_and_records_provenance(demo, atlas, tmp_pa
     assert info["layer"] == "loc2" and info["method"] == "seg-hires-grad-cam"
     assert info["model"]["name"] == "hd-bet" and len(list(info["model"]["file_hashes"].values())[0]) == 64
     assert info["target"]["class"] == 1 and info["target_kind"] == "prediction"
-    assert any("1.5" in step for step in info["model_space"]["steps"])
+    steps = info["model_space"]["steps"]  # the atlas is already at HD-BET's 1.5 mm: no resampling step
+    assert "reoriented to LAS" in steps and "intensity zscore" in steps and not any("resampled" in s for s in steps)

@@ -4,7 +4,7 @@ Main entry points: :func:`explain` (one target, one layer) and :func:`compute_ca
 layers from one forward pass); targets in :mod:`.targets` and :mod:`.regions`; methods in :mod:`.methods`.
 """
 
-from .cam import CAMResult, compute_cams, explain
+from .cam import CAMResult, CAMSession, compute_cams, explain
 from .hooks import LayerCapture, count_hooks, model_guard, named_layers, resolve_layer
 from .layers import LayerInfo, auto_layer, trace_layers
 from .methods import DEFAULT_METHOD, METHODS, get_method
@@ -16,7 +16,7 @@ from .targets import (SegmentTarget, class_maps, empty_target, predicted_mask, t
                       whole_image_target)
 
 __all__ = [
-    "CAMResult", "compute_cams", "explain", "LayerCapture", "count_hooks", "model_guard", "named_layers",
+    "CAMResult", "CAMSession", "compute_cams", "explain", "LayerCapture", "count_hooks", "model_guard", "named_layers",
     "resolve_layer", "LayerInfo", "auto_layer", "trace_layers", "DEFAULT_METHOD", "METHODS", "get_method",
     "main_output", "normalize", "postprocess", "upsample", "ComponentRegion", "EmptyRegion", "MaskRegion",
     "PredictedRegion", "VoxelRegion", "WholeRegion", "connected_components", "SegmentTarget", "class_maps",

@@ -147,6 +147,119 @@ def _methods(method, options) -> List[CAMMethod]:
     return built
 
 
+class CAMSession:
+    """One forward pass whose captured layers and autograd graph are kept, so that every further target on the
+    same image, model and layers costs only a backward pass (e.g. a radiologist clicking through segments).
+
+    The graph between the layers and the output is held in memory until :meth:`release` (or the session is
+    dropped); :func:`compute_cams` is the one-shot form that releases it after the last target.
+
+    Args:
+        model, x, layers, output_key, eval_mode, progress: as in :func:`compute_cams`.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, layers: Union[str, Sequence[str]] = "auto",
+                 output_key: Optional[str] = None, eval_mode: bool = True,
+                 progress: Optional[ProgressCallback] = None):
+        started = time.perf_counter()
+        check_input(model, x)
+        self.report = progress or (lambda fraction, message: None)
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names:
+            raise LayerError("no layer given: pass a layer name or 'auto'")
+        if "auto" in names:
+            self.report(0.0, "choosing the layer")
+            chosen = auto_layer(model, x, output_key)
+            names = [chosen if name == "auto" else name for name in names]
+        self.names = list(dict.fromkeys(names))
+        self.spatial = tuple(x.shape[2:])
+        self.report(0.05, "forward pass")
+        with torch.inference_mode(False), torch.enable_grad():
+            with model_guard(model, eval_mode=eval_mode), LayerCapture(model, self.names) as capture:
+                raw_output = _run_model(model, x.detach())
+        missing = capture.missing()
+        if missing:
+            raise LayerError("layer(s) %s did not run during the forward pass; choose layers on the path from the "
+                             "input to the output" % ", ".join(missing))
+        output = main_output(raw_output, output_key)
+        if output.ndim != x.ndim:
+            raise ModelError("the model output has shape %s; a segmentation model returns [batch, classes, "
+                             "*spatial] with as many spatial axes as its input %s"
+                             % (tuple(output.shape), tuple(x.shape)))
+        self.output: Optional[torch.Tensor] = output
+        self.activations: Optional[List[torch.Tensor]] = [capture.activations[name] for name in self.names]
+        self.forward_seconds = time.perf_counter() - started
+
+    def release(self) -> None:
+        """Drop the graph and the captured activations."""
+        self.output = None
+        self.activations = None
+
+    def explain(self, targets: Sequence[SegmentTarget],
+                method: Union[str, CAMMethod, Sequence[Union[str, CAMMethod]]] = DEFAULT_METHOD,
+                relu: bool = True, normalization: str = "max", upsampling: str = "linear",
+                keep_graph: bool = True, **method_options) -> List[CAMResult]:
+        """Maps for ``targets`` (one backward pass each); see :func:`compute_cams` for the arguments.
+
+        ``keep_graph=False`` frees the graph after the last target (the session is then released)."""
+        if self.output is None:
+            raise InternalError("this CAM session was released; start a new one")
+        started = time.perf_counter()
+        cam_methods = _methods(method, method_options)
+        if normalization not in NORMALIZATIONS:
+            raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
+        if upsampling not in UPSAMPLING:
+            raise InputError("upsampling must be one of %s, got %r" % (", ".join(UPSAMPLING), upsampling))
+        targets = list(targets)
+        if not targets:
+            raise InputError("no target given: pass at least one SegmentTarget")
+        output, activations = self.output, self.activations
+        results: List[CAMResult] = []
+        with torch.inference_mode(False), torch.enable_grad():
+            for t_index, target in enumerate(targets):
+                self.report(0.1 + 0.85 * t_index / len(targets), "gradients for %s" % target.name)
+                region = target.region(output)
+                score = target(output, region)
+                retain = keep_graph or t_index < len(targets) - 1
+                if score.requires_grad:
+                    grads = torch.autograd.grad(score.sum(), activations, retain_graph=retain, allow_unused=True)
+                else:  # the output does not depend on any captured layer
+                    grads = (None,) * len(activations)
+                for name, act, grad in zip(self.names, activations, grads):
+                    results.extend(self._combine(target, name, act, grad, cam_methods, score, region, relu,
+                                                 normalization, upsampling))
+        if not keep_graph:
+            self.release()
+        elapsed = time.perf_counter() - started
+        for res in results:
+            res.options["seconds"] = elapsed
+            res.options["forward_seconds"] = self.forward_seconds
+        self.report(1.0, "done")
+        return results
+
+    def _combine(self, target, name, act, grad, cam_methods, score, region, relu, normalization, upsampling):
+        act = act.detach()
+        grad = torch.zeros_like(act) if grad is None else grad.detach()
+        dtype = torch.promote_types(act.dtype, torch.float32)  # float64 models keep float64 raw maps
+        act, grad = act.to(dtype), grad.to(dtype)
+        mean_ratio = gradient_mean_ratio(grad)
+        out = []
+        for cam_method in cam_methods:
+            raw = cam_method.combine(act, grad)
+            heat, flat = postprocess(raw, self.spatial, relu=relu, upsampling=upsampling, normalization=normalization)
+            res = CAMResult(target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
+                            score=score.detach(), region=region, flat=flat, output=self.output.detach(),
+                            options=dict(cam_method.options(), relu=relu, normalization=normalization,
+                                         upsampling=upsampling, gradient_mean_ratio=mean_ratio))
+            if cam_method.uses_mean_gradient and mean_ratio < MEAN_GRADIENT_WARNING:
+                res.warnings.append(
+                    "the spatial means of the gradients at layer %s cancel (|mean G| / mean |G| = %.1e), so %s's "
+                    "channel weights are rounding noise (typical before instance/batch normalisation); use "
+                    "seg-hires-grad-cam or another layer" % (name, mean_ratio, cam_method.name))
+            out.append(res)
+        return out
+
+
 def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTarget],
                  layers: Union[str, Sequence[str]] = "auto",
                  method: Union[str, CAMMethod, Sequence[Union[str, CAMMethod]]] = DEFAULT_METHOD,
@@ -174,79 +287,20 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
         One :class:`CAMResult` per (target, layer, method), in that nesting order.
 
     The model is left exactly as found: hooks removed, ``training`` and ``requires_grad`` flags restored, no
-    ``.grad`` filled — also when an exception is raised.
+    ``.grad`` filled — also when an exception is raised. Only the part of the network between the layers and
+    the output gets an autograd graph (parameters are frozen during the forward pass), and gradients are taken
+    with respect to the captured activations only.
     """
-    started = time.perf_counter()
-    cam_methods = _methods(method, method_options)
+    cam_methods = _methods(method, method_options)  # validate before the expensive forward pass
     if normalization not in NORMALIZATIONS:
         raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
     if upsampling not in UPSAMPLING:
         raise InputError("upsampling must be one of %s, got %r" % (", ".join(UPSAMPLING), upsampling))
-    targets = list(targets)
-    if not targets:
+    if not list(targets):
         raise InputError("no target given: pass at least one SegmentTarget")
-    check_input(model, x)
-    report = progress or (lambda fraction, message: None)
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names:
-        raise LayerError("no layer given: pass a layer name or 'auto'")
-    if "auto" in names:
-        report(0.0, "choosing the layer")
-        chosen = auto_layer(model, x, output_key)
-        names = [chosen if name == "auto" else name for name in names]
-    names = list(dict.fromkeys(names))
-    report(0.05, "forward pass")
-    with torch.inference_mode(False), torch.enable_grad():
-        with model_guard(model, eval_mode=eval_mode), LayerCapture(model, names) as capture:
-            raw_output = _run_model(model, x.detach())
-        missing = capture.missing()
-        if missing:
-            raise LayerError("layer(s) %s did not run during the forward pass; choose layers on the path from the "
-                             "input to the output" % ", ".join(missing))
-        output = main_output(raw_output, output_key)
-        if output.ndim != x.ndim:
-            raise ModelError("the model output has shape %s; a segmentation model returns [batch, classes, "
-                             "*spatial] with as many spatial axes as its input %s"
-                             % (tuple(output.shape), tuple(x.shape)))
-        activations = [capture.activations[name] for name in names]
-        spatial = tuple(x.shape[2:])
-        results: List[CAMResult] = []
-        for t_index, target in enumerate(targets):
-            report(0.1 + 0.85 * t_index / len(targets), "gradients for %s" % target.name)
-            region = target.region(output)
-            score = target(output, region)
-            last = t_index == len(targets) - 1
-            if score.requires_grad:
-                grads = torch.autograd.grad(score.sum(), activations, retain_graph=not last, allow_unused=True)
-            else:  # the output does not depend on any captured layer
-                grads = (None,) * len(activations)
-            for name, act, grad in zip(names, activations, grads):
-                act = act.detach()
-                grad = torch.zeros_like(act) if grad is None else grad.detach()
-                dtype = torch.promote_types(act.dtype, torch.float32)  # float64 models keep float64 raw maps
-                act, grad = act.to(dtype), grad.to(dtype)
-                mean_ratio = gradient_mean_ratio(grad)
-                for cam_method in cam_methods:
-                    raw = cam_method.combine(act, grad)
-                    heat, flat = postprocess(raw, spatial, relu=relu, upsampling=upsampling,
-                                             normalization=normalization)
-                    results.append(CAMResult(
-                        target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
-                        score=score.detach(), region=region, flat=flat, output=output.detach(),
-                        options=dict(cam_method.options(), relu=relu, normalization=normalization,
-                                     upsampling=upsampling, gradient_mean_ratio=mean_ratio),
-                    ))
-                    if cam_method.uses_mean_gradient and mean_ratio < MEAN_GRADIENT_WARNING:
-                        results[-1].warnings.append(
-                            "the spatial means of the gradients at layer %s cancel (|mean G| / mean |G| = %.1e), "
-                            "so %s's channel weights are rounding noise (typical before instance/batch "
-                            "normalisation); use seg-hires-grad-cam or another layer" % (name, mean_ratio,
-                                                                                        cam_method.name))
-    elapsed = time.perf_counter() - started
-    for res in results:
-        res.options["seconds"] = elapsed
-    report(1.0, "done")
-    return results
+    session = CAMSession(model, x, layers, output_key=output_key, eval_mode=eval_mode, progress=progress)
+    return session.explain(targets, cam_methods, relu=relu, normalization=normalization, upsampling=upsampling,
+                           keep_graph=False)
 
 
 def explain(model: nn.Module, x: torch.Tensor, target: Optional[SegmentTarget] = None, layer: str = "auto",

@@ -35,6 +35,6 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
 
 
 # model kinds register themselves on import (after LOADERS exists)
-from . import hdbet  # noqa: E402,F401
+from . import hdbet, monai_models, nnunet, torchscript  # noqa: E402,F401
 
 __all__ = ["Preprocessing", "SegModel", "load_model", "register_loader", "LOADERS"]

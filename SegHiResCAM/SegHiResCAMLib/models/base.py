@@ -42,8 +42,8 @@ class Preprocessing:
             ``ct_window`` then scale to [0, 1]).
         ct_window: ``(low, high)`` HU window for ``ct``.
         divisible_by: pad every spatial axis to a multiple of this.
-        pad_side: ``end`` (pad after the last voxel of each axis, as HD-BET and nnU-Net do) or ``both``
-            (split the padding between both ends).
+        pad_side: ``end`` (pad after the last voxel of each axis, as HD-BET does) or ``both`` (split the
+            padding between both ends, as nnU-Net and MONAI do).
         pad_value: value of padded voxels, in normalised units.
         min_size: pad every spatial axis to at least this many voxels (array order).
         intensity_range: ``(a_min, a_max)``: the input window of ``range`` (MONAI ``ScaleIntensityRanged``) and
