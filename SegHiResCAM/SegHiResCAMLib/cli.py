@@ -16,7 +16,14 @@ import numpy as np
 from . import __version__
 from .errors import InputError, SegHiResCAMError
 
-EPILOG = """model SPEC: package.module:factory (or file.py:factory) with --weights FILE (a state dict).
+EPILOG = """model SPEC, one of:
+  hd-bet                         the bundled HD-BET brain-extraction 3D U-Net (fold 0)
+  FILE.pt / FILE.ts              a TorchScript file (its layers become explainable)
+  FILE.onnx                      an ONNX file (needs: pip install onnx; pip install --no-deps onnx2torch)
+  FOLDER                         a MONAI bundle (configs/inference.json + models/model.pt) or an nnU-Net v2
+                                 trained-model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth)
+  monai:UNet                     a MONAI network by name, --model-args '{...}' --weights STATE_DICT
+  package.module:factory         (or file.py:factory) with --weights STATE_DICT [--model-args '{...}']
 examples:
   seghirescam explain --model mypkg.nets:unet --weights unet.pt --image ct.nii.gz --out heat.nii.gz --class 1
   seghirescam explain ... --segment liver.nii.gz --label 1 --method seg-grad-cam --layer decoder.3
