@@ -14,7 +14,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import __version__
-from .errors import InputError, SegHiResCAMError
+from .errors import CancelledError, InputError, SegHiResCAMError
 
 EPILOG = """model SPEC, one of:
   hd-bet                         the bundled HD-BET brain-extraction 3D U-Net (fold 0)
@@ -318,6 +318,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _parse_model_args(args)
         commands = {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers, "demo": _cmd_demo}
         return commands[args.command](args)
+    except CancelledError:
+        print("seghirescam: cancelled; nothing was written", file=sys.stderr)
+        return CancelledError.exit_code
     except SegHiResCAMError as exc:
         print("seghirescam: error: %s" % exc, file=sys.stderr)
         return exc.exit_code

@@ -21,7 +21,9 @@ from ..errors import InputError, InternalError, LayerError, ModelError, SegHiRes
 from .hooks import LayerCapture, model_guard
 from .layers import auto_layer
 from .methods import DEFAULT_METHOD, CAMMethod, get_method
-from .outputs import main_output
+from .outputs import main_output, run_model
+
+_run_model = run_model  # kept for callers of the earlier private name
 from .postprocess import NORMALIZATIONS, UPSAMPLING, postprocess
 from .targets import SegmentTarget
 
@@ -104,22 +106,6 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
     if channels is not None and x.shape[1] != channels:
         raise InputError("the model expects %d input channel(s) but the input has %d; give an image with %d "
                          "channel(s)" % (channels, x.shape[1], channels))
-
-
-def _run_model(model: nn.Module, x: torch.Tensor):
-    try:
-        return model(x)
-    except SegHiResCAMError:
-        raise
-    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-        raise InternalError("out of memory on %s for an input of shape %s; use a smaller window, a smaller image "
-                            "or --device cpu" % (x.device, tuple(x.shape))) from exc
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "out of memory" in text.lower():
-            raise InternalError("out of memory for an input of shape %s; use a smaller window or image, or "
-                                "another device" % (tuple(x.shape),)) from exc
-        raise ModelError("the model failed on an input of shape %s: %s" % (tuple(x.shape), text)) from exc
 
 
 def _methods(method, options) -> List[CAMMethod]:

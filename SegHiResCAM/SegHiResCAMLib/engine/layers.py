@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import LayerError
 from .hooks import model_guard, named_layers
-from .outputs import main_output
+from .outputs import main_output, run_model
 
 
 @dataclass
@@ -67,7 +67,7 @@ def trace_layers(model: nn.Module, x: torch.Tensor,
         for name, module in layers.items():
             handles.append(module.register_forward_hook(make_hook(name)))
         with model_guard(model), torch.no_grad():
-            raw = model(x.detach())
+            raw = run_model(model, x.detach())
     finally:
         for handle in handles:
             handle.remove()

@@ -4,7 +4,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ModelError
+from torch import nn
+
+from ..errors import InternalError, ModelError, SegHiResCAMError
 
 #: dict keys tried, in order, when a model returns a dict and no key is given
 PREFERRED_KEYS = ("out", "logits", "pred", "seg", "segmentation", "output")
@@ -45,3 +47,21 @@ def main_output(raw: Any, key: Optional[str] = None) -> torch.Tensor:
         if value.numel() > best.numel():
             best = value
     return best
+
+
+def run_model(model: nn.Module, x: torch.Tensor):
+    """``model(x)`` with failures turned into one clear error: ModelError, or InternalError for memory."""
+    try:
+        return model(x)
+    except SegHiResCAMError:
+        raise
+    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        raise InternalError("out of memory on %s for an input of shape %s; run in smaller windows (--roi-size 96), "
+                            "on a smaller image, or on the CPU (--device cpu)" % (x.device, tuple(x.shape))) from exc
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "out of memory" in text.lower():
+            raise InternalError("out of memory for an input of shape %s; run in smaller windows (--roi-size 96), "
+                                "on a smaller image, or on another device (--device cpu|cuda)"
+                                % (tuple(x.shape),)) from exc
+        raise ModelError("the model failed on an input of shape %s: %s" % (tuple(x.shape), text)) from exc
