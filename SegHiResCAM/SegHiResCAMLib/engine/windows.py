@@ -101,6 +101,8 @@ class WindowedCAM:
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         if not self.layers or "auto" in self.layers:
             raise LayerError("pass layer names to the windowed CAM (resolve 'auto' on one window first)")
+        if autocast and x.device.type != "cuda":
+            raise InputError("mixed precision (autocast) needs a CUDA device; the input is on %s" % x.device)
         self.model, self.output_key, self.blend, self.autocast = model, output_key, blend, autocast
         self.overlap = overlap
         self.report = progress or (lambda f, m: None)
@@ -156,7 +158,7 @@ class WindowedCAM:
 
     def _forward(self, window: torch.Tensor):
         if self.autocast and window.is_cuda:
-            with torch.autocast("cuda"):
+            with torch.autocast("cuda", dtype=torch.float16):
                 return main_output(_run_model(self.model, window), self.output_key)
         return main_output(_run_model(self.model, window), self.output_key)
 
