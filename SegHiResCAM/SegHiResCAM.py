@@ -1,19 +1,31 @@
 """SegHiResCAM: class-activation heatmaps for medical image segmentation models, as a 3D Slicer module.
 
-This file is a thin shell over the pure-Python package ``SegHiResCAMLib`` (shipped next to it), which holds the
-engine, model loading and the MRML bridge. PyTorch is imported by that package only when a computation runs, never
-when Slicer loads this module, so Slicer starts quickly and the module still loads where PyTorch is not yet installed.
+A thin shell over the pure-Python package ``SegHiResCAMLib`` shipped next to it: the engine and models, the MRML
+bridge (``mrml``), the three-step logic (``slicer_logic``) and the worker thread (``slicer_logic_job``).
+PyTorch is imported only when a computation runs, never when Slicer loads this module, so Slicer starts quickly
+and the module loads (and offers to install PyTorch) where PyTorch is not yet installed.
 """
 
+import logging
+import pathlib
+import traceback
+from typing import Annotated
+
 import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from SegHiResCAMLib import slicer_logic_selftest as selftest
+from SegHiResCAMLib.errors import SegHiResCAMError
+from SegHiResCAMLib.slicer_logic import (BUNDLED_MODEL, DEFAULT_METHOD, DEVICES, METHOD_NAMES, MODEL_SOURCES, SCORES,
+                                         TARGET_KINDS, ExplainLogic, missingPackages)
+from SegHiResCAMLib.slicer_logic_job import BackgroundJob
 
 #
 # SegHiResCAM
@@ -30,9 +42,10 @@ class SegHiResCAM(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SegHiResCAM developers"]
         self.parent.helpText = _("""
-Explains a segmentation model's prediction with class-activation heatmaps layered over the scan:
-Seg-Grad-CAM, Seg-HiRes-Grad CAM and ProtoSeg segmentation-ability maps, for 2D and 3D PyTorch models.
-See the <a href="https://github.com/seghirescam/SlicerSegHiResCAM">project page</a> for documentation.
+Explains a segmentation model's prediction with class-activation heatmaps layered over the scan
+(Seg-HiRes-Grad CAM, Seg-Grad-CAM and more): pick a scan, a model and what to explain (the model's prediction of a
+class, a segment, or a clicked point), then Apply. See the
+<a href="https://github.com/seghirescam/SlicerSegHiResCAM">project page</a> for documentation.
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer and PyTorch (installed through Slicer's PyTorch extension). The bundled example model is
@@ -41,26 +54,248 @@ HD-BET (Isensee et al., Hum. Brain Mapp. 2019), distributed under the Apache Lic
 
 
 #
+# SegHiResCAMParameterNode
+#
+
+
+@parameterNodeWrapper
+class SegHiResCAMParameterNode:
+    """Everything the panel shows; the only source of truth for the widget (bound through SlicerParameterName).
+
+    modelSource: the bundled HD-BET model, or a model file or folder (``modelPath``: TorchScript/ONNX file, MONAI
+    bundle or nnU-Net folder). targetKind: the model's ``prediction`` of ``classIndex`` (optionally thresholded),
+    a ``segment`` of a segmentation (any grid), or a clicked ``point`` with a ball of ``radiusMm`` around it.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelSource: Annotated[str, Choice(MODEL_SOURCES)] = BUNDLED_MODEL
+    modelPath: pathlib.Path
+    targetKind: Annotated[str, Choice(TARGET_KINDS)] = "prediction"
+    classIndex: Annotated[int, WithinRange(0, 255)] = 1
+    segmentationNode: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    pointNode: vtkMRMLMarkupsFiducialNode
+    radiusMm: Annotated[float, WithinRange(0.0, 50.0)] = 5.0
+    method: Annotated[str, Choice(METHOD_NAMES)] = DEFAULT_METHOD
+    layer: str = "auto"
+    useThreshold: bool = False
+    threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
+    score: Annotated[str, Choice(SCORES)] = "logits"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    addPrediction: bool = True
+    outputVolume: vtkMRMLScalarVolumeNode
+    predictionSegmentation: vtkMRMLSegmentationNode
+
+
+#
 # SegHiResCAMWidget
 #
 
 
-class SegHiResCAMWidget(ScriptedLoadableModuleWidget):
-    """Module panel. Stays thin: every computation belongs to SegHiResCAMLogic and SegHiResCAMLib."""
+class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Module panel: binds the .ui to the parameter node and runs the engine step on a worker thread."""
 
-    def __init__(self, parent=None):
+    POLL_MS = 200  # progress refresh interval of the main thread
+
+    def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
-        self.ui = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._onJobSuccess = None
+        self._timer = None
 
-    def setup(self):
+    def setup(self) -> None:
+        import qt
         ScriptedLoadableModuleWidget.setup(self)
-        # The panel is described in Resources/UI/SegHiResCAM.ui (edit it with Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegHiResCAM.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegHiResCAMLogic()
-        self.layout.addStretch(1)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self._pollJob)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # widgets without a parameter-node connector: synchronised by hand
+        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSegmentationChanged)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._onSegmentChanged)
+        self.ui.layerComboBox.connect("currentTextChanged(QString)", self._onLayerChanged)
+        self.ui.pointNodeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.pointPlaceWidget.setCurrentNode)
+        self.ui.loadLayersButton.connect("clicked(bool)", self.onLoadLayers)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.progressBar.hide()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._job is not None:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:
+            self._job.cancel()  # its result would belong to the closed scene
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+            self._updateGUI()
+
+    # ------------------------------------------------------------------ GUI <-> parameter node
+    def _onSegmentationChanged(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.segmentationNode = node
+
+    def _onSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode:
+            self._parameterNode.segmentId = segmentId or ""
+
+    def _onLayerChanged(self, text) -> None:
+        if self._parameterNode:
+            self._parameterNode.layer = text or "auto"
+
+    def _updateGUI(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        self.ui.modelPathLineEdit.enabled = p.modelSource != BUNDLED_MODEL
+        for widget, kind in ((self.ui.segmentGroup, "segment"), (self.ui.pointGroup, "point")):
+            widget.visible = p.targetKind == kind
+        self.ui.thresholdSpinBox.enabled = p.useThreshold
+        if self.ui.segmentSelector.currentNode() != p.segmentationNode:
+            self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
+        if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
+            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        if self.ui.layerComboBox.currentText != p.layer:
+            self.ui.layerComboBox.setEditText(p.layer)
+        reason = self.logic.whyCannotApply(p)
+        running = self._job is not None
+        self.ui.applyButton.enabled = running or reason is None
+        self.ui.loadLayersButton.enabled = not running
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.toolTip = (_("Stop the computation; nothing is added to the scene") if running
+                                       else reason or _("Compute the heatmap and show it over the scan"))
+
+    # ------------------------------------------------------------------ actions
+    def onLoadLayers(self) -> None:
+        spec = self.logic.modelSpec(self._parameterNode)
+        with slicer.util.tryWithErrorDisplay(_("Cannot load the model.")):
+            if self._job is None and self._installMissingPackages(spec):
+                self._startJob(lambda progress: self.logic.layerNames(spec), self._setLayers, _("Loading the model"))
+
+    def _setLayers(self, names) -> None:
+        current = self._parameterNode.layer
+        self.ui.layerComboBox.clear()
+        self.ui.layerComboBox.addItems(names)
+        self.ui.layerComboBox.setEditText(current)
+        self.ui.statusLabel.text = _("The model has {count} layers.").format(count=len(names) - 1)
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling at the next step...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot compute the heatmap.")):
+            if not self._installMissingPackages(self.logic.modelSpec(self._parameterNode)):
+                return
+            request = self.logic.prepareFromParameters(self._parameterNode)  # reads MRML: main thread
+            self._startJob(lambda progress: self.logic.compute(request, progress),
+                           lambda result: self._applyResult(request, result), _("Computing the heatmap"))
+
+    def _applyResult(self, request, result) -> None:
+        heatmap = self.logic.apply(request, result)  # writes MRML: main thread
+        self._parameterNode.outputVolume = heatmap
+        prediction = heatmap.GetNodeReference("SegHiResCAMPrediction")
+        if prediction is not None:
+            self._parameterNode.predictionSegmentation = prediction
+        self.ui.statusLabel.text = _("Done: {method} at layer {layer}.").format(method=result.method,
+                                                                               layer=result.layer)
+
+    def _startJob(self, function, onSuccess, message) -> None:
+        self._job = BackgroundJob(function).start()
+        self._onJobSuccess = onSuccess
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = message
+        self._timer.start()
+        self._updateGUI()
+
+    def _pollJob(self) -> None:
+        status = self._job.poll()
+        self.ui.progressBar.value = int(round(100 * status.fraction))
+        if not status.finished:
+            self.ui.statusLabel.text = status.message
+            return
+        self._timer.stop()
+        self._job = None
+        self.ui.progressBar.hide()
+        self._updateGUI()
+        if status.cancelled:
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        elif status.error is not None:
+            self.ui.statusLabel.text = _("Failed; nothing was added to the scene.")
+            error = status.error
+            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            logging.error(details)
+            slicer.util.errorDisplay(str(error) if isinstance(error, SegHiResCAMError)
+                                     else _("Unexpected error: {error}").format(error=error), detailedText=details)
+        else:
+            with slicer.util.tryWithErrorDisplay(_("Cannot add the heatmap to the scene.")):
+                self._onJobSuccess(status.result)
+
+    def _installMissingPackages(self, model) -> bool:
+        """Install what the model needs after asking: torch through the PyTorch extension, the rest with pip."""
+        missing = missingPackages(model)
+        if not missing:
+            return True
+        names = ", ".join(requirement for _module, requirement in missing)
+        if not slicer.util.confirmOkCancelDisplay(
+                _("This model needs the Python packages {names}. Install them now? This may take several minutes."
+                  ).format(names=names)):
+            return False
+        for module, requirement in missing:
+            if module == "torch":
+                try:
+                    import PyTorchUtils  # the PyTorch extension picks the build that fits the GPU
+                except ImportError:
+                    PyTorchUtils = None
+                if PyTorchUtils is not None:
+                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                        return False
+                    continue
+            slicer.util.pip_install(requirement)
+        return not missingPackages(model)
 
 
 #
@@ -68,11 +303,22 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget):
 #
 
 
-class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
-    """Headless part of the module: usable from Slicer's Python console and scripts without the widget."""
+class SegHiResCAMLogic(ScriptedLoadableModuleLogic, ExplainLogic):
+    """Headless logic (no Qt, no dialogs), usable from Slicer's Python console::
 
-    def __init__(self):
+        logic = slicer.util.getModuleLogic("SegHiResCAM")
+        heatmap = logic.process(volume, model="hd-bet", classIndex=1)
+
+    ``process`` and its three steps (``prepare`` / ``compute`` / ``apply``) are documented in
+    ``SegHiResCAMLib.slicer_logic.ExplainLogic``.
+    """
+
+    def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        ExplainLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SegHiResCAMParameterNode(super().getParameterNode())
 
 
 #
@@ -81,30 +327,54 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
 
 
 class SegHiResCAMTest(ScriptedLoadableModuleTest):
-    """Self-test run by ctest and by the module's "Reload and Test" button."""
+    """Self-test: HD-BET on a real brain MRI (MRHead in Slicer, the ROBEX atlas outside it)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_LibraryImports()
+        self.test_PredictionTarget()
         self.setUp()
-        self.test_LogicConstructs()
+        self.test_SegmentOnOtherGridAndClickedPoint()
 
-    def test_LibraryImports(self):
-        """The package installed with the module imports, and exposes the project's error family."""
-        self.delayDisplay("Importing SegHiResCAMLib")
-        import SegHiResCAMLib
-        from SegHiResCAMLib.errors import SegHiResCAMError
-
-        self.assertEqual(SegHiResCAMLib.__name__, "SegHiResCAMLib")
-        self.assertTrue(issubclass(SegHiResCAMError, Exception))
-        self.delayDisplay("SegHiResCAMLib imported")
-
-    def test_LogicConstructs(self):
-        """The logic can be built without the widget (as scripts and the command line do)."""
-        self.delayDisplay("Constructing SegHiResCAMLogic")
+    def test_PredictionTarget(self):
+        """Explain HD-BET's own brain prediction: heat on the scan's grid, hotter inside the brain than outside."""
+        self.delayDisplay("Loading the sample brain MRI")
+        volume = selftest.loadSampleVolume()
+        views = selftest.ensureSliceViews()
+        volumeHash = selftest.hashVolume(volume)
+        self.delayDisplay("Computing the heatmap of HD-BET's brain prediction (a minute on a CPU)")
         logic = SegHiResCAMLogic()
-        self.assertIsInstance(logic, ScriptedLoadableModuleLogic)
-        self.delayDisplay("SegHiResCAMLogic constructed")
+        heatmap = logic.process(volume, model=BUNDLED_MODEL, classIndex=1, addPrediction=True)
+        selftest.checkHeatmap(self, heatmap, volume, views)
+        self.assertEqual(selftest.hashVolume(volume), volumeHash, "the input volume was modified")
+        prediction = heatmap.GetNodeReference("SegHiResCAMPrediction")
+        segmentId = prediction.GetSegmentation().GetSegmentIdBySegmentName("brain")
+        self.assertTrue(segmentId, "HD-BET predicted no brain")
+        inside, outside = selftest.meanInsideOutside(heatmap, prediction, segmentId, volume)
+        self.delayDisplay("Mean heat inside the brain %.3f, outside %.3f" % (inside, outside))
+        self.assertGreater(inside, outside)
+        self.delayDisplay("Prediction target passed")
+
+    def test_SegmentOnOtherGridAndClickedPoint(self):
+        """A user segment drawn on another (coarser, rotated) grid, then a clicked point; a rerun reuses the node."""
+        self.delayDisplay("Cropping the sample brain MRI (less work for HD-BET)")
+        volume = selftest.cropVolume(selftest.loadSampleVolume(), sizeMm=150.0)
+        views = selftest.ensureSliceViews()
+        segmentation, segmentId = selftest.sphereSegmentOnOtherGrid(volume, radiusMm=20.0)
+        hashes = selftest.hashVolume(volume), selftest.hashSegmentation(segmentation)
+        logic = SegHiResCAMLogic()
+        self.delayDisplay("Explaining a segment made on another grid")
+        heatmap = logic.process(volume, model=BUNDLED_MODEL, segmentationNode=segmentation, segmentId=segmentId)
+        selftest.checkHeatmap(self, heatmap, volume, views, targetKind="segment")
+        self.assertEqual((selftest.hashVolume(volume), selftest.hashSegmentation(segmentation)), hashes,
+                         "an input was modified")
+        self.delayDisplay("Explaining a clicked point")
+        point = selftest.addPointAtCenter(volume)
+        volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        again = logic.process(volume, model=BUNDLED_MODEL, pointNode=point, radiusMm=10.0)
+        self.assertEqual(again.GetID(), heatmap.GetID(), "a rerun must update its own output node")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), volumes)
+        selftest.checkHeatmap(self, again, volume, views, targetKind="point")
+        self.delayDisplay("Segment and point targets passed")
