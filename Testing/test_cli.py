@@ -200,3 +200,28 @@ def test_windowed_explain_with_one_window_equals_whole_volume(case, capsys):
     np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)  # one window = the whole volume
     assert outs[2].shape == outs[0].shape and np.isfinite(outs[2]).all() and outs[2].max() == pytest.approx(1.0)
     assert np.corrcoef(outs[2].ravel(), outs[0].ravel())[0, 1] > 0.5  # many windows: close, not identical
+
+
+@pytest.mark.parametrize("roi", [None, (8, 8, 8)])
+def test_session_cache_reuses_the_forward_pass(case, roi):
+    from SegHiResCAMLib.models import load_model
+    from SegHiResCAMLib.runner import TargetSpec, explain_image
+    model = load_model("toy_models:unet3d", weights=case["weights"])
+    calls = {"n": 0}
+    handle = model.network.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
+    cache = {}
+    image, geometry = case["image"], case["geometry"]
+    kw = dict(layers="dec", device="cpu", roi_size=roi)
+    first = explain_image(model, image, geometry, [TargetSpec(1, whole=True)], session_cache=cache, **kw)
+    n_first = calls["n"]
+    second = explain_image(model, image, geometry, [TargetSpec(0, whole=True)], session_cache=cache, **kw)
+    n_second = calls["n"] - n_first
+    third = explain_image(model, image + 1.0, geometry, [TargetSpec(0, whole=True)], session_cache=cache, **kw)
+    handle.remove()
+    assert second.metadata["timings"]["reused_forward"] and not third.metadata["timings"]["reused_forward"]
+    # whole volume: no forward at all; windows: the first call ran 1 probe + W windows (pass 1) + W (pass 2),
+    # the second only pass 2
+    assert n_second == (0 if roi is None else (n_first - 1) // 2) and (roi is None or n_second > 0)
+    fresh = explain_image(model, image, geometry, [TargetSpec(0, whole=True)], **kw)
+    np.testing.assert_allclose(second.heatmaps[0].array, fresh.heatmaps[0].array, rtol=0, atol=1e-6)
+    assert not np.allclose(first.heatmaps[0].array, second.heatmaps[0].array)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, SegmentTarget, VoxelRegion,
-                     WholeRegion, compute_cams, main_output)
+from .engine import (CAMSession, ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, SegmentTarget,
+                     VoxelRegion, WholeRegion, main_output)
 from .engine.cam import _run_model, check_input
 from .engine.hooks import model_guard
 from .engine.layers import auto_layer
@@ -142,6 +142,13 @@ def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> Segmen
                          activation=model.activation, name=name)
 
 
+def _fingerprint(array: np.ndarray) -> str:
+    """A content hash of the model input (cheap next to a forward pass) for the session cache."""
+    import hashlib
+    digest = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=16)
+    return "%s:%s:%s" % (array.shape, array.dtype, digest.hexdigest())
+
+
 def _labels(output: torch.Tensor, model: SegModel) -> np.ndarray:
     out = output[0]
     if model.activation == "sigmoid" and out.shape[0] == 1:
@@ -165,12 +172,17 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   device: str = "auto", relu: bool = True, normalization: str = "max",
                   progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
                   overlap: float = 0.25, blend: str = "constant", amp: bool = False,
-                  **method_options) -> ImageExplanation:
+                  session_cache: Optional[dict] = None, **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
     ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
     model runs in overlapping windows (exact sliding-window CAM, :mod:`.engine.windows`): memory is bounded
     by the window instead of the volume.
+
+    ``session_cache``: a dict owned by the caller (e.g. the Slicer logic). When given, the forward pass (or,
+    with windows, the blended prediction) is kept there and reused by the next call on the same image, model,
+    layers and device, so a new target costs only the target-dependent work. The cache holds one entry, and
+    its memory, until the next call with other inputs or until the caller clears it.
     """
     report = progress or (lambda f, m: None)
     timings = {}
@@ -186,19 +198,32 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     cam_targets = [build_target(t, space, model) for t in targets]
     t0 = time.perf_counter()
     engine_progress = lambda f, m: report(0.05 + 0.85 * f, m)  # noqa: E731
+    key = None
+    if session_cache is not None:
+        key = (id(model.network), _fingerprint(x_np), geometry, tuple(names), str(dev), amp,
+               None if roi_size is None else (tuple(roi_size), overlap, blend))
+        if session_cache.get("key") != key:
+            session_cache.clear()  # one entry: drop the previous graph before building the next one
+    cached = session_cache.get("session") if session_cache is not None else None
+    timings["reused_forward"] = cached is not None
     if roi_size is None:
-        results = compute_cams(model.network, x, cam_targets, names, method, relu=relu,
-                               normalization=normalization, output_key=model.output_key,
-                               progress=engine_progress, autocast=amp, **method_options)
+        session = cached or CAMSession(model.network, x, names, output_key=model.output_key,
+                                       progress=engine_progress, autocast=amp)
+        session.report = engine_progress
+        results = session.explain(cam_targets, method, relu=relu, normalization=normalization,
+                                  keep_graph=session_cache is not None, **method_options)
     else:
         roi = tuple(int(r) for r in roi_size)
         if "auto" in names:
             first = x[(slice(None), slice(None)) + tuple(slice(0, r) for r in roi)]
             chosen = auto_layer(model.network, first, model.output_key)
             names = [chosen if n == "auto" else n for n in names]
-        cam = WindowedCAM(model.network, x, roi, names, overlap=overlap, blend=blend,
-                          output_key=model.output_key, progress=engine_progress, autocast=amp)
-        results = cam.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
+        session = cached or WindowedCAM(model.network, x, roi, names, overlap=overlap, blend=blend,
+                                        output_key=model.output_key, progress=engine_progress, autocast=amp)
+        session.report = engine_progress
+        results = session.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
+    if session_cache is not None:
+        session_cache.update(key=key, session=session)
     timings["cam_s"] = time.perf_counter() - t0
     report(0.92, "mapping back to the image grid")
     t0 = time.perf_counter()

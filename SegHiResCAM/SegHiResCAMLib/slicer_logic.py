@@ -248,9 +248,12 @@ class ExplainLogic:
                 request.target["class_index"], model.name,
                 ", ".join("%d=%s" % item for item in enumerate(model.class_names))))
         spec = TargetSpec(**request.target)
+        if not hasattr(self, "_sessionCache"):
+            self._sessionCache = {}  # the last forward pass: a new target on the same scan costs a backward pass
         explanation = explain_image(model, request.image, request.geometry, [spec], layers=request.layer,
                                     method=request.method, device=request.device,
-                                    progress=lambda f, m: report(0.02 + 0.98 * f, m))
+                                    progress=lambda f, m: report(0.02 + 0.98 * f, m),
+                                    session_cache=self._sessionCache)
         heat = explanation.heatmaps[0]
         array = np.nan_to_num(heat.array.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
         return ExplainResult(heatmap=np.clip(array, 0.0, 1.0), prediction=explanation.prediction, layer=heat.layer,
