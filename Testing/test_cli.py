@@ -225,3 +225,26 @@ def test_session_cache_reuses_the_forward_pass(case, roi):
     fresh = explain_image(model, image, geometry, [TargetSpec(0, whole=True)], **kw)
     np.testing.assert_allclose(second.heatmaps[0].array, fresh.heatmaps[0].array, rtol=0, atol=1e-6)
     assert not np.allclose(first.heatmaps[0].array, second.heatmaps[0].array)
+
+
+def test_evaluate_command_writes_table_json_markdown_and_plot(case, capsys):
+    out_json = str(case["folder"] / "eval.json")
+    out_md = str(case["folder"] / "eval.md")
+    plot = str(case["folder"] / "eval.png")
+    code, out, err = run(["evaluate", "--model", "toy_models:unet3d", "--weights", case["weights"], "--image",
+                          case["paths"][".nrrd"], "--methods", "seg-hires-grad-cam", "seg-grad-cam", "--layers",
+                          "dec", "down", "--steps", "4", "--out-json", out_json, "--out-md", out_md, "--plot", plot,
+                          "--quiet"], capsys)
+    assert code == 0, err
+    data = json.load(open(out_json))
+    rows = data["rows"]
+    assert {(r["method"], r["layer"]) for r in rows if r["method"] != "random-order"} == {
+        (m, l) for m in ("seg-hires-grad-cam", "seg-grad-cam") for l in ("dec", "down")}
+    for row in rows:
+        assert np.isfinite(row["deletion_auc_raw"]) and np.isfinite(row["insertion_auc_raw"])
+        if row["method"] != "random-order":
+            assert 0.0 <= row["energy_in_segment"] <= row["energy_in_dilated_segment"] <= 1.0
+            rhos = [v for k, v in row.items() if k.startswith("spearman") and v is not None]
+            assert rhos and all(-1.0 <= v <= 1.0 for v in rhos)
+    assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| method | layer |" in open(out_md).read()

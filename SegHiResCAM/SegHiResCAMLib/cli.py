@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list the layers that can be explained")
     _add_model_args(p)
     p.add_argument("--image", help="an image, to show each layer's output shape and the auto layer")
+
+    from . import evaluate
+    evaluate.add_parser(sub)
     return parser
 
 
@@ -324,7 +327,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise InputError("--threads must be >= 1, got %d" % args.threads)
             import torch
             torch.set_num_threads(args.threads)
-        commands = {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers, "demo": _cmd_demo}
+        from . import evaluate
+        commands = {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers, "demo": _cmd_demo,
+                    "evaluate": evaluate.run}
         return commands[args.command](args)
     except CancelledError:
         print("seghirescam: cancelled; nothing was written", file=sys.stderr)

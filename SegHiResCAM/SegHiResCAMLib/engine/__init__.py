@@ -14,11 +14,15 @@ from .regions import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion,
                       connected_components)
 from .targets import (SegmentTarget, class_maps, empty_target, predicted_mask, threshold_target,
                       whole_image_target)
+from .metrics import (Curve, SanityStage, energy_in_region, model_randomization, perturbation_curves,
+                      random_target, spearman, target_randomization)
 
 __all__ = [
     "CAMResult", "CAMSession", "compute_cams", "explain", "LayerCapture", "count_hooks", "model_guard", "named_layers",
     "resolve_layer", "LayerInfo", "auto_layer", "trace_layers", "DEFAULT_METHOD", "METHODS", "get_method",
     "main_output", "normalize", "postprocess", "upsample", "ComponentRegion", "EmptyRegion", "MaskRegion",
     "PredictedRegion", "VoxelRegion", "WholeRegion", "connected_components", "SegmentTarget", "class_maps",
-    "empty_target", "predicted_mask", "threshold_target", "whole_image_target",
+    "empty_target", "predicted_mask", "threshold_target", "whole_image_target", "Curve", "SanityStage",
+    "energy_in_region", "model_randomization", "perturbation_curves", "random_target", "spearman",
+    "target_randomization",
 ]

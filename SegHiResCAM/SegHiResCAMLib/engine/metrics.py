@@ -183,8 +183,22 @@ def auto_batch_size(x: torch.Tensor, bytes_per_voxel: int = AUTO_BYTES_PER_VOXEL
     return max(1, min(cap, int(0.5 * _available_bytes(x.device) // need)))
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(exc).lower()
+class _OutOfMemory(InternalError):
+    """A forward pass ran out of memory (the scorer then halves its batch)."""
+
+
+def _forward(model: nn.Module, batch: torch.Tensor, output_key: Optional[str]) -> torch.Tensor:
+    """The main output of ``model`` on ``batch``; failures become one clear project error."""
+    try:
+        return main_output(model(batch), output_key)
+    except SegHiResCAMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into one clear error below
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in text.lower():
+            raise _OutOfMemory("out of memory for an input of shape %s; use a smaller image or crop, a smaller "
+                               "--batch-size, or another device" % (tuple(batch.shape),)) from exc
+        raise ModelError("the model failed on an input of shape %s: %s" % (tuple(batch.shape), text)) from exc
 
 
 class _Scorer:
@@ -196,16 +210,8 @@ class _Scorer:
         self.batch_size = batch_size
         self.forwards = 0
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        try:
-            out = main_output(self.model(batch), self.output_key)
-        except SegHiResCAMError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - turned into one clear error below
-            if _is_oom(exc):
-                raise MemoryError(str(exc)) from exc
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError("the model failed on a perturbed input of shape %s: %s" % (tuple(batch.shape), text)) from exc
+    def _scores(self, batch: torch.Tensor) -> torch.Tensor:
+        out = _forward(self.model, batch, self.output_key)
         self.forwards += batch.shape[0]
         region = self.region.expand((batch.shape[0],) + tuple(self.region.shape[1:]))
         return self.target(out, region).detach().double().cpu()
@@ -218,11 +224,10 @@ class _Scorer:
                 size = min(self.batch_size, count - len(scores))
                 batch = torch.cat([inputs(len(scores) + i) for i in range(size)])
                 try:
-                    values = self._forward(batch)
-                except MemoryError as exc:
+                    values = self._scores(batch)
+                except _OutOfMemory:
                     if size == 1:
-                        raise InternalError("out of memory for one perturbed input of shape %s; use a smaller "
-                                            "image or crop, or another device" % (tuple(batch.shape),)) from exc
+                        raise
                     self.batch_size = max(1, size // 2)
                     continue
                 finally:
@@ -288,7 +293,7 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     x = x.detach()
     if region is None or reference_score is None:
         with model_guard(model, eval_mode=eval_mode), torch.no_grad():
-            out = main_output(model(x), output_key)
+            out = _forward(model, x, output_key)
         region = target.region(out) if region is None else region
         reference_score = float(target(out, region.to(out.device))[0]) if reference_score is None else reference_score
     region = region.to(x.device).bool()
@@ -356,8 +361,9 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return grown[:, 0] > 0
 
 
-def _on_grid(region: torch.Tensor, spatial: Tuple[int, ...]) -> torch.Tensor:
-    """The region on the heatmap grid (nearest neighbour when the output grid differs from the input's)."""
+def region_on_grid(region: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """The region ``[B, *S']`` on the heatmap grid (nearest neighbour when the output grid differs from the input's)."""
+    spatial = tuple(int(s) for s in spatial)
     if tuple(region.shape[1:]) == spatial:
         return region.bool()
     return F.interpolate(region[:, None].float(), size=spatial, mode="nearest-exact")[:, 0] > 0.5
@@ -376,7 +382,7 @@ def energy_in_region(heat: torch.Tensor, region: torch.Tensor, dilation: int = 0
     Returns:
         ``[B]`` float64 in [0, 1]; NaN where the map has no positive heat.
     """
-    region = dilate(_on_grid(region.to(heat.device), tuple(heat.shape[1:])), dilation)
+    region = dilate(region_on_grid(region.to(heat.device), tuple(heat.shape[1:])), dilation)
     positive = torch.relu(heat.detach()).double()
     if domain is not None:
         positive = positive * domain.to(device=heat.device, dtype=positive.dtype)
@@ -389,7 +395,7 @@ def energy_in_region(heat: torch.Tensor, region: torch.Tensor, dilation: int = 0
 def region_fraction(region: torch.Tensor, spatial: Sequence[int], dilation: int = 0,
                     domain: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fraction of the (domain's) voxels inside the (dilated) region: the energy of a uniform map, ``[B]``."""
-    grid = dilate(_on_grid(region, tuple(spatial)), dilation).double()
+    grid = dilate(region_on_grid(region, tuple(spatial)), dilation).double()
     weights = torch.ones(tuple(spatial), dtype=torch.float64, device=grid.device) if domain is None else \
         domain.to(device=grid.device, dtype=torch.float64)
     return (grid * weights).sum(dim=_spatial(grid)) / weights.sum().clamp_min(1.0)
@@ -575,11 +581,15 @@ class SanityStage:
     label: str
     randomized: List[str]
     correlations: Dict[Tuple[str, str], float] = field(default_factory=dict)
+    correlations_in_segment: Dict[Tuple[str, str], float] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        inside = self.correlations_in_segment
         return {"label": self.label, "randomized": list(self.randomized),
-                "correlations": [{"layer": l, "method": m, "spearman": c} for (l, m), c in self.correlations.items()],
+                "correlations": [{"layer": l, "method": m, "spearman": c,
+                                  "spearman_in_segment": inside.get((l, m), float("nan"))}
+                                 for (l, m), c in self.correlations.items()],
                 "warnings": list(self.warnings)}
 
 
@@ -587,7 +597,8 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
                         methods: Sequence[str], stages: Union[int, Sequence[str]] = 3,
                         reference: Optional[Sequence[CAMResult]] = None, seed: int = 0,
                         order: Optional[Sequence[str]] = None, domain: Optional[torch.Tensor] = None,
-                        progress: Optional[ProgressCallback] = None, **cam_options) -> List[SanityStage]:
+                        segment: Optional[torch.Tensor] = None, progress: Optional[ProgressCallback] = None,
+                        **cam_options) -> List[SanityStage]:
     """Cascading model-parameter randomisation (Adebayo et al. 2018) on a deep copy of ``model``.
 
     ``model`` itself is never modified. The target keeps the original region M (:func:`fixed_target`), so only
@@ -598,6 +609,11 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         stages: see :func:`cascade_stages`.
         reference: the original model's results for ``target`` (from :func:`compute_cams`); computed if absent.
         order: :func:`parameter_layers` if already known (saves a forward pass).
+        domain: boolean ``[*S]`` on the input grid: the voxels the correlation is taken over (default: all).
+        segment: boolean ``[*S]``: also correlate inside these voxels only (e.g. the dilated target region).
+            Why: methods whose maps are confined to M by construction (Seg-HiRes-Grad CAM before a 1x1 head)
+            keep the shape of M under any weights, so the whole-image correlation stays high even when the
+            content inside M is entirely new; the in-segment value separates the two.
         **cam_options: passed to :func:`compute_cams` (e.g. ``output_key``, ``relu``).
 
     Returns:
@@ -619,6 +635,9 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
             done.update(names)
             maps = compute_cams(clone, x, [frozen], list(layers), list(methods), **cam_options)
             stage = SanityStage(label, list(names), map_correlations(reference, maps, domain))
+            if segment is not None:
+                inside = segment.bool() if domain is None else segment.bool() & domain.bool()
+                stage.correlations_in_segment = map_correlations(reference, maps, inside)
             stage.warnings = sorted({w for r in maps for w in r.warnings})
             results.append(stage)
             del maps
@@ -646,5 +665,5 @@ __all__ = [
     "BASELINES", "MODES", "RANDOM_TARGETS", "Curve", "SanityStage", "auto_batch_size", "baseline_input",
     "cascade_stages", "dilate", "energy_in_region", "fixed_target", "gaussian_blur", "map_correlations",
     "model_randomization", "parameter_layers", "perturbation_curves", "random_target", "randomize_modules",
-    "rankdata", "region_fraction", "saliency_order", "spearman", "target_randomization",
+    "rankdata", "region_fraction", "region_on_grid", "saliency_order", "spearman", "target_randomization",
 ]
