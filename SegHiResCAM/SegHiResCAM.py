@@ -23,8 +23,9 @@ from slicer.util import VTKObservationMixin
 
 from SegHiResCAMLib import slicer_logic_selftest as selftest
 from SegHiResCAMLib.errors import SegHiResCAMError
+from SegHiResCAMLib.slicer_analysis import EVALUATION, SEGMENTATION_ABILITY, AnalysisLogic
 from SegHiResCAMLib.slicer_logic import (BUNDLED_MODEL, DEFAULT_METHOD, DEVICES, METHOD_NAMES, MODEL_SOURCES, SCORES,
-                                         TARGET_KINDS, ExplainLogic, missingPackages)
+                                         TARGET_KINDS, missingPackages)
 from SegHiResCAMLib.slicer_logic_job import BackgroundJob
 
 #
@@ -85,6 +86,9 @@ class SegHiResCAMParameterNode:
     addPrediction: bool = True
     outputVolume: vtkMRMLScalarVolumeNode
     predictionSegmentation: vtkMRMLSegmentationNode
+    evaluateSteps: Annotated[int, WithinRange(2, 50)] = 5
+    evaluateAllMethods: bool = False
+    evaluateCropVoxels: Annotated[int, WithinRange(0, 512)] = 0
 
 
 #
@@ -93,7 +97,7 @@ class SegHiResCAMParameterNode:
 
 
 class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Module panel: binds the .ui to the parameter node and runs the engine step on a worker thread."""
+    """Module panel: binds the .ui to the parameter node; runs heatmaps and analyses on a worker thread."""
 
     POLL_MS = 200  # progress refresh interval of the main thread
 
@@ -127,6 +131,8 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pointNodeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.pointPlaceWidget.setCurrentNode)
         self.ui.loadLayersButton.connect("clicked(bool)", self.onLoadLayers)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.evaluateButton.connect("clicked(bool)", lambda: self.onAnalysis(EVALUATION))
+        self.ui.segmentationAbilityButton.connect("clicked(bool)", lambda: self.onAnalysis(SEGMENTATION_ABILITY))
         self.ui.progressBar.hide()
         self.initializeParameterNode()
 
@@ -203,6 +209,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._job is not None
         self.ui.applyButton.enabled = running or reason is None
         self.ui.loadLayersButton.enabled = not running
+        self.ui.evaluateButton.enabled = self.ui.segmentationAbilityButton.enabled = not running and reason is None
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.toolTip = (_("Stop the computation; nothing is added to the scene") if running
                                        else reason or _("Compute the heatmap and show it over the scan"))
@@ -241,6 +248,18 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.predictionSegmentation = prediction
         self.ui.statusLabel.text = _("Done: {method} at layer {layer}.").format(method=result.method,
                                                                                layer=result.layer)
+
+    def onAnalysis(self, kind) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot start the analysis.")):
+            if self._job is None and self._installMissingPackages(self.logic.modelSpec(self._parameterNode)):
+                request = self.logic.prepareAnalysisFromParameters(self._parameterNode, kind)  # main thread
+                self._startJob(lambda progress: self.logic.computeAnalysis(request, progress),
+                               lambda result: self._applyAnalysis(request, result), _("Analysing the model"))
+
+    def _applyAnalysis(self, request, result) -> None:
+        text = self.ui.statusLabel.text = self.logic.summary(self.logic.applyAnalysis(request, result))  # main thread
+        if request.kind == SEGMENTATION_ABILITY:
+            self.ui.meanSALabel.text = text
 
     def _startJob(self, function, onSuccess, message) -> None:
         self._job = BackgroundJob(function).start()
@@ -303,19 +322,19 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class SegHiResCAMLogic(ScriptedLoadableModuleLogic, ExplainLogic):
+class SegHiResCAMLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
     """Headless logic (no Qt, no dialogs), usable from Slicer's Python console::
 
         logic = slicer.util.getModuleLogic("SegHiResCAM")
         heatmap = logic.process(volume, model="hd-bet", classIndex=1)
 
     ``process`` and its three steps (``prepare`` / ``compute`` / ``apply``) are documented in
-    ``SegHiResCAMLib.slicer_logic.ExplainLogic``.
+    ``SegHiResCAMLib.slicer_logic.ExplainLogic``; ``evaluate`` and ``segmentationAbility`` in ``slicer_analysis``.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        ExplainLogic.__init__(self)
+        AnalysisLogic.__init__(self)
 
     def getParameterNode(self):
         return SegHiResCAMParameterNode(super().getParameterNode())

@@ -248,3 +248,26 @@ def test_evaluate_command_writes_table_json_markdown_and_plot(case, capsys):
             assert rhos and all(-1.0 <= v <= 1.0 for v in rhos)
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| method | layer |" in open(out_md).read()
+
+
+def test_sa_score_command_writes_tables_plot_and_map(case, capsys):
+    import csv
+    out_csv = str(case["folder"] / "sa.csv")
+    out_map = str(case["folder"] / "sa-map.nrrd")
+    plot = str(case["folder"] / "sa.png")
+    meta = str(case["folder"] / "sa.json")
+    code, out, err = run(["sa-score", "--model", "toy_models:unet3d", "--weights", case["weights"], "--image",
+                          case["paths"][".nrrd"], "--out-csv", out_csv, "--plot", plot, "--map-layer", "dec",
+                          "--out-map", out_map, "--json", meta, "--quiet"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out_csv)))
+    assert {"enc", "down", "dec"} <= {r["layer"] for r in rows}
+    scores = [float(r["sa_score"]) for r in rows if r["sa_score"] not in ("", "nan")]
+    assert scores and all(0.0 <= v <= 1.0 for v in scores)
+    units = list(csv.DictReader(open(out_csv.replace(".csv", "-units.csv"))))
+    assert len(units) >= sum(int(r["channels"]) for r in rows if r["layer"] in ("dec", "down"))
+    labels, geometry = io.read_image(out_map)
+    assert geometry.same_grid(case["geometry"]) and set(np.unique(labels)) <= {0, 1}
+    assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    info = json.load(open(meta))
+    assert 0.0 <= info["mean_sa"] <= 1.0 and info["map_layer"] == "dec" and info["class"] == 1

@@ -19,7 +19,7 @@ MODULE = os.path.join(ROOT, "SegHiResCAM")
 LIB = os.path.join(MODULE, "SegHiResCAMLib")
 UI = os.path.join(MODULE, "Resources", "UI", "SegHiResCAM.ui")
 #: the only files of the package that may import Slicer, VTK or Qt (DESIGN.md: engine <- models <- io/mrml)
-SLICER_SIDE = {"mrml.py", "slicer_logic.py", "slicer_logic_job.py", "slicer_logic_selftest.py"}
+SLICER_SIDE = {"mrml.py", "slicer_analysis.py", "slicer_logic.py", "slicer_logic_job.py", "slicer_logic_selftest.py"}
 #: widget class -> the parameter types its parameterNodeWrapper connector accepts
 CONNECTORS = {"QCheckBox": {"bool"}, "QSpinBox": {"int"}, "QDoubleSpinBox": {"float"}, "QComboBox": {"str"},
               "ctkPathLineEdit": {"Path"}, "qMRMLNodeComboBox": {"node"}}

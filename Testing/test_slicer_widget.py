@@ -168,3 +168,28 @@ def test_load_layers_fills_the_layer_list(panel):
     items = panel.ui.layerComboBox.items
     assert items[0] == "auto" and "dec" in items and panel.ui.layerComboBox.currentText == "dec"
     assert slicer_logic.missingPackages(SPEC) == []
+
+
+@pytest.mark.parametrize("button, kind", [("evaluateButton", "evaluation"),
+                                          ("segmentationAbilityButton", "segmentation-ability")])
+def test_analysis_buttons_run_on_the_worker_thread(panel, button, kind):
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    p.evaluateSteps = 2
+    assert getattr(ui, button).enabled
+    tables = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTableNode")
+    widget.onAnalysis(kind)
+    assert ui.applyButton.text == "Cancel" and not getattr(ui, button).enabled and widget._timer.active
+    run_until_done(widget)
+    assert not panel.errors and getattr(ui, button).enabled
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTableNode") == tables + 1
+    if kind == "segmentation-ability":
+        assert "Mean SA score" in ui.meanSALabel.text == ui.statusLabel.text
+
+
+def test_analysis_cancel_adds_nothing(panel):
+    widget, ui = panel.widget, panel.ui
+    before = node_ids()
+    widget.onAnalysis("segmentation-ability")
+    widget.onApplyButton()  # Apply is the Cancel button while a job runs
+    run_until_done(widget)
+    assert node_ids() == before and "Cancelled" in ui.statusLabel.text and not panel.errors

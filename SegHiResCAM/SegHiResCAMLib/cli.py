@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--image", help="an image, to show each layer's output shape and the auto layer")
 
-    from . import evaluate
+    from . import evaluate, sa_score
     evaluate.add_parser(sub)
+    sa_score.add_parser(sub)
     return parser
 
 
@@ -327,9 +328,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise InputError("--threads must be >= 1, got %d" % args.threads)
             import torch
             torch.set_num_threads(args.threads)
-        from . import evaluate
+        from . import evaluate, sa_score
         commands = {"explain": _cmd_explain, "predict": _cmd_predict, "layers": _cmd_layers, "demo": _cmd_demo,
-                    "evaluate": evaluate.run}
+                    "evaluate": evaluate.run, "sa-score": sa_score.run}
         return commands[args.command](args)
     except CancelledError:
         print("seghirescam: cancelled; nothing was written", file=sys.stderr)
