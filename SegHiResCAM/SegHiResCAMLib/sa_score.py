@@ -1,7 +1,9 @@
 """Segmentation ability (ProtoSeg, He et al. 2023) of a model on an image: the runner and ``seghirescam sa-score``.
 
 :func:`sa_score_image` takes an image on its grid (and optionally a reference mask and a tissue mask on the same
-grid), moves them into model space, runs :func:`~SegHiResCAMLib.engine.protoseg.segmentation_ability` and maps
+grid), moves them into model space, runs :func:`~SegHiResCAMLib.engine.protoseg.segmentation_ability` (with the
+padding the network needs left out of the prototypes and of every Dice: HD-BET does "see" brain there when the
+field of view cuts through the head) and maps
 the prediction and the SA map of one layer back onto the image grid (nearest neighbour: they are label maps).
 The command line writes a per-layer table, a per-unit table, a plot of SA score against depth, the SA map and a
 JSON file, each atomically (a temporary file beside the target, then a rename).

@@ -527,6 +527,19 @@ class _Hooks:
             self.handles.pop().remove()
 
 
+class _OneThread:
+    """Score on one thread, then restore torch's setting. Scoring is many small memory-bound operations: a second
+    thread gains little on an idle machine, and on a busy one each parallel operation waits for both threads
+    (measured on 2 shared cores: 7-18x slower with 2 threads than with 1)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
 def _version(t: torch.Tensor) -> Optional[int]:
     try:
         return t._version  # bumped by in-place ops: a container may return a child's output modified in place
@@ -670,7 +683,8 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
 
     def add(name, act, kind, order):
         unit = per_unit or name in features or name == "input"
-        result = scorer.score(act, unit)
+        with _OneThread():
+            result = scorer.score(act, unit)
         rows[name] = LayerSA(name, kind, 0, order, tuple(act.shape[2:]), act.shape[1], result["layer"][:, 0],
                              result["units"][..., 0] if unit else None, result["layer"][:, pred_col],
                              result["units"][..., pred_col] if unit else None, name in features)
@@ -708,7 +722,8 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
                 if source is not None and ref() is source and version == _version(source) and _affine(module):
                     # per-unit maps are invariant to a per-channel affine map: only the layer score is new
                     row = rows[other]
-                    result = scorer.score(output.detach(), False)
+                    with _OneThread():
+                        result = scorer.score(output.detach(), False)
                     rows[name] = LayerSA(name, info.kind, 0, info.order, tuple(output.shape[2:]), output.shape[1],
                                          result["layer"][:, 0], row.units, result["layer"][:, pred_col],
                                          row.units_pred, name in features)
@@ -732,6 +747,8 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
     info = {"resize": RESIZE % MODES[output.ndim - 2], "guide_grid": list(output.shape[2:]), "eps": eps,
             "class": class_index, "reference": "ground truth" if reference is not None else "prediction",
             "passes": 2 if pending else 1, "head": head, "feature_layers": features, "timings": timings,
+            "region": None if region is None else "%d of %d voxels (the rest, e.g. padding, left out)"
+            % (int(region[0].sum()), region[0].numel()),
             "mean_sa": "mean per-unit SA score (vs the prediction) over the units of %s" % ", ".join(features)}
     return SAReport(ordered, features, mean_sa, output, prob, refs[:, 0], prediction, maps, info)
 
