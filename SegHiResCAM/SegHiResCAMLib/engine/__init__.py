@@ -14,6 +14,8 @@ from .regions import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion,
                       connected_components)
 from .targets import (SegmentTarget, class_maps, empty_target, predicted_mask, threshold_target,
                       whole_image_target)
+from .protoseg import (LayerSA, SAReport, Scorer, protoseg, prototypes, sa_scores, segmentation_ability,
+                       unit_maps)
 from .metrics import (Curve, SanityStage, energy_in_region, model_randomization, perturbation_curves,
                       random_target, spearman, target_randomization)
 
@@ -24,5 +26,6 @@ __all__ = [
     "PredictedRegion", "VoxelRegion", "WholeRegion", "connected_components", "SegmentTarget", "class_maps",
     "empty_target", "predicted_mask", "threshold_target", "whole_image_target", "Curve", "SanityStage",
     "energy_in_region", "model_randomization", "perturbation_curves", "random_target", "spearman",
-    "target_randomization",
+    "target_randomization", "LayerSA", "SAReport", "Scorer", "protoseg", "prototypes", "sa_scores",
+    "segmentation_ability", "unit_maps",
 ]

@@ -31,7 +31,8 @@ Fast path (what makes every unit of every HD-BET layer affordable), exact up to 
    every layer is scored inside its forward hook and dropped (nothing is stored). A container returning a child's
    unmodified output reuses its scores; a per-channel affine normalisation (BatchNorm/InstanceNorm/GroupNorm with
    non-zero weights) of a scored layer reuses its per-unit scores, which such a map leaves unchanged. HD-BET on the
-   ROBEX atlas (73 layers, 8,364 units, 160x160x128): about 2.3 forward passes in all, 3.7 GiB.
+   ROBEX atlas (73 layers, 8,364 units, 160x160x128): 2.3-3.0 forward passes in all (measured on a shared
+   2-core machine; `docs/sa_validation.md`), 3.7 GiB.
 
 *Feature layers* (for the mean SA score): the convolution modules (``nn.Conv*d``/``nn.ConvTranspose*d``) that run
 once and finish before the head in execution order, the head (and its containers) excluded; if there are fewer
