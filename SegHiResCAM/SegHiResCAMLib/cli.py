@@ -141,18 +141,12 @@ def _parse_model_args(args) -> None:
 
 
 def _write_json(path: str, data: dict, protect: List[str]) -> None:
-    from .io import check_not_protected  # same refusal rule as images
-    check_not_protected(os.path.abspath(path), protect)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-%d-%s" % (os.getpid(), os.path.basename(path)))
-    try:
+    from .io import atomic_write  # same refusal rule as images
+
+    def write(tmp):
         with open(tmp, "w") as handle:
             json.dump(data, handle, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write, protect)
 
 
 def _json_default(value):

@@ -10,7 +10,6 @@ import os
 import time
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 
 from . import io
 from .report import dice, energy_ratio, heatmap_figure, markdown_report
@@ -76,8 +75,9 @@ def run_demo(out: str, device: str = "auto", progress: Optional[Callable[[float,
                     provenance, ratio_label="mean heat inside / outside the atlas brain mask")
     data = {"summary": summary, "dice": score, "heatmaps": rows, "metadata": result.metadata,
             "prediction": "prediction.nii.gz", "seconds": total}
-    with open(os.path.join(out, "metadata.json.tmp"), "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.replace(os.path.join(out, "metadata.json.tmp"), os.path.join(out, "metadata.json"))
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+    io.atomic_write(os.path.join(out, "metadata.json"), write, protect)
     report(1.0, "done")
     return data

@@ -46,8 +46,9 @@ from .engine.methods import METHODS
 from .errors import InputError
 from .geometry import Geometry
 from .models.base import SegModel
-from .runner import TargetSpec, _to_tensor, build_target, resolve_device
-from .space import ModelSpace, prepare
+from .io import atomic_write
+from .runner import TargetSpec, build_target, model_input
+from .space import ModelSpace
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -169,11 +170,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     report(0.0, "preparing the image")
-    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
-    dev = resolve_device(device)
+    x, space, dev = model_input(model, image, geometry, device)
     net = model.network
-    net.to(dev)
-    x = _to_tensor(x_np, dev, model)
     domain = _domain(space, dev)
     names = [layers] if isinstance(layers, str) else list(layers)
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
@@ -303,16 +301,10 @@ def markdown(evaluation: Evaluation, title: str = "Heatmap faithfulness", plot: 
 
 
 def _atomic_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-%d-%s" % (os.getpid(), os.path.basename(path)))
-    try:
+    def write(tmp):
         with open(tmp, "w") as handle:
             handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def plot_curves(evaluation: Evaluation, path: str, title: Optional[str] = None) -> str:
@@ -349,16 +341,10 @@ def plot_curves(evaluation: Evaluation, path: str, title: Optional[str] = None) 
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.78, 1))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-%d-%s" % (os.getpid(), os.path.basename(path)))
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -404,6 +404,28 @@ def _is_folder_path(path: str) -> bool:
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         return True
     return not os.path.exists(path) and os.path.splitext(os.path.basename(path))[1] == ""
+
+
+def atomic_write(path: str, write: Callable[[str], object], protect: Sequence[str] = ()) -> None:
+    """Write a non-image output atomically: ``write(tmp)`` fills a temporary file in the target folder, which is
+    then renamed onto ``path``; the temporary file never survives a failure, and ``protect`` paths are refused.
+
+    Raises:
+        InputError: ``path`` is a protected input, or the folder cannot be written.
+    """
+    target = os.path.abspath(os.fspath(path))
+    check_not_protected(target, list(protect))
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, ".tmp-%d-%s" % (os.getpid(), os.path.basename(target)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError("cannot write %r: %s" % (path, exc)) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_not_protected(target: str, protect: Sequence[str]) -> None:

@@ -2,15 +2,14 @@
 map with a colour bar and transparent low values; a Markdown report (matplotlib is needed for figures only).
 """
 
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import Geometry
-from .io import from_sitk, to_sitk
+from .io import atomic_write, from_sitk, to_sitk
 
 
 def _to_lps(array: np.ndarray, geometry: Geometry) -> Tuple[np.ndarray, Tuple[float, ...]]:
@@ -76,16 +75,10 @@ def heatmap_figure(path: str, image: np.ndarray, heat: np.ndarray, geometry: Geo
     plt.setp(cbar.ax.get_yticklabels(), color="white")
     cbar.set_label("heat (values < %.2f transparent)" % threshold, color="white")
     fig.suptitle(title, color="white", fontsize=11)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-%d-%s" % (os.getpid(), os.path.basename(path)))
     try:
-        fig.savefig(tmp, dpi=110, facecolor="black", format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, facecolor="black", format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -122,7 +115,8 @@ def markdown_report(path: str, title: str, summary: Dict[str, object], rows: Lis
     for key, value in provenance.items():
         lines.append("%s: %s" % (key, value))
     lines += ["```", ""]
-    with open(path + ".tmp", "w") as handle:
-        handle.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("\n".join(lines))
+    atomic_write(path, write)
     return path

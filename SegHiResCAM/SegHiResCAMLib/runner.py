@@ -9,7 +9,7 @@ heatmaps back onto exactly the image grid. :func:`predict_image` returns the mod
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ import torch
 from . import __version__
 from .engine import (CAMSession, ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, SegmentTarget,
                      VoxelRegion, WholeRegion, main_output)
-from .engine.cam import _run_model, check_input
+from .engine.outputs import run_model
+from .engine.cam import check_input
 from .engine.hooks import model_guard
 from .engine.layers import auto_layer
 from .engine.windows import WindowedCAM
@@ -143,7 +144,7 @@ def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> Segmen
 
 
 def _fingerprint(array: np.ndarray) -> str:
-    """A content hash of the model input (cheap next to a forward pass) for the session cache."""
+    """A content hash of the input image (cheap next to a forward pass) for the session cache."""
     import hashlib
     digest = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=16)
     return "%s:%s:%s" % (array.shape, array.dtype, digest.hexdigest())
@@ -164,6 +165,16 @@ def _labels(output: torch.Tensor, model: SegModel) -> np.ndarray:
 def _to_tensor(x: np.ndarray, device: torch.device, model: SegModel) -> torch.Tensor:
     dtype = next((p.dtype for p in model.network.parameters()), torch.float32)
     return torch.from_numpy(x)[None].to(device=device, dtype=dtype)
+
+
+def model_input(model: SegModel, image: np.ndarray, geometry: Geometry,
+                device: str = "auto") -> Tuple[torch.Tensor, ModelSpace, torch.device]:
+    """The network input ``[1, C, *S_model]`` on the chosen device (the network is moved there too), and the
+    :class:`ModelSpace` that maps results back onto the image grid."""
+    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
+    dev = resolve_device(device)
+    model.network.to(dev)
+    return _to_tensor(x_np, dev, model), space, dev
 
 
 def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, targets: Sequence[TargetSpec],
@@ -188,11 +199,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     timings = {}
     started = time.perf_counter()
     report(0.0, "preparing the image")
-    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
+    x, space, dev = model_input(model, image, geometry, device)
     timings["preprocess_s"] = time.perf_counter() - started
-    dev = resolve_device(device)
-    model.network.to(dev)
-    x = _to_tensor(x_np, dev, model)
     names = [layers] if isinstance(layers, str) else list(layers)
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
     cam_targets = [build_target(t, space, model) for t in targets]
@@ -200,7 +208,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     engine_progress = lambda f, m: report(0.05 + 0.85 * f, m)  # noqa: E731
     key = None
     if session_cache is not None:
-        key = (id(model.network), _fingerprint(x_np), geometry, tuple(names), str(dev), amp,
+        key = (id(model.network), _fingerprint(np.asarray(image)), geometry, tuple(names), str(dev), amp,
                None if roi_size is None else (tuple(roi_size), overlap, blend))
         if session_cache.get("key") != key:
             session_cache.clear()  # one entry: drop the previous graph before building the next one
@@ -253,14 +261,11 @@ def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device
     report = progress or (lambda f, m: None)
     started = time.perf_counter()
     report(0.0, "preparing the image")
-    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
-    dev = resolve_device(device)
-    model.network.to(dev)
-    x = _to_tensor(x_np, dev, model)
+    x, space, dev = model_input(model, image, geometry, device)
     check_input(model.network, x)
     report(0.1, "forward pass")
     with model_guard(model.network, freeze_parameters=False), torch.no_grad():
-        output = main_output(_run_model(model.network, x), model.output_key)
+        output = main_output(run_model(model.network, x), model.output_key)
     labels = space.to_image(_labels(output, model), "nearest")
     report(1.0, "done")
     meta = {"seghirescam_version": __version__, "device": str(dev), "model": model.describe(),

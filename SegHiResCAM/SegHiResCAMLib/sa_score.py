@@ -27,9 +27,10 @@ from . import __version__
 from .engine.protoseg import LAST_FEATURE, SAReport, segmentation_ability
 from .errors import InputError
 from .geometry import Geometry
+from .io import atomic_write
 from .models.base import SegModel
-from .runner import ProgressCallback, _labels, _to_tensor, resolve_device
-from .space import ModelSpace, prepare
+from .runner import ProgressCallback, _labels, model_input
+from .space import ModelSpace
 
 
 @dataclass
@@ -84,10 +85,7 @@ def sa_score_image(model: SegModel, image: np.ndarray, geometry: Geometry, refer
     report_progress = progress or (lambda f, m: None)
     started = time.perf_counter()
     report_progress(0.0, "preparing the image")
-    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
-    dev = resolve_device(device)
-    model.network.to(dev)
-    x = _to_tensor(x_np, dev, model)
+    x, space, dev = model_input(model, image, geometry, device)
     truth = _mask_to_model(reference, space, "reference", dev)
     tissue_t = _mask_to_model(tissue, space, "tissue mask", dev)
     wanted = [] if map_layer is None else [map_layer]
@@ -156,23 +154,6 @@ def unit_rows(result: ImageSA) -> List[Dict[str, object]]:
     return rows
 
 
-def _atomic(path: str, protect: Sequence[str], write) -> None:
-    from .io import check_not_protected
-    target = os.path.abspath(path)
-    check_not_protected(target, list(protect))
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-%d-%s" % (os.getpid(), os.path.basename(target)))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise InputError("cannot write %r: %s" % (path, exc)) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_csv(path: str, rows: List[Dict[str, object]], protect: Sequence[str] = ()) -> None:
     """Write ``rows`` (dicts with the same keys) as CSV, atomically."""
     def write(tmp):
@@ -180,7 +161,7 @@ def write_csv(path: str, rows: List[Dict[str, object]], protect: Sequence[str] =
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["layer"])
             writer.writeheader()
             writer.writerows(rows)
-    _atomic(path, protect, write)
+    atomic_write(path, protect=protect, write=write)
 
 
 def plot_sa(path: str, result: ImageSA, title: str, protect: Sequence[str] = ()) -> None:
@@ -216,7 +197,7 @@ def plot_sa(path: str, result: ImageSA, title: str, protect: Sequence[str] = ())
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     try:
-        _atomic(path, protect, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(path, protect=protect, write=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
 

@@ -17,13 +17,11 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import InputError, InternalError, LayerError, ModelError, SegHiResCAMError
+from ..errors import InputError, InternalError, LayerError, ModelError
 from .hooks import LayerCapture, model_guard
 from .layers import auto_layer
 from .methods import DEFAULT_METHOD, CAMMethod, get_method
 from .outputs import main_output, run_model
-
-_run_model = run_model  # kept for callers of the earlier private name
 from .postprocess import NORMALIZATIONS, UPSAMPLING, postprocess
 from .targets import SegmentTarget
 
@@ -169,9 +167,9 @@ class CAMSession:
                         raise InputError("mixed precision (autocast) needs a CUDA device; the input is on %s"
                                          % x.device)
                     with torch.autocast("cuda", dtype=torch.float16):
-                        raw_output = _run_model(model, x.detach())
+                        raw_output = run_model(model, x.detach())
                 else:
-                    raw_output = _run_model(model, x.detach())
+                    raw_output = run_model(model, x.detach())
         missing = capture.missing()
         if missing:
             raise LayerError("layer(s) %s did not run during the forward pass; choose layers on the path from the "

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, LayerError
-from .cam import CAMResult, _methods, _run_model, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING
+from .cam import CAMResult, _methods, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING
 from .hooks import LayerCapture, model_guard, resolve_layer
 from .methods import DEFAULT_METHOD, CAMMethod
-from .outputs import main_output
+from .outputs import main_output, run_model
 from .postprocess import postprocess
 from .targets import SegmentTarget
 
@@ -159,8 +159,8 @@ class WindowedCAM:
     def _forward(self, window: torch.Tensor):
         if self.autocast and window.is_cuda:
             with torch.autocast("cuda", dtype=torch.float16):
-                return main_output(_run_model(self.model, window), self.output_key)
-        return main_output(_run_model(self.model, window), self.output_key)
+                return main_output(run_model(self.model, window), self.output_key)
+        return main_output(run_model(self.model, window), self.output_key)
 
     def prediction(self) -> torch.Tensor:
         """Pass 1: the blended logits ``[B, C, *S_padded]`` (float32, cached)."""
