@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
+import slicer_fixtures
 import slicer_standalone
-import toy_models
+from slicer_fixtures import IJK_TO_RAS, SPEC, node_ids
 
 slicer = slicer_standalone.setup()
 
@@ -24,30 +24,17 @@ from SegHiResCAMLib.evaluate import evaluate_image  # noqa: E402
 from SegHiResCAMLib.models import load_model  # noqa: E402
 from SegHiResCAMLib.runner import TargetSpec  # noqa: E402
 
-SPEC = "toy_models:unet3d"
-IJK_TO_RAS = np.array([[0.62, -0.41, 0.95, 12.5], [0.35, 0.88, 0.41, -31.0], [-0.45, 0.05, 2.66, 7.25],
-                       [0.0, 0.0, 0.0, 1.0]])
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("slicer-analysis") / "unet3d.pt")
-    torch.save(toy_models.unet3d().state_dict(), path)
-    return path
+    return slicer_fixtures.save_toy_weights(tmp_path_factory.mktemp("slicer-analysis"))
 
 
 @pytest.fixture()
 def volume():
-    slicer.mrmlScene.Clear()
-    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    slicer_fixtures.clear_scene()
     image = np.random.RandomState(0).randn(12, 16, 14).astype(np.float32)
     return slicer.util.addVolumeFromArray(image, IJK_TO_RAS, name="oblique")
-
-
-def node_ids():
-    scene = slicer.mrmlScene
-    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 
 
 def table_contents(node):

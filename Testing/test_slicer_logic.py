@@ -14,11 +14,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import vtk
 
+import slicer_fixtures
 import slicer_standalone
-import toy_models
+from slicer_fixtures import IJK_TO_RAS, SPEC, node_ids
 
 slicer = slicer_standalone.setup()
 
@@ -32,27 +32,16 @@ from SegHiResCAMLib.models.base import Preprocessing  # noqa: E402
 from SegHiResCAMLib.runner import TargetSpec, explain_image  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPEC = "toy_models:unet3d"
-#: an oblique (rotated about all axes), anisotropic IJKToRAS with a flipped axis
-IJK_TO_RAS = np.array([[0.62, -0.41, 0.95, 12.5],
-                       [0.35, 0.88, 0.41, -31.0],
-                       [-0.45, 0.05, 2.66, 7.25],
-                       [0.0, 0.0, 0.0, 1.0]])
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("slicer-toy") / "unet3d.pt")
-    torch.save(toy_models.unet3d().state_dict(), path)
-    return path
+    return slicer_fixtures.save_toy_weights(tmp_path_factory.mktemp("slicer-toy"))
 
 
 @pytest.fixture()
 def scene():
-    slicer.mrmlScene.Clear()
-    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)  # as in the application
-    return slicer.mrmlScene
+    return slicer_fixtures.clear_scene()
 
 
 @pytest.fixture()
@@ -63,10 +52,6 @@ def case(scene):
     segmentation, segmentId = selftest.sphereSegmentOnOtherGrid(volume, radiusMm=7.0, spacingMm=1.9, angleDeg=35)
     return {"volume": volume, "image": image, "segmentation": segmentation, "segmentId": segmentId,
             "views": selftest.ensureSliceViews()}
-
-
-def node_ids(scene):
-    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 
 
 def sha256(path):
