@@ -283,3 +283,39 @@ def test_several_methods_share_one_backward_pass():
         one = explain(net, x, target, layer="features", method=res.method,
                       **({"pool_size": 2} if res.method == "seg-xres-cam" else {}))
         torch.testing.assert_close(res.map, one.map)
+
+
+def test_slab_wise_class_maps_equal_the_whole_tensor_ones(monkeypatch):
+    """class_probability / predicted_mask / the runner's label map work slab by slab (memory); same values."""
+    import numpy as np
+    from types import SimpleNamespace
+    from SegHiResCAMLib.engine import targets as targets_module
+    from SegHiResCAMLib.runner import _labels
+    torch.manual_seed(5)
+    out = torch.randn(2, 4, 7, 5, 3)
+    out[:, 2, 0, 0, 0] = out[:, 3, 0, 0, 0]  # a tie: arg-max picks the first index either way
+    monkeypatch.setattr(targets_module, "SLAB_ELEMENTS", 37)  # several slabs of uneven size
+    assert len(targets_module.output_slabs(out)) > 2
+    for c in range(4):
+        probs = targets_module.class_probability(out, c)
+        torch.testing.assert_close(probs, torch.softmax(out, 1)[:, c], rtol=0, atol=1e-7)
+        assert torch.equal(targets_module.predicted_mask(out, c), out.argmax(1) == c)
+    model = SimpleNamespace(activation="softmax", num_classes=4)
+    np.testing.assert_array_equal(_labels(out, model), out[0].argmax(0).numpy())
+    single = out[:, :1]
+    assert torch.equal(targets_module.predicted_mask(single, 1), torch.sigmoid(single[:, 0]) > 0.5)
+    assert torch.equal(targets_module.predicted_mask(single, 0), torch.sigmoid(-single[:, 0]) > 0.5)
+
+
+def test_postprocess_never_overwrites_the_raw_map():
+    from SegHiResCAMLib.engine.postprocess import postprocess
+    raw = torch.tensor([[[1.0, -2.0], [4.0, 0.5]]])
+    kept = raw.clone()
+    heat, flat = postprocess(raw, (2, 2), relu=False, normalization="max")
+    assert torch.equal(raw, kept) and not flat.any()
+    torch.testing.assert_close(heat, kept / 4.0)
+    heat, _ = postprocess(raw, (2, 2), relu=False, normalization="minmax")
+    assert torch.equal(raw, kept)
+    torch.testing.assert_close(heat, (kept + 2.0) / 6.0)
+    heat, flat = postprocess(torch.zeros(1, 2, 2), (4, 4), normalization="max")
+    assert flat.all() and not heat.any()

@@ -21,6 +21,7 @@ from .engine.outputs import run_model
 from .engine.cam import check_input
 from .engine.hooks import model_guard
 from .engine.layers import auto_layer
+from .engine.targets import output_slabs
 from .engine.windows import WindowedCAM
 from .errors import InputError, TargetError
 from .geometry import Geometry
@@ -151,15 +152,22 @@ def _fingerprint(array: np.ndarray) -> str:
 
 
 def _labels(output: torch.Tensor, model: SegModel) -> np.ndarray:
-    out = output[0]
-    if model.activation == "sigmoid" and out.shape[0] == 1:
-        labels = (out[0] > 0).to(torch.uint8)
-    elif model.activation == "sigmoid":  # multi-label: the highest-scoring class above 0.5, else background
-        best = out.argmax(0)
-        labels = torch.where(out.max(0).values > 0, best + 1, torch.zeros_like(best))
-    else:
-        labels = out.argmax(0)
-    return labels.cpu().numpy().astype(np.uint8 if model.num_classes < 256 else np.uint16)
+    """The label map of batch element 0, slab by slab (an int64 arg-max of a whole CT would cost twice its
+    float32 prediction)."""
+    out = output[0].detach()
+    dtype = np.uint8 if model.num_classes < 256 else np.uint16
+    labels = np.empty(tuple(out.shape[1:]), dtype=dtype)
+    for part in output_slabs(output):
+        block = out[:, part]
+        if model.activation == "sigmoid" and block.shape[0] == 1:
+            values = block[0] > 0
+        elif model.activation == "sigmoid":  # multi-label: the highest-scoring class above 0.5, else background
+            best = block.argmax(0)
+            values = torch.where(block.max(0).values > 0, best + 1, torch.zeros_like(best))
+        else:
+            values = block.argmax(0)
+        labels[part] = values.cpu().numpy()
+    return labels
 
 
 def _to_tensor(x: np.ndarray, device: torch.device, model: SegModel) -> torch.Tensor:

@@ -32,7 +32,7 @@ def upsample(maps: torch.Tensor, size: Sequence[int], mode: str = "linear") -> t
     return F.interpolate(maps[:, None], size=size, mode=_LINEAR_MODES[nd], align_corners=False)[:, 0]
 
 
-def normalize(maps: torch.Tensor, how: str = "max") -> Tuple[torch.Tensor, torch.Tensor]:
+def normalize(maps: torch.Tensor, how: str = "max", inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Normalise each map of ``[B, *S]`` separately.
 
     - ``max``: divide by the largest absolute value (with ReLU on: by the maximum, as in the papers);
@@ -40,6 +40,7 @@ def normalize(maps: torch.Tensor, how: str = "max") -> Tuple[torch.Tensor, torch
     - ``none``: unchanged.
 
     A map that is constant (``max == 0`` or ``max == min``) is returned as zeros instead of dividing by zero.
+    ``inplace=True`` overwrites ``maps`` (no second volume-sized tensor: on a whole CT each map is ~0.3 GB).
 
     Returns:
         ``(maps, flat)`` where ``flat`` is a boolean ``[B]`` marking the constant maps.
@@ -47,21 +48,22 @@ def normalize(maps: torch.Tensor, how: str = "max") -> Tuple[torch.Tensor, torch
     if how not in NORMALIZATIONS:
         raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), how))
     dims = tuple(range(1, maps.ndim))
+    shape = (-1,) + (1,) * (maps.ndim - 1)
     peak = maps.abs().amax(dim=dims) if maps.numel() else torch.zeros(maps.shape[0], device=maps.device)
     if how == "none":
         return maps, peak == 0
     if how == "max":
         flat = peak == 0
-        scale = torch.where(flat, torch.ones_like(peak), peak)
-        out = maps / scale.view((-1,) + (1,) * (maps.ndim - 1))
-        return torch.where(flat.view((-1,) + (1,) * (maps.ndim - 1)), torch.zeros_like(out), out), flat
+        scale = torch.where(flat, torch.ones_like(peak), peak).view(shape)
+        out = maps.div_(scale) if inplace else maps / scale
+        return out.masked_fill_(flat.view(shape), 0.0), flat
     low = maps.amin(dim=dims)
     high = maps.amax(dim=dims)
     span = high - low
     flat = span == 0
-    shape = (-1,) + (1,) * (maps.ndim - 1)
-    out = (maps - low.view(shape)) / torch.where(flat, torch.ones_like(span), span).view(shape)
-    return torch.where(flat.view(shape), torch.zeros_like(out), out), flat
+    out = maps.sub_(low.view(shape)) if inplace else maps - low.view(shape)
+    out.div_(torch.where(flat, torch.ones_like(span), span).view(shape))
+    return out.masked_fill_(flat.view(shape), 0.0), flat
 
 
 def postprocess(raw: torch.Tensor, size: Sequence[int], relu: bool = True, upsampling: str = "linear",
@@ -71,4 +73,4 @@ def postprocess(raw: torch.Tensor, size: Sequence[int], relu: bool = True, upsam
     if relu:
         maps = torch.relu(maps)
     maps = upsample(maps, size, upsampling)
-    return normalize(maps, normalization)
+    return normalize(maps, normalization, inplace=maps is not raw)  # never overwrite the caller's raw map

@@ -7,7 +7,6 @@ All of them are dimension-generic: spatial axes are ``range(2, output.ndim)`` fo
 ``range(1, mask.ndim)`` for masks.
 """
 
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,7 +19,6 @@ def _spatial(output: torch.Tensor) -> Tuple[int, ...]:
     return tuple(output.shape[2:])
 
 
-@dataclass
 class ClassView:
     """What a region may look at: detached model output and the explained class's maps.
 
@@ -29,12 +27,28 @@ class ClassView:
         probs: probability of the explained class ``[B, *S]`` (softmax or sigmoid, as the model uses).
         predicted: voxels predicted as the explained class ``[B, *S]`` (arg-max, or ``p > 0.5`` for sigmoid).
         class_index: the explained class.
+
+    ``probs`` and ``predicted`` may be given as tensors or as zero-argument callables; a callable is evaluated
+    on first use only (on a whole CT each map is hundreds of MB, and most regions need at most one of them).
     """
 
-    output: torch.Tensor
-    probs: torch.Tensor
-    predicted: torch.Tensor
-    class_index: int
+    def __init__(self, output: torch.Tensor, probs, predicted, class_index: int):
+        self.output = output
+        self.class_index = class_index
+        self._probs = probs
+        self._predicted = predicted
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if callable(self._probs):
+            self._probs = self._probs()
+        return self._probs
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        if callable(self._predicted):
+            self._predicted = self._predicted()
+        return self._predicted
 
 
 class Region:

@@ -39,8 +39,23 @@ def resolve_activation(activation: str, channels: int) -> str:
     return activation
 
 
-def class_maps(output: torch.Tensor, class_index: int, activation: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Logit and probability maps ``[B, *S]`` of one class, differentiable.
+#: elements of the output handled at once by the gradient-free class maps (slabs along the first spatial axis):
+#: a whole CT's softmax over every class, or its int64 arg-max, would each cost several times the output's memory
+SLAB_ELEMENTS = 1 << 24
+
+
+def output_slabs(output: torch.Tensor, elements: Optional[int] = None):
+    """Slices along the first spatial axis of ``output`` ``[B, C, *S]`` holding about ``elements`` each
+    (default :data:`SLAB_ELEMENTS`)."""
+    elements = SLAB_ELEMENTS if elements is None else elements
+    n = output.shape[2]
+    per_index = max(1, output.numel() // max(n, 1))
+    step = max(1, elements // per_index)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def class_logit(output: torch.Tensor, class_index: int, activation: str = "auto") -> torch.Tensor:
+    """The logit map ``[B, *S]`` of one class, differentiable (a view for softmax and multi-label models).
 
     Args:
         output: logits ``[B, C, *S]``.
@@ -55,24 +70,53 @@ def class_maps(output: torch.Tensor, class_index: int, activation: str = "auto")
         if class_index not in (0, 1):
             raise TargetError("the model has one sigmoid output channel: class must be 1 (foreground) or 0 "
                               "(background), got %r" % (class_index,))
-        logit = output[:, 0] if class_index == 1 else -output[:, 0]
-        return logit, torch.sigmoid(logit)
+        return output[:, 0] if class_index == 1 else -output[:, 0]
     if not 0 <= class_index < channels:
         raise TargetError("class %r does not exist: the model outputs %d classes (0..%d)"
                           % (class_index, channels, channels - 1))
-    logit = output[:, class_index]
-    if act == "sigmoid":
+    return output[:, class_index]
+
+
+def class_maps(output: torch.Tensor, class_index: int, activation: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logit and probability maps ``[B, *S]`` of one class, differentiable.
+
+    Args:
+        output: logits ``[B, C, *S]``.
+        class_index: the class (see the module docstring for one-channel sigmoid models).
+        activation: ``auto``, ``softmax`` or ``sigmoid``.
+    """
+    logit = class_logit(output, class_index, activation)
+    if resolve_activation(activation, output.shape[1]) == "sigmoid":
         return logit, torch.sigmoid(logit)
     return logit, torch.softmax(output, dim=1)[:, class_index]
 
 
+def class_probability(output: torch.Tensor, class_index: int, activation: str = "auto") -> torch.Tensor:
+    """The probability map ``[B, *S]`` of one class, without autograd, slab by slab: equal to
+    ``class_maps(output, ...)[1]`` voxel for voxel, without the softmax of every class in memory at once."""
+    logit = class_logit(output, class_index, activation)  # validates
+    with torch.no_grad():
+        if resolve_activation(activation, output.shape[1]) == "sigmoid":
+            return torch.sigmoid(logit.detach())
+        probs = torch.empty_like(logit, memory_format=torch.contiguous_format)
+        for part in output_slabs(output):
+            probs[:, part] = torch.softmax(output[:, :, part].detach(), dim=1)[:, class_index]
+        return probs
+
+
 def predicted_mask(output: torch.Tensor, class_index: int, activation: str = "auto") -> torch.Tensor:
-    """Voxels predicted as ``class_index`` (boolean ``[B, *S]``): arg-max for softmax, ``p > 0.5`` for sigmoid."""
+    """Voxels predicted as ``class_index`` (boolean ``[B, *S]``): arg-max for softmax, ``p > 0.5`` for sigmoid.
+
+    Computed slab by slab without autograd (an int64 arg-max of a whole CT would cost twice a float32 map)."""
     act = resolve_activation(activation, output.shape[1])
-    if act == "softmax":
-        return output.argmax(dim=1) == class_index
-    _, probs = class_maps(output, class_index, activation)
-    return probs > 0.5
+    if act != "softmax":
+        return class_probability(output, class_index, activation) > 0.5
+    class_logit(output, class_index, activation)  # validates the class
+    mask = torch.empty((output.shape[0],) + tuple(output.shape[2:]), dtype=torch.bool, device=output.device)
+    with torch.no_grad():
+        for part in output_slabs(output):
+            mask[:, part] = output[:, :, part].argmax(dim=1) == class_index
+    return mask
 
 
 class SegmentTarget:
@@ -115,8 +159,10 @@ class SegmentTarget:
         """The explained voxels M, boolean ``[B, *S]``, computed on the detached output."""
         with torch.no_grad():
             out = output.detach()
-            _, probs = class_maps(out, self.class_index, self.activation)
-            view = ClassView(out, probs, predicted_mask(out, self.class_index, self.activation), self.class_index)
+            index, activation = self.class_index, self.activation
+            class_logit(out, index, activation)  # validates the class before any region looks at it
+            view = ClassView(out, lambda: class_probability(out, index, activation),
+                             lambda: predicted_mask(out, index, activation), index)
             mask = self.region_spec(view).bool()
         if mask.shape != (out.shape[0],) + tuple(out.shape[2:]):
             raise TargetError("internal: region shape %s does not match output %s" % (tuple(mask.shape), tuple(out.shape)))
@@ -133,14 +179,27 @@ class SegmentTarget:
     def __call__(self, output: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Differentiable score ``[B]``; ``region`` may pass a precomputed :meth:`region`."""
         mask = self.region(output) if region is None else region
-        logit, probs = class_maps(output, self.class_index, self.activation)
-        values = logit if self.score == "logits" else probs
-        dims = tuple(range(1, values.ndim))
-        weights = mask.to(values.dtype)
-        total = (values * weights).sum(dim=dims)
+        total = self.region_sum(output, mask)
         if self.reduction == "mean":
-            total = total / weights.sum(dim=dims).clamp_min(1.0)
+            total = total / self.region_size(mask).to(total.dtype)
         return total
+
+    def region_sum(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``sum_{p in M} score_c(p)`` ``[B]``, differentiable: a sum of per-voxel terms, so its gradient on any
+        block of voxels is the same whether it is evaluated on the whole output or on that block alone (the
+        sliding-window CAM relies on this). The probability is only computed for ``score="probabilities"``."""
+        if self.score == "logits":
+            values = class_logit(output, self.class_index, self.activation)
+        else:
+            values = class_maps(output, self.class_index, self.activation)[1]
+        dims = tuple(range(1, values.ndim))
+        if mask.dtype != torch.bool:
+            mask = mask != 0
+        return torch.where(mask, values, values.new_zeros(())).sum(dim=dims)
+
+    def region_size(self, mask: torch.Tensor) -> torch.Tensor:
+        """The divisor of ``reduction="mean"``: the number of voxels in M (at least 1) per batch element."""
+        return mask.sum(dim=tuple(range(1, mask.ndim))).clamp_min(1)
 
     def describe_short(self) -> str:
         info = self.region_spec.describe()

@@ -34,7 +34,7 @@ from .hooks import LayerCapture, model_guard, resolve_layer
 from .methods import DEFAULT_METHOD, CAMMethod
 from .outputs import main_output, run_model
 from .postprocess import postprocess
-from .targets import SegmentTarget
+from .targets import SegmentTarget, output_slabs
 
 #: methods whose map is a sum over windows of per-window maps (no global channel statistics)
 ELEMENTWISE = ("seg-hires-grad-cam", "layer-cam")
@@ -178,7 +178,7 @@ class WindowedCAM:
                         total = torch.zeros((out.shape[0], out.shape[1]) + self.padded, device=self.x.device)
                     total[self._slices(start)] += out * self.weights
                     norm[self._slices(start)[2:]] += self.weights
-            self._prediction = total / norm
+            self._prediction = total.div_(norm)  # in place: a second copy of a CT's logits would not fit
             self._norm = norm
         return self._prediction
 
@@ -190,18 +190,15 @@ class WindowedCAM:
         layers = self.layers
         Y = self.prediction()
         crop = (slice(None),) + tuple(slice(0, s) for s in self.spatial)
-        regions, grads_Y, scores = [], [], []
+        regions, full_regions, scores = [], [], []
         for target in targets:
-            Yg = Y.detach().requires_grad_(True)
-            region = target.region(Yg[(slice(None),) + crop])
+            region = target.region(Y[(slice(None),) + crop])
             full_region = torch.zeros((Y.shape[0],) + self.padded, dtype=torch.bool, device=Y.device)
             full_region[crop] = region
-            with torch.enable_grad():
-                score = target(Yg, full_region)
-                (gY,) = torch.autograd.grad(score.sum(), Yg)
             regions.append(region)
-            scores.append(score.detach())
-            grads_Y.append(gY / self._norm)  # each window then gets w_p * gY / sum w: its share of the gradient
+            full_regions.append(full_region)
+            scores.append(self._score(target, Y, full_region))
+        acc: Dict[Tuple[int, str], dict] = {}
         acc: Dict[Tuple[int, str], dict] = {}
         with model_guard(self.model), torch.inference_mode(False), torch.enable_grad():
             for i, start in enumerate(self.windows):
@@ -209,8 +206,8 @@ class WindowedCAM:
                 with LayerCapture(self.model, layers) as capture:
                     out = self._forward(self.x[self._slices(start)])
                 acts = [capture.activations[name] for name in layers]
-                for t_index in range(len(targets)):
-                    share = grads_Y[t_index][self._slices(start)] * self.weights
+                for t_index, target in enumerate(targets):
+                    share = self._share(target, Y, full_regions[t_index], start)
                     grads = torch.autograd.grad(out, acts, grad_outputs=share.to(out.dtype),
                                                 retain_graph=t_index < len(targets) - 1, allow_unused=True)
                     for name, act, grad in zip(layers, acts, grads):
@@ -244,6 +241,28 @@ class WindowedCAM:
                     results.append(res)
         self.report(1.0, "done")
         return results
+
+    def _score(self, target: SegmentTarget, Y: torch.Tensor, full_region: torch.Tensor) -> torch.Tensor:
+        """The explained scalar on the blended prediction ``[B]``, summed slab by slab (no autograd)."""
+        with torch.no_grad():
+            total = sum(target.region_sum(Y[:, :, part], full_region[:, part]) for part in output_slabs(Y))
+            if target.reduction == "mean":
+                total = total / target.region_size(full_region).to(total.dtype)
+        return total
+
+    def _share(self, target: SegmentTarget, Y: torch.Tensor, full_region: torch.Tensor, start) -> torch.Tensor:
+        """Window ``start``'s share of ``dS/dY``: ``w_p dS/dY / sum w`` on the window.
+
+        ``S`` is a sum of per-voxel terms (divided by ``|M|`` for ``reduction="mean"``), so ``dS/dY`` on the window
+        is the gradient of the same sum over the window alone: the gradient is never held for the whole volume
+        (on a CT that would be as large as the blended prediction itself)."""
+        where = self._slices(start)
+        Yw = Y[where].detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gY,) = torch.autograd.grad(target.region_sum(Yw, full_region[(slice(None),) + where[2:]]).sum(), Yw)
+        if target.reduction == "mean":
+            gY = gY / target.region_size(full_region).to(gY.dtype).view((-1,) + (1,) * (gY.ndim - 1))
+        return gY * (self.weights / self._norm[where[2:]])
 
     def _accumulate(self, state: dict, start, act, grad, cam_methods) -> None:
         layer_roi = tuple(act.shape[2:])
