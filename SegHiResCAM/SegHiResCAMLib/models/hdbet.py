@@ -95,8 +95,9 @@ PATCH_SIZE = (128, 128, 128)
 #: rounding and the map is noise. Elsewhere the weights come mostly from the borders of zero-padded
 #: convolutions, hence the swings with the field of view. A CAM at ``up4`` alone is also the cheapest: the
 #: graph holds only the last decoder block (whole atlas: 39 s, 5.7 GiB peak on 2 cores, both methods).
+#: docs/faithfulness_study.md (ROBEX atlas and MNI152, every method at context5, loc2, up4) backs this default:
+#: Seg-HiRes-Grad CAM at up4 is the one map that passes every sanity check on both scans and ranks first overall.
 DEFAULT_LAYER = "up4"
-GOOD_LAYERS = {"seg-hires-grad-cam": ("up4", "context5", "loc2", "loc1"), "seg-grad-cam": ("up4",)}
 
 CLASS_NAMES = ["background", "brain"]
 
