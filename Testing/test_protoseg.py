@@ -96,8 +96,11 @@ def test_prototypes_by_hand():
     assert layer.tolist() == pytest.approx([2 / 3]) and units[0].tolist() == pytest.approx([2 / 3, 2 / 3])
 
 
+# grids of every counting path: cells of any factor, the same grid, every voxel by phases (factors of 2), cells by
+# sub-blocks (factors of 16), downsampling
 @pytest.mark.parametrize("src,dst", [((5, 7, 6), (16, 20, 13)), ((4, 4, 4), (32, 32, 32)), ((3, 5, 4), (3, 5, 4)),
-                                     ((10, 9), (7, 20)), ((6, 8), (48, 64)), ((3,), (17,)), ((20, 30, 10), (8, 12, 50))])
+                                     ((10, 9), (7, 20)), ((6, 8), (48, 64)), ((3,), (17,)), ((20, 30, 10), (8, 12, 50)),
+                                     ((6, 5, 4), (12, 10, 8)), ((8, 6), (16, 12)), ((3, 3, 3), (48, 48, 48))])
 def test_fast_scores_equal_the_literal_definition(src, dst):
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn((2, 5) + src, generator=gen) + torch.linspace(-2, 2, src[-1])
@@ -109,7 +112,24 @@ def test_fast_scores_equal_the_literal_definition(src, dst):
     assert ((units >= 0) & (units <= 1)).all() and ((layer >= 0) & (layer <= 1)).all()
 
 
-@pytest.mark.parametrize("src,dst", [((4, 5, 3), (16, 20, 9)), ((6, 7), (6, 7)), ((5, 6), (20, 13))])
+@pytest.mark.parametrize("share", [0.0, 2.0])  # every voxel by phases, or cells (the share of straddling pairs)
+@pytest.mark.parametrize("src,dst", [((6, 5, 4), (12, 10, 8)), ((8, 6), (16, 12)), ((5, 4, 3), (10, 8, 6))])
+def test_phases_and_cells_both_equal_the_literal_definition(src, dst, share, monkeypatch):
+    import SegHiResCAMLib.engine.protoseg_count as count
+    monkeypatch.setattr(count, "_DENSE_SHARE", share)
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn((2, 6) + src, generator=gen)
+    guide = torch.rand((2,) + dst, generator=gen)
+    reference = torch.rand((2,) + dst, generator=gen) > 0.5
+    region = torch.zeros((2,) + dst, dtype=torch.bool)
+    region[(slice(None),) + tuple(slice(1, n - 1) for n in dst)] = True
+    result = Scorer(guide, reference[:, None], region=region).score(feats)
+    units = unit_maps(feats, guide, tissue=region) & region[:, None]
+    assert torch.allclose(result["units"][..., 0].double(), brute_dice(units, reference & region), atol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst", [((4, 5, 3), (16, 20, 9)), ((6, 7), (6, 7)), ((5, 6), (20, 13)),
+                                     ((6, 5, 4), (12, 10, 8)), ((3, 3, 3), (48, 48, 48))])
 def test_region_restricts_prototypes_and_dice(src, dst):
     gen = torch.Generator().manual_seed(3)
     feats = torch.randn((1, 4) + src, generator=gen) + torch.linspace(-1, 1, src[-1])
@@ -122,6 +142,20 @@ def test_region_restricts_prototypes_and_dice(src, dst):
     layer = protoseg(feats, guide, tissue=region) & region
     assert torch.allclose(result["units"][..., 0].double(), brute_dice(units, reference & region), atol=1e-6)
     assert torch.allclose(result["layer"][:, 0].double(), brute_dice(layer, reference & region), atol=2e-4)
+
+
+@pytest.mark.parametrize("src,dst", [((6, 5, 4), (12, 10, 8)), ((3, 3, 3), (48, 48, 48)), ((5, 7, 6), (16, 20, 13)),
+                                     ((16, 16), (16, 16))])
+def test_scores_do_not_depend_on_the_number_of_threads(src, dst):
+    gen = torch.Generator().manual_seed(4)
+    feats = torch.randn((1, 40) + src, generator=gen)
+    guide = torch.rand((1,) + dst, generator=gen)
+    reference = (guide > 0.5)[:, None]
+    threads = torch.get_num_threads()
+    one, three = (Scorer(guide, reference, threads=t).score(feats) for t in (1, 3))
+    for key in ("units", "layer", "decision", "c_t", "c_b"):
+        assert torch.equal(one[key], three[key])
+    assert torch.get_num_threads() == threads  # torch's setting is restored
 
 
 @pytest.mark.parametrize("nd", [2, 3])
