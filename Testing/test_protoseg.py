@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from SegHiResCAMLib.engine import count_hooks
-from SegHiResCAMLib.engine.protoseg import (Scorer, protoseg, prototypes, resize, sa_scores, segmentation_ability,
-                                            unit_maps)
+from SegHiResCAMLib.engine.protoseg import (Scorer, dead_units, protoseg, prototypes, resize, sa_scores,
+                                            segmentation_ability, unit_maps)
 from SegHiResCAMLib.errors import CancelledError, InputError, ModelError, TargetError
 
 from nets import TinyUNet
@@ -158,6 +158,33 @@ def test_scores_do_not_depend_on_the_number_of_threads(src, dst):
     assert torch.get_num_threads() == threads  # torch's setting is restored
 
 
+@pytest.mark.parametrize("src,dst", [((6, 5, 4), (12, 10, 8)), ((3, 3, 3), (48, 48, 48)), ((16, 16), (16, 16)),
+                                     ((5, 7, 6), (16, 20, 13))])
+def test_scores_are_invariant_to_scaling_and_dead_units_are_nan(src, dst):
+    """Per-unit and layer scores do not change when the features are scaled by 1e-24 (products of two such numbers
+    underflow float32); a constant unit and one at float32 rounding of the layer's largest activation are dead: NaN."""
+    gen = torch.Generator().manual_seed(8)
+    feats = torch.randn((2, 7) + src, generator=gen) + torch.linspace(-1, 1, src[-1])
+    feats[:, 5] = 0.25  # constant
+    feats[:, 6] *= 1e-30  # ~1e-30 beside activations of ~1: it contributes nothing downstream
+    guide = torch.rand((2,) + dst, generator=gen)
+    reference = (guide > 0.5)[:, None]
+    base = Scorer(guide, reference).score(feats)
+    tiny = Scorer(guide, reference).score(feats * 1e-24)
+    live = torch.arange(7) < 5
+    assert torch.equal(dead_units(feats), ~live.expand(2, 7)) and torch.equal(base["dead"], ~live.expand(2, 7))
+    assert torch.isnan(base["units"][:, ~live]).all() and torch.isfinite(base["units"][:, live]).all()
+    assert torch.allclose(base["units"], tiny["units"], atol=5e-5, equal_nan=True)
+    assert torch.allclose(base["layer"], tiny["layer"], atol=1e-6)
+    # against the literal maps: equal up to a few guide voxels within float rounding of a unit's midpoint
+    assert torch.allclose(base["units"][:, live, 0].double(),
+                          brute_dice(unit_maps(feats[:, :5], guide), reference[:, 0]), atol=5e-5)
+    assert torch.allclose(tiny["units"][:, live, 0].double(),
+                          brute_dice(unit_maps(feats[:, :5] * 1e-24, guide), reference[:, 0]), atol=5e-5)
+    hard = Scorer(guide, reference).layer_map(tiny["decision"], False, tiny["scale"])
+    assert (hard == protoseg(feats, guide)).float().mean() > 0.999  # the layer map, as unscaled
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_soft_and_hard_layer_maps_match_the_literal_definition(nd):
     gen = torch.Generator().manual_seed(2)
@@ -211,7 +238,8 @@ def test_whole_network_2d_3d_scores_in_range_and_feature_layers(nd):
     assert [r.depth for r in full.layers] == list(range(len(full.layers)))
     for row in full.layers:
         assert ((row.score >= 0) & (row.score <= 1)).all()
-        assert row.units.shape == (2, row.channels) and ((row.units >= 0) & (row.units <= 1)).all()
+        live = ~torch.isnan(row.units)  # NaN: a dead unit (e.g. a ReLU channel that is zero everywhere)
+        assert row.units.shape == (2, row.channels) and ((row.units[live] >= 0) & (row.units[live] <= 1)).all()
         if row.name in one.feature_layers:
             assert torch.allclose(row.units, one.layer(row.name).units)
     expected = torch.cat([one.layer(n).units_pred for n in one.feature_layers], 1).mean(1)

@@ -133,6 +133,7 @@ def layer_rows(result: ImageSA) -> List[Dict[str, object]]:
                  "unit_sa_mean": _fmt(torch.nanmean(units)) if finite else "nan",
                  "unit_sa_max": _fmt(torch.max(torch.nan_to_num(units, nan=-1.0))) if finite else "nan",
                  "best_unit": int(torch.argmax(torch.nan_to_num(units, nan=-1.0))) if finite else "",
+                 "dead_units": int(torch.isnan(units).sum()) if finite else "",
                  "feature_layer": int(row.feature)}
         if truth:
             entry["sa_score_vs_prediction"] = _fmt(row.score_pred[0])
@@ -285,8 +286,8 @@ def run(args) -> int:
                                  "plot": os.path.abspath(args.plot) if args.plot else None,
                                  "map": os.path.abspath(args.out_map) if args.out_map else None}})
         _write_json(args.json, meta, protect)
-    print("mean SA score: %.4f (units of %s, against the prediction)" % (
-        result.mean_sa, ", ".join(result.report.feature_layers)))
+    print("mean SA score: %.4f (units of %s, against the prediction; %d dead units left out)" % (
+        result.mean_sa, ", ".join(result.report.feature_layers), result.report.info["dead_feature_units"]))
     print("SA score of the last feature layer %s: %.4f (against the %s)" % (
         last.name, float(last.score[0]), result.report.info["reference"]))
     if result.dice is not None:

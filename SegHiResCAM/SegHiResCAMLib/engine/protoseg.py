@@ -17,10 +17,12 @@ Medical Image Analysis 84:102726, 2023 (arXiv 2212.09206; reference code shengfl
 Fast path (what makes every unit of every HD-BET layer affordable), exact up to float rounding:
 
 1. ``||F-c_t||^2 - ||F-c_b||^2 = -2 D`` with ``D = sum_k d_k (F_k - m_k)``, ``d = c_t - c_b``, ``m = (c_t + c_b)/2``:
-   the map is ``D > 0`` and the soft map ``sigmoid(2 D)``; one channel alone: ``(F_k - m_k) d_k > 0`` (the midpoint
-   rule). ``D`` is linear in ``F`` and the resize is linear with weights summing to 1, so ``D`` is computed on the
-   layer grid and its map counted like one more channel. A channel constant over the layer has equal prototypes (an
-   empty map, SA score 0), also where rounding would part them.
+   the map is ``D > 0`` and the soft map ``sigmoid(2 D)``; one channel alone: ``(F_k - m_k) sign(d_k) > 0`` (the
+   midpoint rule). ``D`` is linear in ``F`` and the resize is linear with weights summing to 1, so ``D`` is computed on
+   the layer grid (divided by ``max_k |d_k|``, which keeps its sign and avoids underflow) and its map counted like one
+   more channel. Scores are invariant to scaling the features. A *dead* unit (constant over the layer, or at most
+   float32 rounding of the layer's largest activation: HD-BET has units of ~1e-37) carries no signal: its per-unit
+   score is NaN and the mean SA score leaves it out (``dead_units``).
 2. Prototypes on the layer grid: ``sum_p w_p resize(F)_p = sum_q F_q resize^T(w)_q`` (per-axis adjoint matrices).
 3. Per-unit Dice without materialising ``K`` resized channels (:mod:`.protoseg_count`): a resized value is a
    convex combination of the layer voxels around it, so every *cell* (a block of guide voxels sharing the same few
@@ -45,7 +47,7 @@ once and finish before the head in execution order, the head (and its containers
 than two, the explainable leaf modules before the head. Per-unit SA is invariant to a per-channel affine map
 (``InstanceNorm``/``BatchNorm``), so a convolution and the norm after it would count the same units twice. HD-BET:
 ``end_conv_1`` and ``end_conv_2`` (42 units each, full resolution). *Mean SA score*: the mean per-unit SA score,
-against the binarised prediction, over the units of the last two feature layers (no ground truth needed).
+against the binarised prediction, over the live units of the last two feature layers (no ground truth needed).
 """
 
 import time
@@ -62,14 +64,15 @@ from .cam import check_input
 from .hooks import model_guard, named_layers, resolve_layer
 from .layers import LayerInfo, trace_layers
 from .outputs import main_output, run_model
-from .protoseg_core import EMPTY_POLICIES, MODES, RESIZE, Scorer, prototypes, protoseg, resize, sa_scores, unit_maps
+from .protoseg_core import (DEAD_RELATIVE, EMPTY_POLICIES, MODES, RESIZE, Scorer, dead_units, prototypes, protoseg,
+                            resize, sa_scores, unit_maps)
 from .protoseg_core import _check, _dice, _empty, _weights  # noqa: F401 - importable from here as before the split
 from .protoseg_count import _Axis, _Counter, axis_matrix as _axis_matrix  # noqa: F401 - the same
 from .protoseg_tasks import _CACHE, OneThread as _OneThread  # noqa: F401 - the same
 from .targets import class_maps, predicted_mask
 
-__all__ = ["EMPTY_POLICIES", "LAST_FEATURE", "MODES", "RESIZE", "LayerSA", "ProgressCallback", "SAReport", "Scorer",
-           "protoseg", "prototypes", "resize", "sa_scores", "segmentation_ability", "unit_maps"]
+__all__ = ["DEAD_RELATIVE", "EMPTY_POLICIES", "LAST_FEATURE", "MODES", "RESIZE", "LayerSA", "ProgressCallback",
+           "SAReport", "Scorer", "dead_units", "protoseg", "prototypes", "resize", "sa_scores", "segmentation_ability", "unit_maps"]
 
 LAST_FEATURE = "last-feature"  #: in ``map_layers``: the last feature layer, whatever its name
 ProgressCallback = Callable[[float, str], None]
@@ -293,7 +296,7 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
                              result["units"][..., 0] if unit else None, result["layer"][:, pred_col],
                              result["units"][..., pred_col] if unit else None, name in features)
         if name in map_layers:
-            maps[name] = scorer.layer_map(result["decision"], soft_maps)
+            maps[name] = scorer.layer_map(result["decision"], soft_maps, result["scale"])
 
     t0 = time.perf_counter()
     if include_input:
@@ -323,8 +326,9 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
                     rows[name] = LayerSA(name, info.kind, 0, info.order, row.shape, row.channels, row.score,
                                          row.units, row.score_pred, row.units_pred, name in features)
                     if name in map_layers:
-                        maps[name] = maps[other] if other in maps else scorer.layer_map(
-                            scorer.score(output, False)["decision"], soft_maps)
+                        again = None if other in maps else scorer.score(output, False)
+                        maps[name] = maps[other] if again is None else scorer.layer_map(
+                            again["decision"], soft_maps, again["scale"])
                     return
                 if source is not None and ref() is source and version == _version(source) and _affine(module):
                     # per-unit maps are invariant to a per-channel affine map: only the layer score is new
@@ -334,7 +338,7 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
                                          result["layer"][:, 0], row.units, result["layer"][:, pred_col],
                                          row.units_pred, name in features)
                     if name in map_layers:
-                        maps[name] = scorer.layer_map(result["decision"], soft_maps)
+                        maps[name] = scorer.layer_map(result["decision"], soft_maps, result["scale"])
                     seen[name] = (weakref.ref(output), _version(output))
                     return
             add(name, output.detach(), info.kind, info.order)
@@ -356,6 +360,7 @@ def segmentation_ability(model: nn.Module, x: torch.Tensor, class_index: int = 1
             "passes": 2 if pending else 1, "head": head, "feature_layers": features, "timings": timings,
             "region": None if region is None else "%d of %d voxels (the rest, e.g. padding, left out)"
             % (int(region[0].sum()), region[0].numel()),
-            "mean_sa": "mean per-unit SA score (vs the prediction) over the units of %s" % ", ".join(features)}
+            "mean_sa": "mean per-unit SA score (vs the prediction) over the live units of %s" % ", ".join(features),
+            "dead_feature_units": int(torch.isnan(torch.cat(units, 1)[0]).sum()) if units else 0}
     return SAReport(ordered, features, mean_sa, output, prob, refs[:, 0], prediction, maps, info)
 

@@ -15,6 +15,7 @@ from .protoseg_tasks import _CACHE, OneThread, project, run_tasks
 
 MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 EMPTY_POLICIES = ("nan", "raise")
+DEAD_RELATIVE = 2.0 ** -23  # float32 epsilon: a unit this much smaller than its layer's largest activation is dead
 RESIZE = "features resized to the guide grid with F.interpolate(%s, align_corners=False)"
 
 
@@ -94,7 +95,8 @@ def unit_maps(features: torch.Tensor, guide: torch.Tensor, tissue: Optional[torc
               units: Optional[Sequence[int]] = None, eps: float = 1e-6, on_empty: str = "nan") -> torch.Tensor:
     """Per-unit hard maps by the one-channel midpoint rule, all requested units at once: ``[B, K', *S_guide]``.
 
-    Unit ``k`` is foreground iff ``(F_k - (c_t,k + c_b,k) / 2) (c_t,k - c_b,k) > 0`` (= :func:`protoseg` of channel k).
+    Unit ``k`` is foreground iff ``(F_k - (c_t,k + c_b,k) / 2) sign(c_t,k - c_b,k) > 0`` (= :func:`protoseg` of
+    channel k, without the float underflow of the product with ``c_t,k - c_b,k`` for tiny activations).
     """
     _check(features, guide, on_empty)
     chosen = features if units is None else features[:, list(units)]
@@ -103,7 +105,19 @@ def unit_maps(features: torch.Tensor, guide: torch.Tensor, tissue: Optional[torc
     _empty(valid, on_empty)
     view = c_t.shape + (1,) * (f.ndim - 2)
     ok = valid.view((-1,) + (1,) * (f.ndim - 1))
-    return ((f - ((c_t + c_b) / 2).view(view)) * (c_t - c_b).view(view) > 0) & ok
+    return ((f - ((c_t + c_b) / 2).view(view)) * (c_t - c_b).sign().view(view) > 0) & ok
+
+
+def dead_units(act: torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: units (channels) that carry no signal on this input: constant over the layer grid, or whose
+    largest magnitude is at most ``DEAD_RELATIVE`` (float32 rounding) times the layer's largest activation.
+
+    Their maps are defined by the formula but made of float residue (e.g. HD-BET's decayed units, ~1e-37), and they
+    contribute nothing downstream: such a unit gets a NaN score, which the mean SA score leaves out."""
+    low, high = torch.aminmax(act.detach().flatten(2), dim=2)
+    magnitude = torch.maximum(low.abs(), high.abs())
+    floor = (magnitude.amax(1, keepdim=True) * DEAD_RELATIVE).clamp_min(torch.finfo(torch.float32).tiny)
+    return (low == high) | (magnitude <= floor)
 
 
 def _dice(counts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -186,7 +200,11 @@ class Scorer:
             - (d * (c_t + c_b) / 2).sum(1).view((-1,) + (1,) * (act.ndim - 2))
 
     def score(self, act: torch.Tensor, per_unit: bool = True) -> Dict[str, torch.Tensor]:
-        """``{"layer": [B, R], "units": [B, K, R] (if per_unit), "c_t", "c_b", "decision"}``; NaN where undefined."""
+        """``{"layer": [B, R], "units": [B, K, R] and "dead": [B, K] (if per_unit), "c_t", "c_b", "decision",
+        "scale"}``; NaN where undefined. ``decision`` is ``D / scale`` on the layer grid (``scale [B] > 0``).
+
+        A *dead* unit (:func:`dead_units`: constant, or below float32 rounding of the layer's largest activation)
+        carries no signal: its score is NaN (left out of means), not a Dice of float residue."""
         threads = self.threads or (torch.get_num_threads() if act.device.type == "cpu" else 1)
         with OneThread():
             return self._score(act, per_unit, threads)
@@ -198,28 +216,39 @@ class Scorer:
         c_t, c_b = self.prototypes(act, threads)
         d = c_t - c_b
         shift = (c_t + c_b) / 2
+        # the decision D = sum_k d_k (F_k - m_k) is computed as D / scale (scale = max_k |d_k| > 0), and unit maps as
+        # sign(d_k) (F_k - m_k) > 0: the same maps, without the underflow of products of two tiny numbers
+        scale = d.abs().amax(1).clamp_min(torch.finfo(d.dtype).tiny)
+        unit_d = d / scale[:, None]
         sizes = self.sizes.to(act.dtype)
         nan = torch.full((), float("nan"), dtype=act.dtype, device=act.device)
         ok = self.valid.view(-1, 1)
-        result = {"c_t": c_t, "c_b": c_b}
+        result = {"c_t": c_t, "c_b": c_b, "scale": scale}
         if per_unit:  # the per-unit pass also gives the decision sum_k d_k (F_k - m_k)
-            both = [counters[b].count(act[b], shift[b], d[b], d[b], threads) for b in range(act.shape[0])]
-            result["units"] = torch.where(ok[:, :, None], torch.stack([_dice(c, sizes[b]) for b, (c, _) in
-                                                                       enumerate(both)]), nan)
+            both = [counters[b].count(act[b], shift[b], d[b].sign(), unit_d[b], threads) for b in range(act.shape[0])]
+            live = ~dead_units(act)
+            result["dead"] = ~live
+            result["units"] = torch.where(ok[:, :, None] & live[:, :, None],
+                                          torch.stack([_dice(c, sizes[b]) for b, (c, _) in enumerate(both)]), nan)
             decision = torch.stack([p for _, p in both])
         else:
-            decision = project(act, d, threads) - (d * shift).sum(1).view((-1,) + (1,) * (act.ndim - 2))
+            decision = project(act, unit_d, threads) - (unit_d * shift).sum(1).view((-1,) + (1,) * (act.ndim - 2))
         one, zero = act.new_ones(1), act.new_zeros(1)
         layer = torch.stack([_dice(counters[b].count(decision[b:b + 1], zero, one, None, threads)[0][0], sizes[b])
                              for b in range(act.shape[0])])
         result.update({"layer": torch.where(ok, layer, nan), "decision": decision})
         return result
 
-    def layer_map(self, decision: torch.Tensor, soft: bool = False) -> torch.Tensor:
-        """The layer's map on the guide grid from its decision: boolean, or ``sigmoid(2 D)`` (soft)."""
+    def layer_map(self, decision: torch.Tensor, soft: bool = False,
+                  scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer's map on the guide grid from its decision: boolean, or ``sigmoid(2 D)`` (soft).
+
+        ``decision`` and ``scale [B]`` as :meth:`score` returns them (``D = scale * decision``), or ``D`` itself."""
         up = resize(decision[:, None], self.guide.shape[1:])[:, 0]
         ok = self.valid.view((-1,) + (1,) * (up.ndim - 1))
         if soft:
+            if scale is not None:
+                up = up * scale.to(up.dtype).view((-1,) + (1,) * (up.ndim - 1))
             return torch.where(ok, torch.sigmoid(2 * up), torch.full_like(up, float("nan")))
         return (up > 0) & ok
 
