@@ -167,12 +167,15 @@ def test_scores_are_invariant_to_scaling_and_dead_units_are_nan(src, dst):
     feats = torch.randn((2, 7) + src, generator=gen) + torch.linspace(-1, 1, src[-1])
     feats[:, 5] = 0.25  # constant
     feats[:, 6] *= 1e-30  # ~1e-30 beside activations of ~1: it contributes nothing downstream
+    feats[1, 4] = 0.0
+    feats[1, 4, 0] = 3.0  # one voxel: small prototypes, but alive
     guide = torch.rand((2,) + dst, generator=gen)
     reference = (guide > 0.5)[:, None]
     base = Scorer(guide, reference).score(feats)
     tiny = Scorer(guide, reference).score(feats * 1e-24)
     live = torch.arange(7) < 5
-    assert torch.equal(dead_units(feats), ~live.expand(2, 7)) and torch.equal(base["dead"], ~live.expand(2, 7))
+    assert torch.equal(dead_units(feats, base["c_t"], base["c_b"]), ~live.expand(2, 7))
+    assert torch.equal(base["dead"], ~live.expand(2, 7)) and torch.equal(tiny["dead"], ~live.expand(2, 7))
     assert torch.isnan(base["units"][:, ~live]).all() and torch.isfinite(base["units"][:, live]).all()
     assert torch.allclose(base["units"], tiny["units"], atol=5e-5, equal_nan=True)
     assert torch.allclose(base["layer"], tiny["layer"], atol=1e-6)

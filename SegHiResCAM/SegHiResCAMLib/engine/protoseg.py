@@ -21,7 +21,7 @@ Fast path (what makes every unit of every HD-BET layer affordable), exact up to 
    midpoint rule). ``D`` is linear in ``F`` and the resize is linear with weights summing to 1, so ``D`` is computed on
    the layer grid (divided by ``max_k |d_k|``, which keeps its sign and avoids underflow) and its map counted like one
    more channel. Scores are invariant to scaling the features. A *dead* unit (constant over the layer, or at most
-   float32 rounding of the layer's largest activation: HD-BET has units of ~1e-37) carries no signal: its per-unit
+   float32 rounding of the layer's largest prototype: HD-BET has units of ~1e-37) carries no signal: its per-unit
    score is NaN and the mean SA score leaves it out (``dead_units``).
 2. Prototypes on the layer grid: ``sum_p w_p resize(F)_p = sum_q F_q resize^T(w)_q`` (per-axis adjoint matrices).
 3. Per-unit Dice without materialising ``K`` resized channels (:mod:`.protoseg_count`): a resized value is a
@@ -72,7 +72,8 @@ from .protoseg_tasks import _CACHE, OneThread as _OneThread  # noqa: F401 - the 
 from .targets import class_maps, predicted_mask
 
 __all__ = ["DEAD_RELATIVE", "EMPTY_POLICIES", "LAST_FEATURE", "MODES", "RESIZE", "LayerSA", "ProgressCallback",
-           "SAReport", "Scorer", "dead_units", "protoseg", "prototypes", "resize", "sa_scores", "segmentation_ability", "unit_maps"]
+           "SAReport", "Scorer", "dead_units", "protoseg", "prototypes", "resize", "sa_scores", "segmentation_ability",
+           "unit_maps"]
 
 LAST_FEATURE = "last-feature"  #: in ``map_layers``: the last feature layer, whatever its name
 ProgressCallback = Callable[[float, str], None]

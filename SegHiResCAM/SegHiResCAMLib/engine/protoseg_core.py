@@ -15,7 +15,7 @@ from .protoseg_tasks import _CACHE, OneThread, project, run_tasks
 
 MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 EMPTY_POLICIES = ("nan", "raise")
-DEAD_RELATIVE = 2.0 ** -23  # float32 epsilon: a unit this much smaller than its layer's largest activation is dead
+DEAD_RELATIVE = 2.0 ** -23  # float32 epsilon: a unit this much smaller than its layer's largest prototype is dead
 RESIZE = "features resized to the guide grid with F.interpolate(%s, align_corners=False)"
 
 
@@ -108,16 +108,22 @@ def unit_maps(features: torch.Tensor, guide: torch.Tensor, tissue: Optional[torc
     return ((f - ((c_t + c_b) / 2).view(view)) * (c_t - c_b).sign().view(view) > 0) & ok
 
 
-def dead_units(act: torch.Tensor) -> torch.Tensor:
+def dead_units(act: torch.Tensor, c_t: torch.Tensor, c_b: torch.Tensor) -> torch.Tensor:
     """``[B, K]``: units (channels) that carry no signal on this input: constant over the layer grid, or whose
-    largest magnitude is at most ``DEAD_RELATIVE`` (float32 rounding) times the layer's largest activation.
+    largest magnitude is at most ``DEAD_RELATIVE`` (float32 rounding) times the layer's largest prototype magnitude
+    (``c_t``, ``c_b [B, K]``: the layer's prototypes).
 
     Their maps are defined by the formula but made of float residue (e.g. HD-BET's decayed units, ~1e-37), and they
-    contribute nothing downstream: such a unit gets a NaN score, which the mean SA score leaves out."""
-    low, high = torch.aminmax(act.detach().flatten(2), dim=2)
-    magnitude = torch.maximum(low.abs(), high.abs())
-    floor = (magnitude.amax(1, keepdim=True) * DEAD_RELATIVE).clamp_min(torch.finfo(torch.float32).tiny)
-    return (low == high) | (magnitude <= floor)
+    contribute nothing downstream: such a unit gets a NaN score, which the mean SA score leaves out. A prototype is
+    a weighted mean, so ``|c| <= max |F_k|``: only units with small or nearly equal prototypes are read again."""
+    size = torch.maximum(c_t.abs(), c_b.abs())
+    floor = (size.amax(1, keepdim=True) * DEAD_RELATIVE).clamp_min(torch.finfo(torch.float32).tiny)
+    candidates = (size <= floor) | ((c_t - c_b).abs() <= 1e-4 * (c_t.abs() + c_b.abs()))
+    dead = torch.zeros_like(candidates)
+    for b, k in candidates.nonzero().tolist() if bool(candidates.any()) else ():
+        low, high = torch.aminmax(act[b, k].detach())
+        dead[b, k] = bool(low == high) or max(abs(float(low)), abs(float(high))) <= float(floor[b, 0])
+    return dead
 
 
 def _dice(counts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -203,7 +209,7 @@ class Scorer:
         """``{"layer": [B, R], "units": [B, K, R] and "dead": [B, K] (if per_unit), "c_t", "c_b", "decision",
         "scale"}``; NaN where undefined. ``decision`` is ``D / scale`` on the layer grid (``scale [B] > 0``).
 
-        A *dead* unit (:func:`dead_units`: constant, or below float32 rounding of the layer's largest activation)
+        A *dead* unit (:func:`dead_units`: constant, or below float32 rounding of the layer's largest prototype)
         carries no signal: its score is NaN (left out of means), not a Dice of float residue."""
         threads = self.threads or (torch.get_num_threads() if act.device.type == "cpu" else 1)
         with OneThread():
@@ -226,7 +232,7 @@ class Scorer:
         result = {"c_t": c_t, "c_b": c_b, "scale": scale}
         if per_unit:  # the per-unit pass also gives the decision sum_k d_k (F_k - m_k)
             both = [counters[b].count(act[b], shift[b], d[b].sign(), unit_d[b], threads) for b in range(act.shape[0])]
-            live = ~dead_units(act)
+            live = ~dead_units(act, c_t, c_b)
             result["dead"] = ~live
             result["units"] = torch.where(ok[:, :, None] & live[:, :, None],
                                           torch.stack([_dice(c, sizes[b]) for b, (c, _) in enumerate(both)]), nan)
