@@ -38,9 +38,9 @@ Fast path (what makes every unit of every HD-BET layer affordable), exact up to 
    (BatchNorm/InstanceNorm/GroupNorm with non-zero weights) of a scored layer reuses its per-unit scores, which such
    a map leaves unchanged. Scoring runs as independent blocks on torch's threads, each operation on one thread
    (:mod:`.protoseg_tasks`); results do not depend on the number of threads. HD-BET on the ROBEX atlas (73 layers,
-   8,364 units, 160x160x128): 2.2-2.4 forward passes in all, the scoring 0.2-0.4 of a forward pass (3.1-3.6 and
-   1.1-1.6 before the counting was reworked; measured on a shared 2-core machine, `docs/sa_validation.md`),
-   2.9 GiB.
+   8,364 units, 160x160x128): 2.3-2.6 forward passes in all, of which the scoring 0.33-0.6 (3.1-3.6 before the
+   counting was reworked; measured on a shared 2-core machine, `docs/sa_validation.md`), 2.8 GiB. Dead units
+   (below) are not counted where they are many.
 
 *Feature layers* (for the mean SA score): the convolution modules (``nn.Conv*d``/``nn.ConvTranspose*d``) that run
 once and finish before the head in execution order, the head (and its containers) excluded; if there are fewer
