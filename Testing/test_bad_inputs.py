@@ -146,10 +146,11 @@ def test_input_never_overwritten_and_unchanged(env, capsys):
     assert open(env["path"], "rb").read() == before
 
 
-def test_amp_without_cuda_and_bad_threads(env, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this check is about machines without CUDA")  # CI has no GPU; the GPU path runs elsewhere
-    assert "needs a CUDA device" in one_line_error(capsys, explain_args(env, env["path"], extra=["--amp"]))
-    assert "needs a CUDA device" in one_line_error(capsys, explain_args(env, env["path"],
-                                                                        extra=["--amp", "--roi-size", "8"]))
+def test_amp_on_a_cpu_without_bfloat16_and_bad_threads(env, capsys, monkeypatch):
+    import SegHiResCAMLib.engine.cam as cam
+    monkeypatch.setattr(cam, "cpu_bfloat16", lambda: False)  # what a CPU without AVX512-BF16/AMX reports
+    cpu = ["--device", "cpu", "--amp"]
+    assert "needs native bfloat16" in one_line_error(capsys, explain_args(env, env["path"], extra=cpu))
+    assert "needs native bfloat16" in one_line_error(capsys, explain_args(env, env["path"],
+                                                                           extra=cpu + ["--roi-size", "8"]))
     assert "--threads must be >= 1" in one_line_error(capsys, explain_args(env, env["path"], extra=["--threads", "0"]))

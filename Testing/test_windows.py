@@ -139,3 +139,32 @@ def test_window_shares_equal_the_whole_volume_gradient(score, reduction):
     scale = ref.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(res.raw.double() / scale, ref / scale, rtol=0, atol=1e-6)  # float32 window weights
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_mixed_precision_on_the_cpu_is_bfloat16_with_float32_maps(windowed, monkeypatch):
+    """``--amp`` on a CPU: the forward pass runs in bfloat16 (forced here, so that the path runs on any CPU; a CPU
+    without native bfloat16 is refused, see test_bad_inputs), maps come back float32 and close to float32's."""
+    import SegHiResCAMLib.engine.cam as cam
+    monkeypatch.setattr(cam, "cpu_bfloat16", lambda: True)
+    torch.manual_seed(3)
+    net = TinyUNet(nd=3)
+    x = torch.randn(1, 1, 16, 16, 16)
+    targets = [whole_image_target(1)]
+    seen = []
+    hook = net.dec[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    def run(amp):
+        if windowed:
+            return WindowedCAM(net, x, 8, ["dec"], overlap=0.5, autocast=amp).explain(targets, METHODS[:2])
+        return compute_cams(net, x, targets, ["dec"], METHODS[:2], autocast=amp)
+    try:
+        full, mixed = run(False), run(True)
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen and torch.float32 in seen  # autocast reached the convolutions
+    for a, b in zip(full, mixed):
+        assert b.map.dtype == b.raw.dtype == torch.float32 and b.map.shape == a.map.shape
+        r = torch.corrcoef(torch.stack([a.raw.flatten(), b.raw.flatten()]))[0, 1]
+        assert r > 0.99, (a.method, float(r))
+    assert count_hooks(net) == 0

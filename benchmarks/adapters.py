@@ -46,10 +46,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 # --- this project ------------------------------------------------------------------------------------------------
 
-def ours(method: str) -> Callable[..., Result]:
+def ours(method: str, amp: bool = False) -> Callable[..., Result]:
+    """``amp``: our ``--amp`` (bfloat16 autocast on a CPU that computes it natively; maps combined in float32):
+    NOT the same arithmetic as the others, reported beside them."""
     def run(net, x, mask, layer):
         from SegHiResCAMLib.engine import MaskRegion, SegmentTarget, compute_cams
-        res = compute_cams(net, x, [SegmentTarget(1, MaskRegion(mask))], layers=[layer], method=method)[0]
+        res = compute_cams(net, x, [SegmentTarget(1, MaskRegion(mask))], layers=[layer], method=method,
+                           autocast=amp)[0]
         return _np(res.map[0]), _np(res.raw[0])
     return run
 
@@ -169,6 +172,8 @@ def forward_only(net, x, mask, layer):
 ADAPTERS: Dict[Tuple[str, str], Tuple[str, Callable]] = {
     ("ours", "hires"): ("SegHiResCAM seg-hires-grad-cam", lambda spec: ours("seg-hires-grad-cam")),
     ("ours", "grad"): ("SegHiResCAM seg-grad-cam", lambda spec: ours("seg-grad-cam")),
+    ("ours-amp", "hires"): ("SegHiResCAM seg-hires-grad-cam --amp (bfloat16; not the same arithmetic)",
+                            lambda spec: ours("seg-hires-grad-cam", amp=True)),
     ("pytorch-grad-cam", "hires"): ("pytorch-grad-cam HiResCAM", lambda spec: pytorch_grad_cam("hires")),
     ("pytorch-grad-cam", "grad"): ("pytorch-grad-cam GradCAM", lambda spec: pytorch_grad_cam("grad")),
     ("monai", "grad"): ("MONAI GradCAM + RegionSum", lambda spec: monai_gradcam),

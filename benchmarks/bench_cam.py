@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 GIB = float(1 << 30)
 OTHERS = ("pytorch-grad-cam", "monai", "captum", "medcam")
-LIB_ORDER = [("ours", "hires"), ("ours", "grad"), ("floor", "fwd+bwd"), ("floor", "fwd"),
+LIB_ORDER = [("ours", "hires"), ("ours", "grad"), ("ours-amp", "hires"), ("floor", "fwd+bwd"), ("floor", "fwd"),
              ("pytorch-grad-cam", "hires"), ("pytorch-grad-cam", "grad"), ("monai", "grad"),
              ("captum", "hires"), ("captum", "grad"), ("medcam", "grad")]
 #: on the whole large input: one attempt per other library (a library's second method runs the same

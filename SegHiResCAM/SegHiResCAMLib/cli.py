@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'128' or 'z,y,x'): bounded memory for large scans")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
     p.add_argument("--blend", default="constant", choices=["constant", "gaussian"], help="window blending")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16) forward pass on CUDA")
+    p.add_argument("--amp", action="store_true", help="mixed precision forward pass: float16 on CUDA, bfloat16 on a "
+                   "CPU with native bfloat16 (AVX512-BF16/AMX); maps combined in float32")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -131,6 +131,29 @@ def _methods(method, options) -> List[CAMMethod]:
     return built
 
 
+def cpu_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_context(device: torch.device):
+    """The mixed precision of ``--amp``: float16 on CUDA; bfloat16 on a CPU that computes it natively (there it
+    roughly halves the time of 3D convolutions; bfloat16 keeps float32's range, so no gradient underflows).
+    Maps are always combined and accumulated in float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cpu":
+        if not cpu_bfloat16():
+            raise InputError("mixed precision on the CPU needs native bfloat16 (AVX512-BF16 or AMX), which this CPU "
+                             "lacks: it would be slower, not faster; run without --amp")
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise InputError("mixed precision runs on CUDA or on a CPU with bfloat16; the input is on %s" % device)
+
+
 class CAMSession:
     """One forward pass whose captured layers and autograd graph are kept, so that every further target on the
     same image, model and layers costs only a backward pass (e.g. a radiologist clicking through segments).
@@ -140,8 +163,8 @@ class CAMSession:
 
     Args:
         model, x, layers, output_key, eval_mode, progress: as in :func:`compute_cams`.
-        autocast: run the forward pass under ``torch.autocast`` (float16 on CUDA); activations and gradients
-            are combined in float32.
+        autocast: run the forward pass under ``torch.autocast`` (:func:`autocast_context`: float16 on CUDA,
+            bfloat16 on a CPU with native bfloat16); activations and gradients are combined in float32.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, layers: Union[str, Sequence[str]] = "auto",
@@ -163,10 +186,7 @@ class CAMSession:
         with torch.inference_mode(False), torch.enable_grad():
             with model_guard(model, eval_mode=eval_mode), LayerCapture(model, self.names) as capture:
                 if autocast:
-                    if x.device.type != "cuda":
-                        raise InputError("mixed precision (autocast) needs a CUDA device; the input is on %s"
-                                         % x.device)
-                    with torch.autocast("cuda", dtype=torch.float16):
+                    with autocast_context(x.device):
                         raw_output = run_model(model, x.detach())
                 else:
                     raw_output = run_model(model, x.detach())
@@ -277,7 +297,8 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
         output_key: the dict key of the main output, for models that return dicts.
         eval_mode: run the model in eval mode (restored afterwards).
         progress: optional callback ``progress(fraction, message)``.
-        autocast: mixed precision for the forward pass on CUDA (maps are combined in float32).
+        autocast: mixed precision for the forward pass (float16 on CUDA, bfloat16 on a CPU that has it; maps are
+            combined in float32).
         **method_options: passed to the method, e.g. ``pool_size=2`` for ``seg-xres-cam``.
 
     Returns:

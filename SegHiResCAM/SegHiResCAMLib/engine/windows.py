@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, LayerError
-from .cam import CAMResult, _methods, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING
+from .cam import CAMResult, _methods, autocast_context, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING
 from .hooks import LayerCapture, model_guard, resolve_layer
 from .methods import DEFAULT_METHOD, CAMMethod
 from .outputs import main_output, run_model
@@ -84,7 +84,8 @@ class WindowedCAM:
         blend: ``constant`` or ``gaussian`` importance.
         output_key: dict key of the main output.
         progress: ``progress(fraction, message)``; may raise ``CancelledError`` between windows.
-        autocast: run windows under ``torch.autocast`` (e.g. float16 on CUDA); maps are accumulated in float32.
+        autocast: run windows under ``torch.autocast`` (:func:`.cam.autocast_context`: float16 on CUDA, bfloat16 on
+            a CPU that has it); maps are accumulated in float32.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, roi_size: Union[int, Sequence[int]],
@@ -101,8 +102,8 @@ class WindowedCAM:
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         if not self.layers or "auto" in self.layers:
             raise LayerError("pass layer names to the windowed CAM (resolve 'auto' on one window first)")
-        if autocast and x.device.type != "cuda":
-            raise InputError("mixed precision (autocast) needs a CUDA device; the input is on %s" % x.device)
+        if autocast:
+            autocast_context(x.device)  # a clear error now where mixed precision cannot run
         self.model, self.output_key, self.blend, self.autocast = model, output_key, blend, autocast
         self.overlap = overlap
         self.report = progress or (lambda f, m: None)
@@ -157,8 +158,8 @@ class WindowedCAM:
         return (slice(None), slice(None)) + tuple(slice(s, s + r) for s, r in zip(start, self.roi))
 
     def _forward(self, window: torch.Tensor):
-        if self.autocast and window.is_cuda:
-            with torch.autocast("cuda", dtype=torch.float16):
+        if self.autocast:
+            with autocast_context(window.device):
                 return main_output(run_model(self.model, window), self.output_key)
         return main_output(run_model(self.model, window), self.output_key)
 
