@@ -168,3 +168,35 @@ def test_mixed_precision_on_the_cpu_is_bfloat16_with_float32_maps(windowed, monk
         r = torch.corrcoef(torch.stack([a.raw.flatten(), b.raw.flatten()]))[0, 1]
         assert r > 0.99, (a.method, float(r))
     assert count_hooks(net) == 0
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_float16_backward_is_seeded_at_a_safe_scale(windowed, monkeypatch):
+    """``--amp`` on CUDA runs the graph in float16, where a small seed underflows (confident probabilities: p(1-p)
+    ~1e-10 and less). Simulated with float16 autocast on the CPU: the seed is scaled by a power of two and the
+    gradients scaled back, so the map stays that of float32; unscaled, the gradients vanish."""
+    import SegHiResCAMLib.engine.cam as cam
+    import SegHiResCAMLib.engine.windows as windows
+    half = lambda device: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    monkeypatch.setattr(cam, "autocast_context", half)
+    monkeypatch.setattr(windows, "autocast_context", half)
+    torch.manual_seed(4)
+    net = TinyUNet(nd=3)
+    with torch.no_grad():
+        net.head.weight.mul_(60.0)  # confident (logit margins 20-40): the probability gradients are tiny
+        net.head.bias.mul_(60.0)
+    x = torch.randn(1, 1, 16, 16, 16)
+    targets = [SegmentTarget(1, score="probabilities", reduction="mean")]
+
+    def run(amp):
+        if windowed:
+            return WindowedCAM(net, x, 16, ["dec"], autocast=amp).explain(targets, "seg-hires-grad-cam")[0]
+        return compute_cams(net, x, targets, ["dec"], "seg-hires-grad-cam", autocast=amp)[0]
+    full, mixed = run(False), run(True)
+    assert full.raw.abs().max() < 1e-6  # the float32 map itself is tiny
+    r = torch.corrcoef(torch.stack([full.raw.flatten(), mixed.raw.flatten()]))[0, 1]
+    assert r > 0.99 and torch.allclose(mixed.raw.abs().max(), full.raw.abs().max(), rtol=0.05)
+    monkeypatch.setattr(cam, "power_of_two", lambda seed: 1.0)
+    monkeypatch.setattr(windows, "power_of_two", lambda seed: 1.0)
+    unscaled = run(True)
+    assert unscaled.raw.abs().max() < 0.5 * full.raw.abs().max()  # what the scaling prevents

@@ -10,6 +10,7 @@
 (torch.Size([1, 8, 8, 8]), torch.Size([1, 8, 8, 8]))
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
@@ -139,6 +140,19 @@ def cpu_bfloat16() -> bool:
         return False
 
 
+def power_of_two(seed: torch.Tensor) -> float:
+    """The power of two nearest below ``max |seed|`` (1 if zero or not finite).
+
+    A backward pass through a float16 graph (``--amp`` on CUDA) is seeded with ``seed / power_of_two(seed)`` and its
+    gradients multiplied back in float32: a small seed (a mean over millions of voxels, 1/|M|; confident
+    probabilities, p(1-p)) would otherwise underflow float16 (below 6e-8) and give an empty map. Scaling by a power
+    of two is exact."""
+    top = float(seed.detach().abs().max()) if seed.numel() else 0.0
+    if not math.isfinite(top) or top == 0.0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(top))
+
+
 def autocast_context(device: torch.device):
     """The mixed precision of ``--amp``: float16 on CUDA; bfloat16 on a CPU that computes it natively (there it
     roughly halves the time of 3D convolutions; bfloat16 keeps float32's range, so no gradient underflows).
@@ -182,6 +196,7 @@ class CAMSession:
             names = [chosen if name == "auto" else name for name in names]
         self.names = list(dict.fromkeys(names))
         self.spatial = tuple(x.shape[2:])
+        self.autocast = autocast
         self.report(0.05, "forward pass")
         with torch.inference_mode(False), torch.enable_grad():
             with model_guard(model, eval_mode=eval_mode), LayerCapture(model, self.names) as capture:
@@ -236,7 +251,13 @@ class CAMSession:
                 region = target.region(output)
                 score = target(output, region)
                 retain = keep_graph or t_index < len(targets) - 1
-                if score.requires_grad:
+                if score.requires_grad and self.autocast:  # seed the half-precision graph at a safe scale
+                    (seed,) = torch.autograd.grad(score.sum(), output, retain_graph=True)
+                    scale = power_of_two(seed)
+                    grads = torch.autograd.grad(output, activations, grad_outputs=seed / scale, retain_graph=retain,
+                                                allow_unused=True)
+                    grads = tuple(None if g is None else g.float() * scale for g in grads)
+                elif score.requires_grad:
                     grads = torch.autograd.grad(score.sum(), activations, retain_graph=retain, allow_unused=True)
                 else:  # the output does not depend on any captured layer
                     grads = (None,) * len(activations)

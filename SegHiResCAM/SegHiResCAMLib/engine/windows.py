@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, LayerError
-from .cam import CAMResult, _methods, autocast_context, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING
+from .cam import (CAMResult, _methods, autocast_context, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING,
+                  power_of_two)
 from .hooks import LayerCapture, model_guard, resolve_layer
 from .methods import DEFAULT_METHOD, CAMMethod
 from .outputs import main_output, run_model
@@ -209,11 +210,12 @@ class WindowedCAM:
                 acts = [capture.activations[name] for name in layers]
                 for t_index, target in enumerate(targets):
                     share = self._share(target, Y, full_regions[t_index], start)
-                    grads = torch.autograd.grad(out, acts, grad_outputs=share.to(out.dtype),
+                    scale = power_of_two(share) if self.autocast else 1.0  # no float16 underflow (cam.py)
+                    grads = torch.autograd.grad(out, acts, grad_outputs=(share / scale).to(out.dtype),
                                                 retain_graph=t_index < len(targets) - 1, allow_unused=True)
                     for name, act, grad in zip(layers, acts, grads):
                         act = act.detach().float()
-                        grad = torch.zeros_like(act) if grad is None else grad.detach().float()
+                        grad = torch.zeros_like(act) if grad is None else grad.detach().float() * scale
                         self._accumulate(acc.setdefault((t_index, name), {}), start, act, grad, cam_methods)
         results = []
         for t_index, target in enumerate(targets):
