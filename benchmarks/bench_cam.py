@@ -391,6 +391,16 @@ def checks(rows: List[dict], specs: dict) -> List[dict]:
                             "case": case, "method": method, "value": speedup, "fastest": fastest["lib"],
                             "r_vs_captum": r_ref, "source": source,
                             "met": speedup >= 1.5 and r_ref is not None and r_ref >= 0.999})
+                amp = next((r for r in rows if (r["case"], r["lib"], r["method"]) == (case, "ours-amp", method)
+                            and r["status"] == "ok" and r.get(timing)), None)
+                if amp and r_ref is not None:  # r against our float32 map, which equals Captum's (r_ref)
+                    r_amp = amp["r_map"]
+                    out.append({"target": "the same with --amp (bfloat16: not the same arithmetic), r vs our "
+                                          "float32 map", "case": case, "method": method,
+                                "value": fastest[timing] / amp[timing], "fastest": fastest["lib"],
+                                "r_vs_captum": r_amp, "source": source,
+                                "met": fastest[timing] / amp[timing] >= 1.5 and r_amp is not None
+                                and r_amp >= 0.999})
         if spec["windowed"]:
             mine = next((r for r in rows if (r["case"], r["lib"], r["method"]) == (case, "ours", "hires")), None)
             if mine and mine["peak_rss_gib"]:
