@@ -298,7 +298,8 @@ def test_slab_wise_class_maps_equal_the_whole_tensor_ones(monkeypatch):
     assert len(targets_module.output_slabs(out)) > 2
     for c in range(4):
         probs = targets_module.class_probability(out, c)
-        torch.testing.assert_close(probs, torch.softmax(out, 1)[:, c], rtol=0, atol=1e-7)
+        # softmax over a slab and over the whole tensor round differently in their vectorised tails: a few ulps
+        torch.testing.assert_close(probs, torch.softmax(out, 1)[:, c], rtol=4e-7, atol=1e-7)
         assert torch.equal(targets_module.predicted_mask(out, c), out.argmax(1) == c)
     model = SimpleNamespace(activation="softmax", num_classes=4)
     np.testing.assert_array_equal(_labels(out, model), out[0].argmax(0).numpy())

@@ -93,7 +93,8 @@ def class_maps(output: torch.Tensor, class_index: int, activation: str = "auto")
 
 def class_probability(output: torch.Tensor, class_index: int, activation: str = "auto") -> torch.Tensor:
     """The probability map ``[B, *S]`` of one class, without autograd, slab by slab: equal to
-    ``class_maps(output, ...)[1]`` voxel for voxel, without the softmax of every class in memory at once."""
+    ``class_maps(output, ...)[1]`` up to float32 rounding (a few ulps: torch's softmax kernel rounds a slab's
+    vectorised tail differently), without the softmax of every class in memory at once."""
     logit = class_logit(output, class_index, activation)  # validates
     with torch.no_grad():
         if resolve_activation(activation, output.shape[1]) == "sigmoid":
