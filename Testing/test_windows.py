@@ -75,6 +75,110 @@ def test_second_target_reuses_the_prediction_and_cancel_between_windows():
     assert count_hooks(net) == 0 and all(p.requires_grad for p in net.parameters())
 
 
+def _forward_counter(net):
+    calls = {"n": 0}
+    handle = net.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("nd,shape", [(3, (1, 1, 24, 20, 16)), (2, (2, 1, 40, 36))])
+def test_windows_outside_the_target_are_skipped_and_the_maps_stay_exact(nd, shape):
+    """A small target (a clicked voxel) runs only the windows whose share of dS/dY is non-zero; the linear-head
+    identity still holds exactly, for the element-wise map and for Grad-CAM's blended channel weights."""
+    torch.manual_seed(6)
+    net = LinearHeadNet(nd=nd, classes=3).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    cam = WindowedCAM(net, x, 8, ["features"], overlap=0.5)
+    M = torch.zeros((shape[0],) + shape[2:], dtype=torch.bool)
+    M[(slice(None),) + (slice(1, 4),) * nd] = True  # a corner: a few windows cover it
+    calls, handle = _forward_counter(net)
+    try:
+        hires, grad = cam.explain([SegmentTarget(2, MaskRegion(M))], ["seg-hires-grad-cam", "seg-grad-cam"],
+                                  relu=False, normalization="none")
+        first = calls["n"]
+        # Grad-CAM needs every window's activation once (without a graph): pass 1 + those, then only the live ones
+        assert 0 < cam.windows_run < len(cam.windows) / 4
+        assert hires.options["windows_run"] == cam.windows_run
+        # a second small target reuses the prediction and the blended activations: only its live windows run
+        (again,) = cam.explain([SegmentTarget(1, MaskRegion(M))], "seg-grad-cam", relu=False, normalization="none")
+        assert calls["n"] - first == cam.windows_run
+    finally:
+        handle.remove()
+    Y = cam.prediction()[(slice(None), slice(None)) + tuple(slice(0, s) for s in shape[2:])]
+    Mf = M.double()
+    count = Mf.flatten(1).sum(1).view((-1,) + (1,) * nd)
+    for res, c in ((hires, 2), (grad, 2), (again, 1)):
+        b = net.head.bias[c].item()
+        expected = Mf * (Y[:, c] - b) if res.method == "seg-hires-grad-cam" else count / M[0].numel() * (Y[:, c] - b)
+        torch.testing.assert_close(res.raw.double(), expected, rtol=0, atol=1e-5)
+
+
+def _naive_windowed(net, cam, target, layer, methods):
+    """Reference for every method: the whole-volume gradient of the target, every window run forward and
+    backward with its share, the per-window maps summed and A, G blended over all windows."""
+    import torch.nn.functional as F
+    from SegHiResCAMLib.engine.methods import get_method
+    from SegHiResCAMLib.engine.windows import ELEMENTWISE
+    Y = cam.prediction().detach().requires_grad_(True)
+    crop = (slice(None),) + tuple(slice(0, s) for s in cam.spatial)
+    region = torch.zeros((Y.shape[0],) + cam.padded, dtype=torch.bool)
+    region[crop] = target.region(Y.detach()[(slice(None),) + crop])
+    (gY,) = torch.autograd.grad(target(Y, region).sum(), Y)
+    module = dict(net.named_modules())[layer]
+    built = [get_method(m) for m in methods]
+    maps, A, W, G = {}, None, None, None
+    for start in cam.windows:
+        where = cam._slices(start)
+        store = {}
+        handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+        try:
+            out = net(cam.x[where])
+        finally:
+            handle.remove()
+        a = store["a"]
+        (g,) = torch.autograd.grad(out, a, grad_outputs=gY[where] * cam.weights / cam._norm[where[2:]])
+        a, g = a.detach(), g.detach()
+        f = [r // n for r, n in zip(cam.roi, a.shape[2:])]
+        grid = tuple(p // k for p, k in zip(cam.padded, f))
+        if A is None:
+            A = torch.zeros(a.shape[:2] + grid, dtype=a.dtype)
+            G, W = torch.zeros_like(A), torch.zeros(grid, dtype=a.dtype)
+        at = (slice(None), slice(None)) + tuple(slice(s // k, s // k + n) for s, k, n in zip(start, f, a.shape[2:]))
+        w = F.adaptive_avg_pool3d(cam.weights[None, None].to(a.dtype), tuple(a.shape[2:]))[0, 0]
+        A[at] += a * w
+        W[at[2:]] += w
+        G[at] += g
+        for m in built:
+            if m.name in ELEMENTWISE:
+                maps.setdefault(m.name, torch.zeros((a.shape[0],) + grid, dtype=a.dtype))[(slice(None),) + at[2:]] += \
+                    m.combine(a, g)
+    for m in built:
+        if m.name not in ELEMENTWISE:
+            maps[m.name] = m.combine(A / W.clamp_min(1e-12), G)
+    return maps
+
+
+@pytest.mark.parametrize("score", ["logits", "probabilities"])
+def test_skipped_windows_give_the_maps_of_every_window_run(score):
+    """The same small target on a U-Net (skip connection, non-linear head): every method's map equals the
+    reference that runs every window (zero shares included) and blends over all of them."""
+    torch.manual_seed(7)
+    net = TinyUNet(nd=3).double()
+    x = torch.randn((1, 1, 24, 24, 16), dtype=torch.float64)
+    M = torch.zeros(24, 24, 16, dtype=torch.bool)
+    M[18:22, 2:6, 9:12] = True
+    target = SegmentTarget(1, MaskRegion(M), score=score)
+    cam = WindowedCAM(net, x, 8, ["dec"], overlap=0.5)
+    fast = cam.explain([target], METHODS, relu=False, normalization="none")
+    assert 0 < cam.windows_run < len(cam.windows) / 2
+    ref = _naive_windowed(net, cam, target, "dec", METHODS)
+    for res in fast:
+        expected = ref[res.method][(slice(None),) + tuple(slice(0, n) for n in res.raw.shape[1:])]
+        scale = expected.abs().max().item()
+        assert scale > 0, res.method
+        torch.testing.assert_close(res.raw.double() / scale, expected / scale, rtol=0, atol=1e-6, msg=res.method)
+
+
 def test_window_layout_helpers():
     assert window_starts(100, 40, 0.25, 1) == [0, 30, 60]
     assert window_starts(100, 40, 0.25, 16) == [0, 16, 32, 48, 60]

@@ -15,6 +15,12 @@ Accumulation on the full layer grid (windows start on multiples of the layer's d
   ``A = sum_p w_p A_p / sum_p w_p`` and the summed gradients ``G = sum_p G_p`` are accumulated (K channels of
   memory on the layer grid) and combined once at the end.
 
+Only the work a target needs: a window whose share of ``dS/dY`` is zero everywhere (the region M lies outside it,
+e.g. a clicked voxel on a whole CT) adds exactly nothing to any gradient, so it is not run; ``A`` does not depend
+on the target, so where a Grad-CAM-style method needs it, it is accumulated once (windows outside M run forward
+without a graph) and kept for every later target. ``CAMResult.options["windows_run"]`` says how many windows
+ran forward and backward.
+
 Both are exact where it can be checked: with one window the maps equal the whole-volume maps, and for a head
 that is linear in the layer, the Seg-HiRes raw map is ``1[M] (Y^c - b_c)`` of the blended prediction
 (ALGORITHMS.md). Memory is bounded by the window (plus the accumulators), not by the network on the volume.
@@ -114,6 +120,11 @@ class WindowedCAM:
         self.weights = importance_map(self.roi, blend, device=x.device)
         self._prediction: Optional[torch.Tensor] = None
         self.windows: List[Tuple[int, ...]] = []
+        self._layer_shapes: Dict[str, Tuple[int, ...]] = {}  # [K, *S_layer] of one window, per layer
+        #: per layer, the importance-blended activations ``(sum_p w_p A_p, sum_p w_p)`` on the layer grid: they do
+        #: not depend on the target, so they are accumulated once and reused by every later target
+        self._blended: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.windows_run = 0  #: windows run forward and backward by the last :meth:`explain`
 
     def _layout(self, align: Tuple[int, ...]) -> None:
         """Pad (at the end) so that window starts can be multiples of every layer's down-sampling ``align``."""
@@ -136,7 +147,7 @@ class WindowedCAM:
         try:
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(
-                    lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[2:])) if torch.is_tensor(o) else None))
+                    lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])) if torch.is_tensor(o) else None))
             window = self.x_input[(slice(None), slice(None)) + tuple(slice(0, r) for r in self.roi)]
             with model_guard(self.model, freeze_parameters=False), torch.no_grad():
                 self._forward(window)
@@ -145,13 +156,14 @@ class WindowedCAM:
                 handle.remove()
         align = [1] * len(self.roi)
         for name in self.layers:
-            if name not in shapes:
-                raise LayerError("layer %r did not run or does not return a tensor" % name)
-            for axis, (r, l) in enumerate(zip(self.roi, shapes[name])):
+            if name not in shapes or len(shapes[name]) != len(self.roi) + 1:
+                raise LayerError("layer %r did not run or does not return a [batch, channels, *spatial] tensor" % name)
+            self._layer_shapes[name] = shapes[name]
+            for axis, (r, l) in enumerate(zip(self.roi, shapes[name][1:])):
                 if l < 1 or r % l:
                     raise LayerError("layer %r maps a window of %s to a grid of %s, not an integer down-sampling; "
                                      "choose a window size that is a multiple of the network's down-sampling"
-                                     % (name, self.roi, shapes[name]))
+                                     % (name, self.roi, shapes[name][1:]))
                 align[axis] = align[axis] * (r // l) // math.gcd(align[axis], r // l)
         return tuple(align)
 
@@ -200,23 +212,42 @@ class WindowedCAM:
             regions.append(region)
             full_regions.append(full_region)
             scores.append(self._score(target, Y, full_region))
-        acc: Dict[Tuple[int, str], dict] = {}
-        acc: Dict[Tuple[int, str], dict] = {}
+        # Windows where every target's share of dS/dY is zero contribute exactly nothing to a gradient: they are
+        # not run at all, unless a Grad-CAM-style method still needs their activations for the blended A (then
+        # once, without a graph: A does not depend on the target and is kept for later targets).
+        need_blend = any(m.name not in ELEMENTWISE for m in cam_methods)
+        build = {name: self._new_blend(name, Y.shape[0], Y.device) for name in layers
+                 if need_blend and name not in self._blended}
+        acc = {(t_index, name): self._new_state(name, Y.shape[0], Y.device, cam_methods, need_blend)
+               for t_index in range(len(targets)) for name in layers}
+        self.windows_run = 0
         with model_guard(self.model), torch.inference_mode(False), torch.enable_grad():
             for i, start in enumerate(self.windows):
                 self.report(0.3 + 0.65 * i / len(self.windows), "gradients, window %d/%d" % (i + 1, len(self.windows)))
-                with LayerCapture(self.model, layers) as capture:
-                    out = self._forward(self.x[self._slices(start)])
+                shares = [self._share(target, Y, full_regions[t_index], start) for t_index, target in enumerate(targets)]
+                live = [t_index for t_index, share in enumerate(shares) if bool(torch.any(share != 0))]
+                if not live and not build:
+                    continue
+                window = self.x[self._slices(start)]
+                with torch.set_grad_enabled(bool(live)), LayerCapture(self.model, layers) as capture:
+                    out = self._forward(window)
                 acts = [capture.activations[name] for name in layers]
-                for t_index, target in enumerate(targets):
-                    share = self._share(target, Y, full_regions[t_index], start)
+                for name, act in zip(layers, acts):
+                    if name in build:
+                        self._blend_add(build[name], start, act.detach().float())
+                if not live:
+                    continue
+                self.windows_run += 1
+                for n, t_index in enumerate(live):
+                    share = shares[t_index]
                     scale = power_of_two(share) if self.autocast else 1.0  # no float16 underflow (cam.py)
                     grads = torch.autograd.grad(out, acts, grad_outputs=(share / scale).to(out.dtype),
-                                                retain_graph=t_index < len(targets) - 1, allow_unused=True)
+                                                retain_graph=n < len(live) - 1, allow_unused=True)
                     for name, act, grad in zip(layers, acts, grads):
                         act = act.detach().float()
                         grad = torch.zeros_like(act) if grad is None else grad.detach().float() * scale
-                        self._accumulate(acc.setdefault((t_index, name), {}), start, act, grad, cam_methods)
+                        self._accumulate(acc[(t_index, name)], start, act, grad, cam_methods)
+        self._blended.update(build)
         results = []
         for t_index, target in enumerate(targets):
             for name in layers:
@@ -226,7 +257,8 @@ class WindowedCAM:
                     if cam_method.name in ELEMENTWISE:
                         raw = state["maps"][cam_method.name]
                     else:
-                        raw = cam_method.combine(state["A"] / state["W"].clamp_min(1e-12), state["G"])
+                        A, W = self._blended[name]
+                        raw = cam_method.combine(A / W.clamp_min(1e-12), state["G"])
                     raw = raw[(slice(None),) + tuple(slice(0, int(math.ceil(s / f)))
                                                      for s, f in zip(self.spatial, state["scale"]))]
                     heat, flat = postprocess(raw, self.spatial, relu=relu, upsampling=upsampling,
@@ -236,7 +268,8 @@ class WindowedCAM:
                                     output=self._prediction[(slice(None),) + crop],
                                     options=dict(cam_method.options(), relu=relu, normalization=normalization,
                                                  upsampling=upsampling, windows=len(self.windows),
-                                                 roi_size=list(self.roi), blend=self.blend,
+                                                 windows_run=self.windows_run, roi_size=list(self.roi),
+                                                 blend=self.blend,
                                                  gradient_mean_ratio=mean_ratio))
                     if cam_method.uses_mean_gradient and mean_ratio < MEAN_GRADIENT_WARNING:
                         res.warnings.append("the spatial means of the gradients at layer %s cancel; %s's channel "
@@ -267,7 +300,28 @@ class WindowedCAM:
             gY = gY / target.region_size(full_region).to(gY.dtype).view((-1,) + (1,) * (gY.ndim - 1))
         return gY * (self.weights / self._norm[where[2:]])
 
-    def _accumulate(self, state: dict, start, act, grad, cam_methods) -> None:
+    def _grid(self, name: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """Layer ``name``'s down-sampling factors and its grid over the padded input."""
+        layer_roi = self._layer_shapes[name][1:]
+        scale = tuple(r // l for r, l in zip(self.roi, layer_roi))
+        return scale, tuple(p // f for p, f in zip(self.padded, scale))
+
+    def _new_state(self, name: str, batch: int, device, cam_methods, need_blend: bool) -> dict:
+        """Zeroed accumulators of one (target, layer): element-wise maps, and the summed gradients ``G``."""
+        scale, grid = self._grid(name)
+        state = {"scale": scale, "maps": {m.name: torch.zeros((batch,) + grid, device=device)
+                                          for m in cam_methods if m.name in ELEMENTWISE}}
+        if need_blend:
+            state["G"] = torch.zeros((batch, self._layer_shapes[name][0]) + grid, device=device)
+        return state
+
+    def _new_blend(self, name: str, batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        scale, grid = self._grid(name)
+        return (torch.zeros((batch, self._layer_shapes[name][0]) + grid, device=device),
+                torch.zeros(grid, device=device))
+
+    def _where(self, start, act: torch.Tensor) -> Tuple[slice, ...]:
+        """The layer-grid slices of window ``start``'s activation ``act``."""
         layer_roi = tuple(act.shape[2:])
         scale = []
         for r, l, s in zip(self.roi, layer_roi, start):
@@ -275,28 +329,25 @@ class WindowedCAM:
                 raise LayerError("the layer grid %s does not tile the window %s at start %s; use windows and an "
                                  "input size that are multiples of the layer's down-sampling" % (layer_roi, self.roi, start))
             scale.append(r // l)
-        if "scale" not in state:
-            state["scale"] = tuple(scale)
-            grid = tuple(p // f for p, f in zip(self.padded, scale))
-            state["maps"] = {}
-            if any(m.name not in ELEMENTWISE for m in cam_methods):
-                state["A"] = torch.zeros((act.shape[0], act.shape[1]) + grid, device=act.device)
-                state["G"] = torch.zeros_like(state["A"])
-                state["W"] = torch.zeros(grid, device=act.device)
-            for m in cam_methods:
-                if m.name in ELEMENTWISE:
-                    state["maps"][m.name] = torch.zeros((act.shape[0],) + grid, device=act.device)
-        where = (slice(None), slice(None)) + tuple(slice(s // f, s // f + l) for s, f, l in zip(start, scale, layer_roi))
+        return (slice(None), slice(None)) + tuple(slice(s // f, s // f + l) for s, f, l in zip(start, scale, layer_roi))
+
+    def _blend_add(self, blend: Tuple[torch.Tensor, torch.Tensor], start, act: torch.Tensor) -> None:
+        """Add window ``start``'s importance-weighted activation to the blended ``(sum w A, sum w)``."""
+        where = self._where(start, act)
+        layer_roi = tuple(act.shape[2:])
+        w = self.weights
+        if tuple(w.shape) != layer_roi:  # window weights on the layer grid: mean over each layer voxel
+            w = F.adaptive_avg_pool3d(w[None, None], layer_roi)[0, 0] if w.ndim == 3 else \
+                F.adaptive_avg_pool2d(w[None, None], layer_roi)[0, 0]
+        blend[0][where] += act * w
+        blend[1][where[2:]] += w
+
+    def _accumulate(self, state: dict, start, act, grad, cam_methods) -> None:
+        where = self._where(start, act)
         for m in cam_methods:
             if m.name in ELEMENTWISE:
                 state["maps"][m.name][(slice(None),) + where[2:]] += m.combine(act, grad)
-        if "A" in state:
-            w = self.weights
-            if tuple(w.shape) != layer_roi:  # window weights on the layer grid: mean over each layer voxel
-                w = F.adaptive_avg_pool3d(w[None, None], layer_roi)[0, 0] if w.ndim == 3 else \
-                    F.adaptive_avg_pool2d(w[None, None], layer_roi)[0, 0]
-            state["A"][where] += act * w
-            state["W"][where[2:]] += w
+        if "G" in state:
             state["G"][where] += grad
 
 
