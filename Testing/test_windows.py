@@ -202,32 +202,6 @@ def test_single_window_equals_whole_volume_for_every_score(score, reduction):
         torch.testing.assert_close(b.raw.double() / scale, a.raw.double() / scale, rtol=0, atol=1e-5)
 
 
-def _naive_windowed_hires(net, cam, target, layer):
-    """Reference: the gradient of the target on the WHOLE blended prediction, then each window's share of it."""
-    Y = cam.prediction().detach().requires_grad_(True)
-    crop = (slice(None),) + tuple(slice(0, s) for s in cam.spatial)
-    region = torch.zeros((Y.shape[0],) + cam.padded, dtype=torch.bool)
-    region[crop] = target.region(Y.detach()[(slice(None),) + crop])
-    (gY,) = torch.autograd.grad(target(Y, region).sum(), Y)
-    module = dict(net.named_modules())[layer]
-    total = None
-    for start in cam.windows:
-        where = cam._slices(start)
-        store = {}
-        handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-        try:
-            out = net(cam.x[where])
-        finally:
-            handle.remove()
-        (g,) = torch.autograd.grad(out, store["a"], grad_outputs=gY[where] * cam.weights / cam._norm[where[2:]])
-        part = (g * store["a"]).sum(1).detach()
-        if total is None:
-            scale = [r // s for r, s in zip(cam.roi, part.shape[1:])]
-            total = torch.zeros((part.shape[0],) + tuple(p // f for p, f in zip(cam.padded, scale)), dtype=part.dtype)
-        total[(slice(None),) + tuple(slice(s // f, s // f + n) for s, f, n in zip(start, scale, part.shape[1:]))] += part
-    return total
-
-
 @pytest.mark.parametrize("score,reduction", [("logits", "sum"), ("probabilities", "mean")])
 def test_window_shares_equal_the_whole_volume_gradient(score, reduction):
     """Each window's share is computed on the window alone; it equals the whole-volume gradient's share."""
@@ -238,7 +212,7 @@ def test_window_shares_equal_the_whole_volume_gradient(score, reduction):
     target = SegmentTarget(1, MaskRegion(torch.rand(20, 24, 16) > 0.3), score=score, reduction=reduction)
     (res,) = cam.explain([target], "seg-hires-grad-cam", relu=False, normalization="none")
     assert len(cam.windows) > 8
-    ref = _naive_windowed_hires(net, cam, target, "dec")
+    ref = _naive_windowed(net, cam, target, "dec", ["seg-hires-grad-cam"])["seg-hires-grad-cam"]
     ref = ref[(slice(None),) + tuple(slice(0, n) for n in res.raw.shape[1:])]
     scale = ref.abs().max().item()
     assert scale > 0
