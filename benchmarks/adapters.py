@@ -66,7 +66,8 @@ def ours_windowed(method: str, roi: int, overlap: float, region_out: Optional[st
         res = cam.explain([SegmentTarget(1)], method)[0]
         if region_out:
             np.save(region_out, res.region[0].numpy())
-        run.info = {"windows": res.options.get("windows"), "target_voxels": int(res.region.sum())}
+        run.info = {"windows": res.options.get("windows"), "windows_run": res.options.get("windows_run"),
+                    "target_voxels": int(res.region.sum())}
         return _np(res.map[0]), _np(res.raw[0])
     run.info = {}
     return run
