@@ -51,11 +51,17 @@ def test_linear_head_identity_on_the_blended_prediction(nd, shape, blend):
         assert (net(x)[:, 2] - Y).abs().max() > 1e-3
 
 
+def _forward_counter(net):
+    """Counts the forward calls of ``net``; returns the counter and the hook handle to remove."""
+    calls = {"n": 0}
+    handle = net.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
+    return calls, handle
+
+
 def test_second_target_reuses_the_prediction_and_cancel_between_windows():
     torch.manual_seed(2)
     net = TinyUNet(nd=3)
-    calls = {"n": 0}
-    counter = net.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
+    calls, counter = _forward_counter(net)
     x = torch.randn(1, 1, 24, 24, 24)
     cam = WindowedCAM(net, x, 16, ["dec"], overlap=0.5)
     cam.explain([whole_image_target(1)])
@@ -73,12 +79,6 @@ def test_second_target_reuses_the_prediction_and_cancel_between_windows():
     with pytest.raises(CancelledError):
         WindowedCAM(net, x, 16, ["dec"], overlap=0.5, progress=cancel).explain([whole_image_target(1)])
     assert count_hooks(net) == 0 and all(p.requires_grad for p in net.parameters())
-
-
-def _forward_counter(net):
-    calls = {"n": 0}
-    handle = net.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
-    return calls, handle
 
 
 @pytest.mark.parametrize("nd,shape", [(3, (1, 1, 24, 20, 16)), (2, (2, 1, 40, 36))])

@@ -39,7 +39,7 @@ sys.path.insert(0, HERE)
 
 from SegHiResCAMLib import __version__, io  # noqa: E402
 from SegHiResCAMLib.engine import SegmentTarget, VoxelRegion  # noqa: E402
-from SegHiResCAMLib.geometry import Geometry  # noqa: E402
+from SegHiResCAMLib.evaluate import crop_image  # noqa: E402
 from SegHiResCAMLib.engine.windows import WindowedCAM  # noqa: E402
 from SegHiResCAMLib.models import load_model  # noqa: E402
 from SegHiResCAMLib.runner import TargetSpec, explain_image  # noqa: E402
@@ -66,12 +66,8 @@ def timed(fn):
 def hdbet_case(quick: bool, methods) -> dict:
     model = load_model("hd-bet")
     image, geometry = io.read_image(robex_atlas()[0])
-    if quick:  # a central 64^3 block, every voxel kept where it was (the origin moves with the crop)
-        start = [s // 2 - 32 for s in image.shape]
-        image = np.ascontiguousarray(image[tuple(slice(a, a + 64) for a in start)])
-        shift = np.asarray(geometry.direction_matrix) @ (np.asarray(start[::-1], float) * np.asarray(geometry.spacing))
-        geometry = Geometry(size=image.shape[::-1], spacing=geometry.spacing,
-                            origin=tuple(np.asarray(geometry.origin) + shift), direction=geometry.direction)
+    if quick:  # a central 64^3 block, every voxel kept where it was
+        image, geometry, _ = crop_image(image, geometry, (64, 64, 64))
     centre = tuple(int(s) // 2 for s in image.shape)
     specs = [("predicted class 1", TargetSpec(class_index=1)),
              ("predicted class 0", TargetSpec(class_index=0)),

@@ -234,7 +234,7 @@ class WindowedCAM:
                 acts = [capture.activations[name] for name in layers]
                 for name, act in zip(layers, acts):
                     if name in build:
-                        self._blend_add(build[name], start, act.detach().float())
+                        self._blend_add(build[name], name, start, act.detach().float())
                 if not live:
                     continue
                 self.windows_run += 1
@@ -246,7 +246,7 @@ class WindowedCAM:
                     for name, act, grad in zip(layers, acts, grads):
                         act = act.detach().float()
                         grad = torch.zeros_like(act) if grad is None else grad.detach().float() * scale
-                        self._accumulate(acc[(t_index, name)], start, act, grad, cam_methods)
+                        self._accumulate(acc[(t_index, name)], name, start, act, grad, cam_methods)
         self._blended.update(build)
         results = []
         for t_index, target in enumerate(targets):
@@ -260,7 +260,7 @@ class WindowedCAM:
                         A, W = self._blended[name]
                         raw = cam_method.combine(A / W.clamp_min(1e-12), state["G"])
                     raw = raw[(slice(None),) + tuple(slice(0, int(math.ceil(s / f)))
-                                                     for s, f in zip(self.spatial, state["scale"]))]
+                                                     for s, f in zip(self.spatial, self._grid(name)[0]))]
                     heat, flat = postprocess(raw, self.spatial, relu=relu, upsampling=upsampling,
                                              normalization=normalization)
                     res = CAMResult(target=target, layer=name, method=cam_method.name, raw=raw, map=heat,
@@ -308,32 +308,30 @@ class WindowedCAM:
 
     def _new_state(self, name: str, batch: int, device, cam_methods, need_blend: bool) -> dict:
         """Zeroed accumulators of one (target, layer): element-wise maps, and the summed gradients ``G``."""
-        scale, grid = self._grid(name)
-        state = {"scale": scale, "maps": {m.name: torch.zeros((batch,) + grid, device=device)
-                                          for m in cam_methods if m.name in ELEMENTWISE}}
+        _, grid = self._grid(name)
+        state = {"maps": {m.name: torch.zeros((batch,) + grid, device=device)
+                          for m in cam_methods if m.name in ELEMENTWISE}}
         if need_blend:
             state["G"] = torch.zeros((batch, self._layer_shapes[name][0]) + grid, device=device)
         return state
 
     def _new_blend(self, name: str, batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        scale, grid = self._grid(name)
+        _, grid = self._grid(name)
         return (torch.zeros((batch, self._layer_shapes[name][0]) + grid, device=device),
                 torch.zeros(grid, device=device))
 
-    def _where(self, start, act: torch.Tensor) -> Tuple[slice, ...]:
-        """The layer-grid slices of window ``start``'s activation ``act``."""
-        layer_roi = tuple(act.shape[2:])
-        scale = []
-        for r, l, s in zip(self.roi, layer_roi, start):
-            if r % l or s % (r // l):
-                raise LayerError("the layer grid %s does not tile the window %s at start %s; use windows and an "
-                                 "input size that are multiples of the layer's down-sampling" % (layer_roi, self.roi, start))
-            scale.append(r // l)
-        return (slice(None), slice(None)) + tuple(slice(s // f, s // f + l) for s, f, l in zip(start, scale, layer_roi))
+    def _where(self, name: str, start) -> Tuple[slice, ...]:
+        """The slices of layer ``name``'s grid that window ``start`` covers."""
+        scale, _ = self._grid(name)
+        layer_roi = self._layer_shapes[name][1:]
+        if any(st % f for st, f in zip(start, scale)):
+            raise LayerError("the layer grid %s does not tile the window %s at start %s; use windows and an "
+                             "input size that are multiples of the layer's down-sampling" % (layer_roi, self.roi, start))
+        return (slice(None), slice(None)) + tuple(slice(st // f, st // f + n) for st, f, n in zip(start, scale, layer_roi))
 
-    def _blend_add(self, blend: Tuple[torch.Tensor, torch.Tensor], start, act: torch.Tensor) -> None:
+    def _blend_add(self, blend: Tuple[torch.Tensor, torch.Tensor], name: str, start, act: torch.Tensor) -> None:
         """Add window ``start``'s importance-weighted activation to the blended ``(sum w A, sum w)``."""
-        where = self._where(start, act)
+        where = self._where(name, start)
         layer_roi = tuple(act.shape[2:])
         w = self.weights
         if tuple(w.shape) != layer_roi:  # window weights on the layer grid: mean over each layer voxel
@@ -342,8 +340,8 @@ class WindowedCAM:
         blend[0][where] += act * w
         blend[1][where[2:]] += w
 
-    def _accumulate(self, state: dict, start, act, grad, cam_methods) -> None:
-        where = self._where(start, act)
+    def _accumulate(self, state: dict, name: str, start, act, grad, cam_methods) -> None:
+        where = self._where(name, start)
         for m in cam_methods:
             if m.name in ELEMENTWISE:
                 state["maps"][m.name][(slice(None),) + where[2:]] += m.combine(act, grad)
