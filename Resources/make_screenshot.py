@@ -1,6 +1,6 @@
 """Render the extension's screenshot-sized figure from the module's real output nodes.
 
-Runs the module's logic (``SegHiResCAMLib.slicer_logic.ExplainLogic``, the same code as the Slicer panel's Apply)
+Runs the module's logic (``SegHiResCAMLib.slicer_logic.explain.ExplainLogic``, the same code as the Slicer panel's Apply)
 on a ``slicer-core`` MRML scene: HD-BET fold 0 on the ROBEX atlas T1, target = HD-BET's brain prediction, default
 method and layer. Then draws the three slice views as Slicer shows them with the module's display settings
 (heatmap as foreground layer at opacity 0.5, heat colour table, window 0..1, values below the lower threshold
@@ -26,9 +26,9 @@ def compute():
     import slicer
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    from SegHiResCAMLib import mrml
-    from SegHiResCAMLib.sample_data import robex_atlas
-    from SegHiResCAMLib.slicer_logic import ExplainLogic
+    from SegHiResCAMLib.slicer_logic import bridge as mrml
+    from SegHiResCAMLib.imaging.sample_data import robex_atlas
+    from SegHiResCAMLib.slicer_logic.explain import ExplainLogic
 
     volume = mrml.load_volume(robex_atlas()[0], "ROBEX atlas")
     heatmap = ExplainLogic().process(volume, model="hd-bet", classIndex=1, addPrediction=True)

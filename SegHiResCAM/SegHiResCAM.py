@@ -21,12 +21,12 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from SegHiResCAMLib import slicer_logic_selftest as selftest
+from SegHiResCAMLib.slicer_logic import selftest
 from SegHiResCAMLib.errors import SegHiResCAMError
-from SegHiResCAMLib.slicer_analysis import EVALUATION, SEGMENTATION_ABILITY, AnalysisLogic
-from SegHiResCAMLib.slicer_logic import (BUNDLED_MODEL, DEFAULT_METHOD, DEVICES, METHOD_NAMES, MODEL_SOURCES, SCORES,
+from SegHiResCAMLib.slicer_logic.analysis import EVALUATION, SEGMENTATION_ABILITY, AnalysisLogic
+from SegHiResCAMLib.slicer_logic.explain import (BUNDLED_MODEL, DEFAULT_METHOD, DEVICES, METHOD_NAMES, MODEL_SOURCES, SCORES,
                                          TARGET_KINDS, missingPackages)
-from SegHiResCAMLib.slicer_logic_job import BackgroundJob
+from SegHiResCAMLib.slicer_logic.job import BackgroundJob
 
 #
 # SegHiResCAM
@@ -329,7 +329,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
         heatmap = logic.process(volume, model="hd-bet", classIndex=1)
 
     ``process`` and its three steps (``prepare`` / ``compute`` / ``apply``) are documented in
-    ``SegHiResCAMLib.slicer_logic.ExplainLogic``; ``evaluate`` and ``segmentationAbility`` in ``slicer_analysis``.
+    ``SegHiResCAMLib.slicer_logic.explain.ExplainLogic``; ``evaluate`` and ``segmentationAbility`` in ``slicer_analysis``.
     """
 
     def __init__(self) -> None:

@@ -4,8 +4,8 @@ The package never imports Slicer or Qt. Layers, from the bottom up (imports only
 
 - :mod:`SegHiResCAMLib.engine`: the CAM methods, targets, layer capture (torch + numpy only);
 - :mod:`SegHiResCAMLib.models`: loading models and what they expect of their input;
-- :mod:`SegHiResCAMLib.io` / ``mrml``: image files / Slicer nodes <-> arrays with their geometry;
-- :mod:`SegHiResCAMLib.cli`: the ``seghirescam`` command line.
+- :mod:`SegHiResCAMLib.imaging.files` / ``mrml``: image files / Slicer nodes <-> arrays with their geometry;
+- :mod:`SegHiResCAMLib.cli.main`: the ``seghirescam`` command line.
 """
 
 __version__ = "0.1.0"

@@ -14,9 +14,9 @@ from .regions import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion,
                       connected_components)
 from .targets import (SegmentTarget, class_maps, empty_target, predicted_mask, threshold_target,
                       whole_image_target)
-from .protoseg import (LayerSA, SAReport, Scorer, protoseg, prototypes, sa_scores, segmentation_ability,
-                       unit_maps)
-from .metrics import (Curve, SanityStage, energy_in_region, model_randomization, perturbation_curves,
+# the ProtoSeg map itself is engine.protoseg.protoseg: re-exported here it would hide the package of that name
+from .protoseg import LayerSA, SAReport, Scorer, prototypes, sa_scores, segmentation_ability, unit_maps
+from .faithfulness import (Curve, SanityStage, energy_in_region, model_randomization, perturbation_curves,
                       random_target, spearman, target_randomization)
 
 __all__ = [
@@ -26,6 +26,6 @@ __all__ = [
     "PredictedRegion", "VoxelRegion", "WholeRegion", "connected_components", "SegmentTarget", "class_maps",
     "empty_target", "predicted_mask", "threshold_target", "whole_image_target", "Curve", "SanityStage",
     "energy_in_region", "model_randomization", "perturbation_curves", "random_target", "spearman",
-    "target_randomization", "LayerSA", "SAReport", "Scorer", "protoseg", "prototypes", "sa_scores",
+    "target_randomization", "LayerSA", "SAReport", "Scorer", "prototypes", "sa_scores",
     "segmentation_ability", "unit_maps",
 ]

@@ -107,7 +107,7 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
                          "channel(s)" % (channels, x.shape[1], channels))
 
 
-def _methods(method, options) -> List[CAMMethod]:
+def resolve_methods(method, options) -> List[CAMMethod]:
     """One method, or several sharing the same gradients; options go to the methods that take them."""
     names = [method] if isinstance(method, (str, CAMMethod)) else list(method)
     if not names:
@@ -235,7 +235,7 @@ class CAMSession:
         if self.output is None:
             raise InternalError("this CAM session was released; start a new one")
         started = time.perf_counter()
-        cam_methods = _methods(method, method_options)
+        cam_methods = resolve_methods(method, method_options)
         if normalization not in NORMALIZATIONS:
             raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
         if upsampling not in UPSAMPLING:
@@ -330,7 +330,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, targets: Sequence[SegmentTar
     the output gets an autograd graph (parameters are frozen during the forward pass), and gradients are taken
     with respect to the captured activations only.
     """
-    cam_methods = _methods(method, method_options)  # validate before the expensive forward pass
+    cam_methods = resolve_methods(method, method_options)  # validate before the expensive forward pass
     if normalization not in NORMALIZATIONS:
         raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
     if upsampling not in UPSAMPLING:

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import catalog
 from ..errors import InputError, LayerError
-from .cam import (CAMResult, _methods, autocast_context, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING,
+from .cam import (CAMResult, resolve_methods, autocast_context, check_input, gradient_mean_ratio, MEAN_GRADIENT_WARNING,
                   power_of_two)
 from .hooks import LayerCapture, model_guard, resolve_layer
 from .methods import DEFAULT_METHOD, CAMMethod
@@ -43,9 +44,7 @@ from .outputs import main_output, run_model
 from .postprocess import postprocess
 from .targets import SegmentTarget, output_slabs
 
-#: methods whose map is a sum over windows of per-window maps (no global channel statistics)
-ELEMENTWISE = ("seg-hires-grad-cam", "layer-cam")
-BLENDS = ("constant", "gaussian")
+BLENDS = catalog.BLENDS
 
 
 def importance_map(roi: Sequence[int], mode: str = "constant", sigma_scale: float = 0.125,
@@ -200,7 +199,7 @@ class WindowedCAM:
                 method: Union[str, CAMMethod, Sequence] = DEFAULT_METHOD, relu: bool = True,
                 normalization: str = "max", upsampling: str = "linear", **method_options) -> List[CAMResult]:
         """Pass 2 for ``targets`` (target-major, then layer, then method, like :func:`compute_cams`)."""
-        cam_methods = _methods(method, method_options)
+        cam_methods = resolve_methods(method, method_options)
         layers = self.layers
         Y = self.prediction()
         crop = (slice(None),) + tuple(slice(0, s) for s in self.spatial)
@@ -215,7 +214,7 @@ class WindowedCAM:
         # Windows where every target's share of dS/dY is zero contribute exactly nothing to a gradient: they are
         # not run at all, unless a Grad-CAM-style method still needs their activations for the blended A (then
         # once, without a graph: A does not depend on the target and is kept for later targets).
-        need_blend = any(m.name not in ELEMENTWISE for m in cam_methods)
+        need_blend = any(not m.elementwise for m in cam_methods)
         build = {name: self._new_blend(name, Y.shape[0], Y.device) for name in layers
                  if need_blend and name not in self._blended}
         acc = {(t_index, name): self._new_state(name, Y.shape[0], Y.device, cam_methods, need_blend)
@@ -254,7 +253,7 @@ class WindowedCAM:
                 state = acc[(t_index, name)]
                 mean_ratio = gradient_mean_ratio(state["G"]) if "G" in state else float("nan")
                 for cam_method in cam_methods:
-                    if cam_method.name in ELEMENTWISE:
+                    if cam_method.elementwise:
                         raw = state["maps"][cam_method.name]
                     else:
                         A, W = self._blended[name]
@@ -310,7 +309,7 @@ class WindowedCAM:
         """Zeroed accumulators of one (target, layer): element-wise maps, and the summed gradients ``G``."""
         _, grid = self._grid(name)
         state = {"maps": {m.name: torch.zeros((batch,) + grid, device=device)
-                          for m in cam_methods if m.name in ELEMENTWISE}}
+                          for m in cam_methods if m.elementwise}}
         if need_blend:
             state["G"] = torch.zeros((batch, self._layer_shapes[name][0]) + grid, device=device)
         return state
@@ -343,7 +342,7 @@ class WindowedCAM:
     def _accumulate(self, state: dict, name: str, start, act, grad, cam_methods) -> None:
         where = self._where(name, start)
         for m in cam_methods:
-            if m.name in ELEMENTWISE:
+            if m.elementwise:
                 state["maps"][m.name][(slice(None),) + where[2:]] += m.combine(act, grad)
         if "G" in state:
             state["G"][where] += grad

@@ -57,7 +57,6 @@ from typing import Optional
 from torch import nn
 
 from ..errors import ModelError
-from . import register_loader
 from .base import Preprocessing, SegModel
 from .weights import extract_state_dict, file_sha256, load_checkpoint, load_state_dict_into
 
@@ -207,6 +206,3 @@ def load(spec: str = "hd-bet", weights: Optional[str] = None, trust_model: bool 
 
 def accepts(spec: str) -> bool:
     return spec.lower() in ("hd-bet", "hdbet")
-
-
-register_loader("hd-bet", accepts, load)

@@ -1,22 +1,23 @@
-"""CAM methods, one file each; every method overrides only ``combine(A, G)``."""
+"""CAM methods, one file each; every method overrides only ``combine(A, G)``.
 
+The table of methods is :data:`SegHiResCAMLib.catalog.METHODS`; this module builds the classes from it.
+"""
+
+import importlib
 from typing import Dict, Type
 
+from ...catalog import DEFAULT_METHOD, METHODS as CATALOG
 from ...errors import InputError, close_matches
 from .base import CAMMethod
-from .grad_cam_pp import GradCAMPlusPlus
-from .layer_cam import LayerCAM
-from .seg_grad_cam import SegGradCAM
-from .seg_hires_grad_cam import SegHiResGradCAM
-from .seg_xres_cam import SegXResCAM
-from .xgrad_cam import XGradCAM
 
-METHODS: Dict[str, Type[CAMMethod]] = {
-    cls.name: cls for cls in (SegHiResGradCAM, SegGradCAM, SegXResCAM, GradCAMPlusPlus, LayerCAM, XGradCAM)
-}
 
-#: the default method (Rheude et al. 2024)
-DEFAULT_METHOD = SegHiResGradCAM.name
+def _load(implementation: str) -> Type[CAMMethod]:
+    module, cls = implementation.split(":")
+    return getattr(importlib.import_module("." + module, __name__), cls)
+
+
+#: method name -> class, in the catalog's order
+METHODS: Dict[str, Type[CAMMethod]] = {info.name: _load(info.implementation) for info in CATALOG}
 
 
 def get_method(method, **options) -> CAMMethod:
@@ -39,5 +40,4 @@ def get_method(method, **options) -> CAMMethod:
         raise InputError("method %r does not take the option(s) %s" % (method, sorted(options))) from exc
 
 
-__all__ = ["CAMMethod", "METHODS", "DEFAULT_METHOD", "get_method", "SegGradCAM", "SegHiResGradCAM",
-           "SegXResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM"]
+__all__ = ["CAMMethod", "METHODS", "DEFAULT_METHOD", "get_method"]

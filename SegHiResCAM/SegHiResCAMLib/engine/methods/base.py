@@ -4,6 +4,8 @@ from typing import Tuple
 
 import torch
 
+from ... import catalog
+
 
 def spatial_dims(tensor: torch.Tensor) -> Tuple[int, ...]:
     """Spatial axes of a ``[B, K, *S]`` tensor: ``range(2, ndim)`` (never a hard-coded ``(2, 3)``)."""
@@ -22,6 +24,11 @@ class CAMMethod:
     #: the method weighs channels by the spatial mean of the gradient (Grad-CAM family): when those means
     #: cancel (e.g. a layer followed by instance normalisation), the map is rounding noise and is flagged
     uses_mean_gradient = False
+
+    @property
+    def elementwise(self) -> bool:
+        """The map is a sum of per-voxel terms, so windowed maps add up exactly (catalog: ``elementwise``)."""
+        return catalog.method(self.name).elementwise
 
     def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Combine layer activations ``A`` and gradients ``G`` (both ``[B, K, *S_l]``) into the raw, signed

@@ -1,0 +1,489 @@
+"""Which heatmap to trust: faithfulness and sanity metrics of every method x layer on one image, and the
+``seghirescam evaluate`` command.
+
+:func:`evaluate_image` is the one entry point shared by the command line, scripts and the Slicer logic. It works
+in model space (the network's input grid, as :func:`~SegHiResCAMLib.analysis.explain.explain_image` does) and costs:
+
+- one forward pass and one backward pass per target (the explained target plus each randomised target) for
+  *all* methods and layers together (:func:`~SegHiResCAMLib.engine.compute_cams`);
+- deletion/insertion: ``1 + maps x 2 x (steps - 1)`` gradient-free forward passes (``maps`` = methods x
+  layers, plus one random-order reference); on 3D models this dominates: choose ``steps`` (and ``crop``) to fit;
+- model randomisation: one forward + backward pass per stage, on a deep copy of the network.
+
+Every row has: deletion and insertion AUC (normalised by the unperturbed score ``y0``; lower deletion and
+higher insertion = more faithful), the same areas in score units, the fraction of the positive heat inside the
+target segment and inside its dilation (next to the fraction of voxels they cover, which a uniform map would
+score), and Spearman correlations with the maps of randomised models and targets (lower = the map depends more
+on the weights / the target, as a faithful map must). Definitions: :mod:`SegHiResCAMLib.engine.faithfulness`.
+
+From the Slicer logic (plain arrays in, plain data out; touches no MRML, so it can run in the compute thread;
+``progress`` may raise :class:`~SegHiResCAMLib.errors.CancelledError` to stop it, leaving the model as found)::
+
+    evaluation = evaluate_image(model, image, geometry, TargetSpec(class_index=1, mask=segment_array),
+                                layers=["auto"], steps=8, progress=callback)
+    headers, rows = evaluation.table()   # one table-node column per header, one row per method x layer
+    plot_curves(evaluation, png_path)     # optional figure
+"""
+
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..engine import compute_cams
+from ..engine.faithfulness import (BASELINES, RANDOM_TARGETS, Curve, dilate, energy_in_region, map_correlations,
+                             model_randomization, parameter_layers, perturbation_curves, random_target,
+                             region_fraction, region_on_grid)
+from ..engine.methods import METHODS
+from ..errors import InputError
+from ..geometry import Geometry
+from ..models.base import SegModel
+from ..imaging.files import atomic_write
+from .explain import TargetSpec, build_target, model_input
+from ..imaging.model_space import ModelSpace
+
+ProgressCallback = Callable[[float, str], None]
+
+#: every method, in the order of the tables
+METHOD_NAMES = tuple(METHODS)
+#: the pseudo-method whose map is uniform noise: what a ranking that knows nothing scores
+RANDOM_ORDER = "random-order"
+#: the fixed columns of a row, with their headers (sanity columns follow, one per stage and random target)
+COLUMNS = (
+    ("method", "method"), ("layer", "layer"),
+    ("deletion_auc", "deletion AUC (lower = better)"), ("insertion_auc", "insertion AUC (higher = better)"),
+    ("energy_in_segment", "heat in segment"), ("energy_in_dilated_segment", "heat in dilated segment"),
+)
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate_image`.
+
+    Attributes:
+        rows: one dict per method x layer (plus the random-order reference): see :meth:`columns`.
+        curves: ``{"method @ layer": {"deletion": Curve, "insertion": Curve}}``.
+        sanity: ``{"model": [SanityStage.to_dict(), ...], "target": {kind: {"method @ layer": rho}}}``.
+        metadata: target, scores, options, costs, timings, provenance.
+    """
+
+    rows: List[dict]
+    curves: Dict[str, Dict[str, Curve]]
+    sanity: dict
+    metadata: dict = field(default_factory=dict)
+
+    def columns(self) -> List[Tuple[str, str]]:
+        """``(key, header)`` of every column of :attr:`rows`, in display order (for tables and table nodes)."""
+        cols = list(COLUMNS)
+        for stage in self.sanity.get("model", []):
+            cols.append(("spearman_model:%s" % stage["label"], "rho, model randomised (%s)" % stage["label"]))
+            cols.append(("spearman_model_in_segment:%s" % stage["label"],
+                         "rho in segment, model randomised (%s)" % stage["label"]))
+        for kind in self.sanity.get("target", {}):
+            cols.append(("spearman_target:%s" % kind, "rho, random target (%s)" % kind))
+        return cols
+
+    def table(self) -> Tuple[List[str], List[List[object]]]:
+        """Headers and rows (plain Python values, NaN for missing) for a Slicer table node or a CSV file."""
+        cols = self.columns()
+        return [h for _, h in cols], [[row.get(k, float("nan")) for k, _ in cols] for row in self.rows]
+
+    def to_dict(self) -> dict:
+        return {"columns": [{"key": k, "header": h} for k, h in self.columns()], "rows": self.rows,
+                "curves": {key: {mode: c.to_dict() for mode, c in pair.items()} for key, pair in self.curves.items()},
+                "sanity": self.sanity, "metadata": self.metadata}
+
+
+def crop_image(image: np.ndarray, geometry: Geometry, size: Sequence[int],
+               center: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, Geometry, Tuple[slice, ...]]:
+    """A box of ``size`` voxels (array order) of ``image`` around ``center`` (default: the image centre),
+    shifted to stay inside the image, with its geometry. Used to bound the cost of the perturbation passes."""
+    shape = geometry.array_shape
+    if len(size) != len(shape) or any(int(s) < 1 for s in size):
+        raise InputError("crop size must give %d positive voxel counts (array order), got %s"
+                         % (len(shape), list(size)))
+    size = [min(int(s), n) for s, n in zip(size, shape)]
+    center = [n // 2 for n in shape] if center is None else [int(c) for c in center]
+    if len(center) != len(shape):
+        raise InputError("crop centre must give %d voxel indices (array order), got %s" % (len(shape), center))
+    start = [min(max(c - s // 2, 0), n - s) for c, s, n in zip(center, size, shape)]
+    box = tuple(slice(a, a + s) for a, s in zip(start, size))
+    offset = geometry.direction_matrix @ (np.asarray(start[::-1], dtype=float) * np.asarray(geometry.spacing))
+    cropped = Geometry(size=tuple(size[::-1]), spacing=geometry.spacing,
+                       origin=tuple(np.asarray(geometry.origin) + offset), direction=geometry.direction)
+    return np.ascontiguousarray(np.asarray(image)[box]), cropped, box
+
+
+def _domain(space: ModelSpace, device: torch.device) -> torch.Tensor:
+    """The model-grid voxels that hold the image (not the padding)."""
+    shape = space.grid.array_shape
+    domain = torch.zeros(shape, dtype=torch.bool, device=device)
+    domain[tuple(slice(b, n - a) for (b, a), n in zip(space.pad, shape))] = True
+    return domain
+
+
+def _key(method: str, layer: str) -> str:
+    return "%s @ %s" % (method, layer)
+
+
+def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, target: Optional[TargetSpec] = None,
+                   methods: Sequence[str] = METHOD_NAMES, layers: Union[str, Sequence[str]] = "auto",
+                   steps: Union[int, Sequence[float]] = 10, baseline: str = "blur", sigma: float = 5.0,
+                   dilation: int = 3, batch_size: Optional[int] = None,
+                   sanity_stages: Union[int, Sequence[str], None] = 3,
+                   random_targets: Sequence[str] = ("shift", "class"), random_reference: bool = True,
+                   device: str = "auto", seed: int = 0, progress: Optional[ProgressCallback] = None,
+                   **method_options) -> Evaluation:
+    """Faithfulness and sanity metrics of every method x layer for one target on one image.
+
+    Args:
+        model: the model; its network is never modified (randomisation works on a deep copy).
+        image, geometry: the scan (numpy order) and its grid.
+        target: what is explained (default: the model's prediction of class 1).
+        methods: CAM method names (default: all).
+        layers: layer names or ``auto`` (the model's default layer).
+        steps: deletion/insertion steps, or fractions (see :func:`~.engine.metrics.perturbation_curves`).
+        baseline, sigma: replacement of removed voxels (``blur`` with ``sigma`` model voxels, ``mean``, ``zero``).
+        dilation: radius of the dilated segment, in model voxels.
+        batch_size: perturbed inputs per forward pass (``None``: from free memory).
+        sanity_stages: model-randomisation stages (a number, or module names); ``None`` or 0 skips the check.
+        random_targets: kinds of randomised targets (``shift``, ``scatter``, ``class``); empty skips the check.
+        random_reference: add a row whose map is uniform noise (what an uninformed ranking scores).
+        seed: seed of every random choice (tie-breaking, random targets, re-initialisation).
+        **method_options: e.g. ``pool_size`` for ``seg-xres-cam``.
+    """
+    report = progress or (lambda f, m: None)
+    for kind in random_targets:
+        if kind not in RANDOM_TARGETS:
+            raise InputError("random target must be one of %s, got %r" % (", ".join(RANDOM_TARGETS), kind))
+    if baseline not in BASELINES:
+        raise InputError("baseline must be one of %s, got %r" % (", ".join(BASELINES), baseline))
+    methods = list(methods)
+    started = time.perf_counter()
+    timings: Dict[str, float] = {}
+    report(0.0, "preparing the image")
+    x, space, dev = model_input(model, image, geometry, device)
+    net = model.network
+    domain = _domain(space, dev)
+    names = [layers] if isinstance(layers, str) else list(layers)
+    names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
+    spec = target if target is not None else TargetSpec(class_index=1)
+    cam_target = build_target(spec, space, model)
+    extra = [random_target(cam_target, kind, seed, max(2, model.num_classes)) for kind in random_targets]
+    t0 = time.perf_counter()
+    results = compute_cams(net, x, [cam_target] + extra, names, methods, output_key=model.output_key,
+                           progress=lambda f, m: report(0.02 + 0.18 * f, "heatmaps: %s" % m), **method_options)
+    timings["cam_s"] = time.perf_counter() - t0
+    per = len(results) // (1 + len(extra))
+    reference = results[:per]
+    resolved = list(dict.fromkeys(r.layer for r in reference))
+    region = reference[0].region
+    y0 = float(reference[0].score[0])
+    target_rho = {kind: {_key(m, l): rho for (l, m), rho in
+                         map_correlations(reference, results[(k + 1) * per:(k + 2) * per], domain).items()}
+                  for k, kind in enumerate(random_targets)}
+    del results[per:]
+    spatial = tuple(x.shape[2:])
+    fraction = float(region_fraction(region, spatial, 0, domain)[0])
+    fraction_dilated = float(region_fraction(region, spatial, dilation, domain)[0])
+    maps = [r.map[0] for r in reference]
+    labels = [(r.method, r.layer) for r in reference]
+    if random_reference:
+        generator = torch.Generator().manual_seed(int(seed) + 1)
+        maps.append(torch.rand(spatial, generator=generator).to(dev))
+        labels.append((RANDOM_ORDER, "-"))
+    t0 = time.perf_counter()
+    curves = perturbation_curves(net, x, cam_target, maps, steps=steps, baseline=baseline, sigma=sigma,
+                                 domain=domain, region=region, reference_score=y0, batch_size=batch_size,
+                                 output_key=model.output_key, seed=seed,
+                                 progress=lambda f, m: report(0.2 + 0.6 * f, "deletion/insertion: %s" % m))
+    timings["curves_s"] = time.perf_counter() - t0
+    stages = []
+    if sanity_stages:
+        t0 = time.perf_counter()
+        order = parameter_layers(net, x)
+        stages = [s.to_dict() for s in model_randomization(
+            net, x, cam_target, resolved, methods, sanity_stages, reference=reference, seed=seed, order=order,
+            domain=domain, segment=dilate(region_on_grid(region, spatial), dilation)[0], output_key=model.output_key,
+            progress=lambda f, m: report(0.8 + 0.19 * f, m), **method_options)]
+        timings["sanity_s"] = time.perf_counter() - t0
+    rows = []
+    for index, ((method, layer), pair) in enumerate(zip(labels, curves)):
+        row = {"method": method, "layer": layer, "deletion_auc": pair["deletion"].auc,
+               "insertion_auc": pair["insertion"].auc, "deletion_auc_raw": pair["deletion"].auc_raw,
+               "insertion_auc_raw": pair["insertion"].auc_raw}
+        heat = maps[index][None]
+        row["energy_in_segment"] = float(energy_in_region(heat, region, 0, domain)[0])
+        row["energy_in_dilated_segment"] = float(energy_in_region(heat, region, dilation, domain)[0])
+        row["segment_fraction"], row["dilated_segment_fraction"] = fraction, fraction_dilated
+        for stage in stages:
+            rho = {(c["layer"], c["method"]): c for c in stage["correlations"]}.get((layer, method), {})
+            row["spearman_model:%s" % stage["label"]] = rho.get("spearman", float("nan"))
+            row["spearman_model_in_segment:%s" % stage["label"]] = rho.get("spearman_in_segment", float("nan"))
+        for kind, values in target_rho.items():
+            row["spearman_target:%s" % kind] = values.get(_key(method, layer), float("nan"))
+        if index < len(reference):
+            row["flat"] = bool(reference[index].flat[0])
+            row["gradient_mean_ratio"] = reference[index].options.get("gradient_mean_ratio")
+            row["warnings"] = list(reference[index].warnings)
+        rows.append(row)
+    timings["total_s"] = time.perf_counter() - started
+    n_maps, n_inner = len(maps), len(curves[0]["deletion"].fractions) - 2 if curves else 0
+    metadata = {
+        "seghirescam_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "device": str(dev), "threads": torch.get_num_threads(), "model": model.describe(),
+        "model_space": space.describe(), "model_input_shape": list(x.shape), "domain_voxels": int(domain.sum()),
+        "target": cam_target.describe(), "target_kind": spec.kind(), "region_voxels": int(region.sum()),
+        "y0": y0, "y_baseline": curves[0]["deletion"].scores[-1] if curves else None,
+        "layers": resolved, "methods": methods,
+        "options": {"steps": steps, "baseline": baseline, "sigma_voxels": sigma, "dilation_voxels": dilation,
+                    "batch_size": batch_size, "sanity_stages": sanity_stages, "random_targets": list(random_targets),
+                    "seed": seed, "method_options": dict(method_options)},
+        "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),
+                 "perturbation_forwards": 1 + n_maps * 2 * n_inner},
+        "timings": timings,
+        "normalization": "AUC of score / y0 over the perturbed fraction in [0, 1] (trapezoid); NaN if y0 <= 0",
+    }
+    report(1.0, "done")
+    return Evaluation(rows, {_key(m, l): pair for (m, l), pair in zip(labels, curves)},
+                      {"model": stages, "target": target_rho}, metadata)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else "%.3f" % value
+    return str(value)
+
+
+def markdown(evaluation: Evaluation, title: str = "Heatmap faithfulness", plot: Optional[str] = None) -> str:
+    """A Markdown report: what was evaluated, the table, how to read it, warnings."""
+    meta = evaluation.metadata
+    lines = ["# %s" % title, ""]
+    lines.append("- target: %s (%d voxels of %d), score y0 = %.4g, fully replaced input %.4g"
+                 % (meta.get("target_kind"), meta.get("region_voxels", 0), meta.get("domain_voxels", 0),
+                    meta.get("y0", float("nan")),
+                    float("nan") if meta.get("y_baseline") is None else meta["y_baseline"]))
+    options = meta.get("options", {})
+    lines.append("- deletion/insertion: %s steps, baseline %s (sigma %s voxels), %d forward passes; dilation %s "
+                 "voxels" % (options.get("steps"), options.get("baseline"), options.get("sigma_voxels"),
+                             meta.get("cost", {}).get("perturbation_forwards", 0), options.get("dilation_voxels")))
+    lines.append("- timings: %s" % ", ".join("%s %.0f s" % (k, v) for k, v in meta.get("timings", {}).items()))
+    rows = evaluation.rows
+    if rows:
+        lines.append("- a uniform map would put %.3f of its heat in the segment and %.3f in the dilated segment"
+                     % (rows[0]["segment_fraction"], rows[0]["dilated_segment_fraction"]))
+    lines += [""]
+    cols = evaluation.columns()
+    lines.append("| " + " | ".join(h for _, h in cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k, float("nan"))) for k, _ in cols) + " |")
+    lines += ["", "AUCs are areas under the score curve divided by y0 (the unperturbed score), over the fraction "
+              "of voxels removed (deletion) or inserted (insertion), most salient first. Heat in segment: share of "
+              "the positive heat inside the target segment. rho: Spearman rank correlation with the map of a "
+              "randomised model (cascading from the output layer down) or target; a faithful map changes, so "
+              "lower is better; n/a marks a flat map."]
+    warnings = sorted({"%s @ %s: %s" % (r["method"], r["layer"], w) for r in rows for w in r.get("warnings", [])})
+    if warnings:
+        lines += ["", "Warnings:", ""] + ["- %s" % w for w in warnings]
+    if plot:
+        lines += ["", "![deletion and insertion curves](%s)" % plot]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            handle.write(text)
+    atomic_write(path, write)
+
+
+def plot_curves(evaluation: Evaluation, path: str, title: Optional[str] = None) -> str:
+    """Deletion and insertion curves, one line per method x layer (colour = method, line style = layer)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in evaluation.rows if r["method"] != RANDOM_ORDER))
+    layers = list(dict.fromkeys(r["layer"] for r in evaluation.rows if r["method"] != RANDOM_ORDER))
+    colours = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
+    normalised = evaluation.metadata.get("y0", 1.0) > 0
+    for ax, mode in zip(axes, ("deletion", "insertion")):
+        for key, pair in evaluation.curves.items():
+            method, layer = key.split(" @ ")
+            curve = pair[mode]
+            ys = curve.normalized if normalised else curve.scores
+            xs = [100 * f for f in curve.fractions]
+            if method == RANDOM_ORDER:
+                ax.plot(xs, ys, color="black", lw=2.2, alpha=0.6, label="random order (reference)")
+            else:
+                ax.plot(xs, ys, color=colours(methods.index(method) % 10),
+                        ls=styles[layers.index(layer) % len(styles)], lw=1.4,
+                        label="%s @ %s (AUC %.3f)" % (method, layer, curve.auc if normalised else curve.auc_raw))
+        ax.set_title("%s (%s)" % (mode, "lower AUC = more faithful" if mode == "deletion" else
+                                  "higher AUC = more faithful"))
+        ax.set_xlabel("%% of voxels %s, most salient first" % ("removed" if mode == "deletion" else "inserted"))
+        ax.set_ylabel("y / y0" if normalised else "score y")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, [n.split(" (AUC")[0] for n in names], loc="center right", fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def jsonable(value):
+    """``value`` with NaN and infinities replaced by ``None`` (strict JSON has no NaN) and tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _ints(text: str, flag: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError as exc:
+        raise InputError("%s must be comma-separated integers (array order, e.g. 80,80,80), got %r"
+                         % (flag, text)) from exc
+
+
+def _stages(text: str) -> Union[int, List[str], None]:
+    text = (text or "").strip()
+    if text.isdigit():
+        return int(text) or None
+    return [name.strip() for name in text.split(",") if name.strip()] or None
+
+
+def add_parser(subparsers) -> None:
+    """Register ``seghirescam evaluate`` on the command line's sub-parsers."""
+    from ..cli.main import _add_model_args
+
+    p = subparsers.add_parser(
+        "evaluate", help="faithfulness and sanity metrics of heatmaps (one row per method x layer)",
+        description="Deletion/insertion AUC, heat inside the segment and sanity checks (model and target "
+                    "randomisation) for every method x layer, on one image. Cost on 3D models: one forward pass "
+                    "per step, method, layer and curve (see --steps and --crop).")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, help="input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder")
+    p.add_argument("--segment", help="mask or label map whose voxels are explained (default: the model's prediction)")
+    p.add_argument("--label", type=float, help="label value in --segment (default: every non-zero voxel)")
+    p.add_argument("--class", dest="class_", default="1", help="explained class, index or name (default 1)")
+    p.add_argument("--score", default="logits", choices=["logits", "probabilities"], help="default: logits")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES),
+                   metavar="METHOD", help="default: all (%s)" % ", ".join(METHOD_NAMES))
+    p.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER", help="default: auto")
+    p.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (default 10: 0, 10, ..., 100%%)")
+    p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="replacement of removed voxels")
+    p.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur sigma in model voxels (default 5)")
+    p.add_argument("--dilation", type=int, default=3, help="radius of the dilated segment in model voxels (default 3)")
+    p.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default: from free memory)")
+    p.add_argument("--sanity-stages", default="3",
+                   help="model randomisation: a number of stages, or comma-separated module names; 0 skips it")
+    p.add_argument("--random-targets", nargs="*", default=["shift", "class"], choices=list(RANDOM_TARGETS),
+                   help="randomised targets to compare with (default: shift class; none: skip)")
+    p.add_argument("--no-random-reference", action="store_true", help="omit the random-order reference row")
+    p.add_argument("--crop", help="evaluate on a box of Z,Y,X image voxels (bounds the cost on large scans; lifts "
+                   "the model's minimum input size, e.g. HD-BET's 128^3, so that the box is not padded back)")
+    p.add_argument("--crop-center",
+                   help="centre of --crop, z,y,x image index (default: the segment's or the image's centre)")
+    p.add_argument("--pool-size", type=int, default=2, help="window of seg-xres-cam, in layer voxels (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--out-json", required=True, help="write every row, curve and provenance here (JSON)")
+    p.add_argument("--out-md", help="write a Markdown report here")
+    p.add_argument("--plot", help="write the deletion/insertion curves here (PNG)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    """Run ``seghirescam evaluate``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
+    from ..imaging import files as io
+    from ..cli.main import _Progress, _load_model, _parse_model_args, _write_json
+
+    _parse_model_args(args)
+    protect = [args.image] + ([args.segment] if args.segment else [])
+    outputs = [p for p in (args.out_json, args.out_md, args.plot) if p]
+    for out in outputs:
+        io.check_not_protected(os.path.abspath(out), protect)
+    if len({os.path.abspath(p) for p in outputs}) != len(outputs):
+        raise InputError("--out-json, --out-md and --plot must be different files")
+    if args.steps < 1:
+        raise InputError("--steps must be >= 1, got %d" % args.steps)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1, got %d" % args.batch_size)
+    image, geometry = io.read_image(args.image)
+    mask = None
+    if args.segment:
+        mask, mask_geometry = io.read_image(args.segment)
+        if mask.ndim != geometry.ndim:
+            raise InputError("the segment %r has %d axes; give a single-component label map"
+                             % (args.segment, mask.ndim))
+        if not mask_geometry.same_grid(geometry):
+            mask = io.resample_to_grid(mask, mask_geometry, geometry, "nearest")
+            if not np.any(mask):
+                raise InputError("the segment %r does not overlap the image; check that both are in the same "
+                                 "space" % args.segment)
+    if args.crop:
+        center = _ints(args.crop_center, "--crop-center") if args.crop_center else None
+        if center is None and mask is not None and np.any(mask):
+            center = tuple(int(round(c)) for c in np.argwhere(mask).mean(axis=0))
+        image, geometry, box = crop_image(image, geometry, _ints(args.crop, "--crop"), center)
+        mask = None if mask is None else mask[box]
+    model = _load_model(args)
+    if args.crop and model.preprocessing.min_size is not None:
+        model = dataclasses.replace(model, preprocessing=dataclasses.replace(model.preprocessing, min_size=None))
+    maps = len(args.methods) * len(args.layers) + (0 if args.no_random_reference else 1)
+    if not args.quiet:
+        print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
+              "steps + 1)" % (1 + maps * 2 * max(0, args.steps - 1), maps, max(0, args.steps - 1)), file=sys.stderr)
+    spec = TargetSpec(class_index=model.class_index(args.class_), mask=mask, label=args.label, score=args.score)
+    options = {"pool_size": args.pool_size} if "seg-xres-cam" in args.methods else {}
+    progress = _Progress(args.quiet)
+    try:
+        evaluation = evaluate_image(model, image, geometry, spec, methods=args.methods, layers=args.layers,
+                                    steps=args.steps, baseline=args.baseline, sigma=args.sigma,
+                                    dilation=args.dilation, batch_size=args.batch_size,
+                                    sanity_stages=_stages(args.sanity_stages), random_targets=args.random_targets,
+                                    random_reference=not args.no_random_reference, device=args.device,
+                                    seed=args.seed, progress=progress, **options)
+    finally:
+        progress.close()
+    data = evaluation.to_dict()
+    data["metadata"].update({"command": "evaluate", "image": os.path.abspath(args.image),
+                             "segment": os.path.abspath(args.segment) if args.segment else None,
+                             "crop": args.crop, "crop_center": args.crop_center})
+    _write_json(args.out_json, jsonable(data), protect)
+    if args.plot:
+        plot_curves(evaluation, args.plot, "%s: %s" % (model.name, os.path.basename(args.image)))
+    if args.out_md:
+        plot = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(args.out_md))) \
+            if args.plot else None
+        _atomic_text(args.out_md, markdown(evaluation, "Heatmap faithfulness: %s on %s"
+                                           % (model.name, os.path.basename(args.image)), plot))
+    cols = evaluation.columns()
+    print("\t".join(k for k, _ in cols))
+    for row in evaluation.rows:
+        print("\t".join(_fmt(row.get(k, float("nan"))) for k, _ in cols))
+    for warning in sorted({w for r in evaluation.rows for w in r.get("warnings", [])}):
+        print("seghirescam: warning: %s" % warning, file=sys.stderr)
+    return 0

@@ -1,0 +1,281 @@
+"""One entry point shared by the command line, the Python API and the Slicer logic.
+
+:func:`explain_image` takes an image array with its :class:`~SegHiResCAMLib.geometry.Geometry`, a
+:class:`~SegHiResCAMLib.models.base.SegModel` and :class:`TargetSpec` descriptions on the *image* grid; it moves
+everything into model space, runs the engine once (one forward pass for all targets and layers) and maps the
+heatmaps back onto exactly the image grid. :func:`predict_image` returns the model's label map the same way.
+"""
+
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..engine import (CAMSession, ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, SegmentTarget,
+                     VoxelRegion, WholeRegion, main_output)
+from ..engine.outputs import run_model
+from ..engine.cam import check_input
+from ..engine.hooks import model_guard
+from ..engine.layers import auto_layer
+from ..engine.targets import output_slabs
+from ..engine.windows import WindowedCAM
+from ..errors import InputError, TargetError
+from ..geometry import Geometry
+from ..models.base import SegModel
+from ..imaging.model_space import ModelSpace, prepare
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class TargetSpec:
+    """What to explain, described on the image grid.
+
+    Attributes:
+        class_index: the class whose score is explained.
+        mask: optional mask or label map on the image grid (numpy order); default: the model's prediction.
+        label: the label value of ``mask`` to use (default: all non-zero voxels).
+        component: ``None``; ``"largest"``; a rank (0 = largest); restricts the region to one connected component.
+        voxel: an image voxel index (numpy order): explain that voxel (or a ball of ``radius_mm`` around it).
+        radius_mm: ball radius in mm for ``voxel``.
+        threshold: EIECS threshold target: voxels with ``p_c > threshold`` (instead of the arg-max).
+        whole: explain the class over the whole image.
+        empty: the sanity-check target (map must be zero).
+        score: ``logits`` or ``probabilities``.
+        reduction: ``sum`` or ``mean``.
+        name: label for outputs.
+    """
+
+    class_index: int = 1
+    mask: Optional[np.ndarray] = None
+    label: Optional[float] = None
+    component: Optional[Union[str, int]] = None
+    voxel: Optional[Tuple[int, ...]] = None
+    radius_mm: float = 0.0
+    threshold: Optional[float] = None
+    whole: bool = False
+    empty: bool = False
+    score: str = "logits"
+    reduction: str = "sum"
+    name: Optional[str] = None
+
+    def kind(self) -> str:
+        if self.empty:
+            return "empty"
+        if self.whole:
+            return "whole image"
+        if self.voxel is not None:
+            return "voxel"
+        if self.mask is not None:
+            return "segment"
+        return "threshold" if self.threshold is not None else "prediction"
+
+
+@dataclass
+class Heatmap:
+    """One heatmap on the image grid, with its provenance."""
+
+    array: np.ndarray  # float32, image grid (numpy order)
+    layer: str
+    method: str
+    target: TargetSpec
+    info: dict
+
+
+@dataclass
+class ImageExplanation:
+    heatmaps: List[Heatmap]
+    prediction: np.ndarray  # uint8/uint16 label map on the image grid
+    space: ModelSpace
+    metadata: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device %r requested but no CUDA GPU is available; use --device cpu" % device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InputError("unknown device %r; use auto, cpu or cuda" % device) from exc
+
+
+def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> SegmentTarget:
+    """A model-space :class:`SegmentTarget` from an image-space description."""
+    if spec.empty:
+        region = EmptyRegion()
+    elif spec.whole:
+        region = WholeRegion()
+    elif spec.voxel is not None:
+        index = tuple(int(i) for i in spec.voxel)
+        if len(index) != space.image.ndim or any(not 0 <= i < s for i, s in zip(index, space.image.array_shape)):
+            raise TargetError("voxel %s lies outside the image (shape %s, numpy order)" % (index, space.image.array_shape))
+        spacing = space.grid.spacing[::-1]
+        region = VoxelRegion(space.image_index_to_model(index), radius=spec.radius_mm, spacing=spacing)
+    elif spec.mask is not None:
+        mask = np.asarray(spec.mask)
+        if spec.label is not None:
+            if not np.any(mask == spec.label):
+                values = np.unique(mask)[:20]
+                raise TargetError("label %g does not occur in the mask; its values are: %s"
+                                  % (spec.label, ", ".join("%g" % v for v in values)))
+            mask = (mask == spec.label)
+        mask = (mask != 0).astype(np.uint8)
+        if not mask.any():
+            raise TargetError("the target segment is empty; choose a segment with voxels, or another label")
+        model_mask = space.to_model(mask, "nearest")
+        if not model_mask.any():
+            raise TargetError("the target segment vanishes on the model grid (it is smaller than one model voxel);"
+                              " use a larger segment or a voxel target with a radius")
+        region = MaskRegion(torch.from_numpy(model_mask.astype(bool)))
+    else:
+        region = PredictedRegion(spec.threshold)
+    if spec.component is not None and not (spec.empty or spec.whole):
+        region = ComponentRegion(region, spec.component)
+    name = spec.name or "%s-%s" % (model.class_names[spec.class_index] if 0 <= spec.class_index < model.num_classes
+                                   else "class%d" % spec.class_index, spec.kind().replace(" ", "-"))
+    return SegmentTarget(spec.class_index, region, score=spec.score, reduction=spec.reduction,
+                         activation=model.activation, name=name)
+
+
+def _fingerprint(array: np.ndarray) -> str:
+    """A content hash of the input image (cheap next to a forward pass) for the session cache."""
+    import hashlib
+    digest = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=16)
+    return "%s:%s:%s" % (array.shape, array.dtype, digest.hexdigest())
+
+
+def label_map(output: torch.Tensor, model: SegModel) -> np.ndarray:
+    """The label map of batch element 0, slab by slab (an int64 arg-max of a whole CT would cost twice its
+    float32 prediction)."""
+    out = output[0].detach()
+    dtype = np.uint8 if model.num_classes < 256 else np.uint16
+    labels = np.empty(tuple(out.shape[1:]), dtype=dtype)
+    for part in output_slabs(output):
+        block = out[:, part]
+        if model.activation == "sigmoid" and block.shape[0] == 1:
+            values = block[0] > 0
+        elif model.activation == "sigmoid":  # multi-label: the highest-scoring class above 0.5, else background
+            best = block.argmax(0)
+            values = torch.where(block.max(0).values > 0, best + 1, torch.zeros_like(best))
+        else:
+            values = block.argmax(0)
+        labels[part] = values.cpu().numpy()
+    return labels
+
+
+def _to_tensor(x: np.ndarray, device: torch.device, model: SegModel) -> torch.Tensor:
+    dtype = next((p.dtype for p in model.network.parameters()), torch.float32)
+    return torch.from_numpy(x)[None].to(device=device, dtype=dtype)
+
+
+def model_input(model: SegModel, image: np.ndarray, geometry: Geometry,
+                device: str = "auto") -> Tuple[torch.Tensor, ModelSpace, torch.device]:
+    """The network input ``[1, C, *S_model]`` on the chosen device (the network is moved there too), and the
+    :class:`ModelSpace` that maps results back onto the image grid."""
+    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
+    dev = resolve_device(device)
+    model.network.to(dev)
+    return _to_tensor(x_np, dev, model), space, dev
+
+
+def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, targets: Sequence[TargetSpec],
+                  layers: Union[str, Sequence[str]] = "auto",
+                  method: Union[str, Sequence[str]] = "seg-hires-grad-cam",
+                  device: str = "auto", relu: bool = True, normalization: str = "max",
+                  progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
+                  overlap: float = 0.25, blend: str = "constant", amp: bool = False,
+                  session_cache: Optional[dict] = None, **method_options) -> ImageExplanation:
+    """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
+
+    ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
+    model runs in overlapping windows (exact sliding-window CAM, :mod:`.engine.windows`): memory is bounded
+    by the window instead of the volume.
+
+    ``session_cache``: a dict owned by the caller (e.g. the Slicer logic). When given, the forward pass (or,
+    with windows, the blended prediction) is kept there and reused by the next call on the same image, model,
+    layers and device, so a new target costs only the target-dependent work. The cache holds one entry, and
+    its memory, until the next call with other inputs or until the caller clears it.
+    """
+    report = progress or (lambda f, m: None)
+    timings = {}
+    started = time.perf_counter()
+    report(0.0, "preparing the image")
+    x, space, dev = model_input(model, image, geometry, device)
+    timings["preprocess_s"] = time.perf_counter() - started
+    names = [layers] if isinstance(layers, str) else list(layers)
+    names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
+    cam_targets = [build_target(t, space, model) for t in targets]
+    t0 = time.perf_counter()
+    engine_progress = lambda f, m: report(0.05 + 0.85 * f, m)  # noqa: E731
+    key = None
+    if session_cache is not None:
+        key = (id(model.network), _fingerprint(np.asarray(image)), geometry, tuple(names), str(dev), amp,
+               None if roi_size is None else (tuple(roi_size), overlap, blend))
+        if session_cache.get("key") != key:
+            session_cache.clear()  # one entry: drop the previous graph before building the next one
+    cached = session_cache.get("session") if session_cache is not None else None
+    timings["reused_forward"] = cached is not None
+    if roi_size is None:
+        session = cached or CAMSession(model.network, x, names, output_key=model.output_key,
+                                       progress=engine_progress, autocast=amp)
+        session.report = engine_progress
+        results = session.explain(cam_targets, method, relu=relu, normalization=normalization,
+                                  keep_graph=session_cache is not None, **method_options)
+    else:
+        roi = tuple(int(r) for r in roi_size)
+        if "auto" in names:
+            first = x[(slice(None), slice(None)) + tuple(slice(0, r) for r in roi)]
+            chosen = auto_layer(model.network, first, model.output_key)
+            names = [chosen if n == "auto" else n for n in names]
+        session = cached or WindowedCAM(model.network, x, roi, names, overlap=overlap, blend=blend,
+                                        output_key=model.output_key, progress=engine_progress, autocast=amp)
+        session.report = engine_progress
+        results = session.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
+    if session_cache is not None:
+        session_cache.update(key=key, session=session)
+    timings["cam_s"] = time.perf_counter() - t0
+    report(0.92, "mapping back to the image grid")
+    t0 = time.perf_counter()
+    prediction = space.to_image(label_map(results[0].output, model), "nearest")
+    heatmaps = []
+    per_target = len(results) // len(cam_targets)  # results are target-major
+    for i, res in enumerate(results):
+        spec = targets[i // per_target]
+        array = space.to_image(res.map[0].float().cpu().numpy(), "linear")
+        info = res.describe()
+        info["flat"] = bool(res.flat[0])
+        info["warnings"] = list(res.warnings)
+        heatmaps.append(Heatmap(array.astype(np.float32, copy=False), res.layer, res.method, spec, info))
+    timings["postprocess_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+    report(1.0, "done")
+    metadata = {
+        "seghirescam_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "device": str(dev), "model": model.describe(), "model_space": space.describe(), "timings": timings,
+    }
+    return ImageExplanation(heatmaps, prediction, space, metadata)
+
+
+def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
+                  progress: Optional[ProgressCallback] = None) -> Tuple[np.ndarray, dict]:
+    """The model's label map on the image grid, and metadata (one forward pass, no gradients)."""
+    report = progress or (lambda f, m: None)
+    started = time.perf_counter()
+    report(0.0, "preparing the image")
+    x, space, dev = model_input(model, image, geometry, device)
+    check_input(model.network, x)
+    report(0.1, "forward pass")
+    with model_guard(model.network, freeze_parameters=False), torch.no_grad():
+        output = main_output(run_model(model.network, x), model.output_key)
+    labels = space.to_image(label_map(output, model), "nearest")
+    report(1.0, "done")
+    meta = {"seghirescam_version": __version__, "device": str(dev), "model": model.describe(),
+            "model_space": space.describe(), "timings": {"total_s": time.perf_counter() - started}}
+    return labels, meta

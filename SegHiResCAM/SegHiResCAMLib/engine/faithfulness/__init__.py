@@ -1,0 +1,38 @@
+"""Faithfulness and sanity metrics for heatmaps of segmentation models (ALGORITHMS.md, "Faithfulness checks").
+
+The public entry point of the checks, which live in one module per concern and are re-exported here:
+
+- :mod:`.perturbation`: **deletion / insertion** curves (Petsiuk, Das, Saenko, *RISE*, BMVC 2018) with the
+  original region M fixed along the curve, their AUCs normalised by the unperturbed score ``y0``
+  (:func:`perturbation_curves`, :class:`Curve`, :func:`baseline_input`, :func:`gaussian_blur`,
+  :func:`saliency_order`, :func:`auto_batch_size`).
+- :mod:`.energy`: **energy in the segment**, the fraction of the positive heat inside M (dilated by a max-pool of
+  radius r voxels), against the fraction of voxels that M covers (:func:`energy_in_region`,
+  :func:`region_fraction`, :func:`dilate`, :func:`region_on_grid`).
+- :mod:`.sanity`: **sanity checks** (Adebayo et al., *Sanity checks for saliency maps*, NeurIPS 2018), the
+  Spearman rank correlation between the original maps and those of a cascadingly re-initialised copy of the model
+  or of a randomised target (:func:`model_randomization`, :func:`target_randomization`, :func:`random_target`,
+  :func:`fixed_target`, :func:`spearman`, :func:`rankdata`, :func:`map_correlations`, :func:`parameter_layers`,
+  :func:`cascade_stages`, :func:`randomize_modules`, :class:`SanityStage`).
+
+Everything is dimension-generic (1 to 3 spatial axes) and works on the explained target ``y^c_M`` itself.
+
+>>> import torch
+>>> spearman(torch.tensor([1., 2., 2., 3.]), torch.tensor([10., 20., 20., 30.]))
+1.0
+"""
+
+from ..cam import ProgressCallback  # noqa: F401 - the callback type of perturbation_curves / model_randomization
+from .energy import dilate, energy_in_region, region_fraction, region_on_grid
+from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, MODES, Curve, auto_batch_size,  # noqa: F401
+                           baseline_input, gaussian_blur, perturbation_curves, saliency_order)
+from .sanity import (RANDOM_TARGETS, SanityStage, cascade_stages, fixed_target, map_correlations,
+                     model_randomization, parameter_layers, random_target, randomize_modules, rankdata, spearman,
+                     target_randomization)
+
+__all__ = [
+    "BASELINES", "MODES", "RANDOM_TARGETS", "Curve", "SanityStage", "auto_batch_size", "baseline_input",
+    "cascade_stages", "dilate", "energy_in_region", "fixed_target", "gaussian_blur", "map_correlations",
+    "model_randomization", "parameter_layers", "perturbation_curves", "random_target", "randomize_modules",
+    "rankdata", "region_fraction", "region_on_grid", "saliency_order", "spearman", "target_randomization",
+]

@@ -1,0 +1,329 @@
+"""Deletion and insertion curves of heatmaps of segmentation models (ALGORITHMS.md, "Faithfulness checks").
+
+Part of the faithfulness checks gathered in :mod:`.metrics`; dimension-generic (1 to 3 spatial axes).
+
+**Deletion / insertion** (Petsiuk, Das, Saenko, *RISE*, BMVC 2018): rank the input voxels by the heatmap
+(:func:`saliency_order`), replace the top fraction by a baseline (:func:`baseline_input`: Gaussian blur of the
+input, or its mean), record ``y^c_M`` at each step (deletion), or start from the baseline and put the top
+fraction back (insertion). The region M stays the *original* one at every step: ``y^c_M`` is the function the
+heatmap explains (the engine differentiated exactly that sum), so only the input may change along the curve.
+Re-computing M from each perturbed prediction would mix two effects — the logits falling, and the summation
+domain shrinking as the prediction vanishes — and a blurred input, whose predicted region is usually empty, would
+have no score at all. Curves (:class:`Curve`) are normalised by ``y0``, the score of the unperturbed input; the
+area under the normalised curve (trapezoid rule on the fractions in [0, 1]) is the AUC: lower deletion AUC and
+higher insertion AUC are more faithful. ``y0 <= 0`` (possible with logits) leaves the normalised values undefined
+(NaN); the raw AUCs, in score units, still rank methods on the same image and target, since every method shares
+``y0`` and both end points. Cost: one forward pass per step and map, plus one for the baseline (batched, see
+``batch_size`` of :func:`perturbation_curves`).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import InputError, InternalError, ModelError, SegHiResCAMError
+from ..cam import ProgressCallback, check_input
+from ..hooks import model_guard
+from ..outputs import main_output
+from ..targets import SegmentTarget
+
+BASELINES = ("blur", "mean", "zero")
+MODES = ("deletion", "insertion")
+#: inference memory per input voxel assumed by ``batch_size=None`` (HD-BET: 1.8 GiB for 128^3, ~900 B/voxel)
+AUTO_BYTES_PER_VOXEL = 1024
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncate: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian blur of ``x`` ``[B, C, *S]`` (sigma in voxels, one value or one per spatial axis).
+
+    One 1-D convolution per axis, kernel radius ``round(truncate * sigma)``, borders extended by replication.
+    """
+    nd = x.ndim - 2
+    sigmas = [float(sigma)] * nd if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+    if len(sigmas) != nd or any(s < 0 or not math.isfinite(s) for s in sigmas):
+        raise InputError("sigma must be >= 0, one value or one per spatial axis (%d), got %r" % (nd, sigma))
+    out = x
+    for axis, s in zip(range(2, x.ndim), sigmas):
+        radius = int(truncate * s + 0.5)
+        if s == 0 or radius == 0:
+            continue
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-0.5 * (t / s) ** 2)
+        kernel = (kernel / kernel.sum()).view(1, 1, -1)
+        moved = out.movedim(axis, -1)
+        shape = moved.shape
+        flat = F.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius), mode="replicate")
+        out = F.conv1d(flat, kernel).view(shape).movedim(-1, axis)
+    return out
+
+
+def baseline_input(x: torch.Tensor, kind: str = "blur", sigma: float = 5.0,
+                   domain: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What removed voxels are replaced with: ``blur`` (Gaussian, ``sigma`` voxels), ``mean`` (per channel, over
+    the domain) or ``zero``."""
+    if kind not in BASELINES:
+        raise InputError("baseline must be one of %s, got %r" % (", ".join(BASELINES), kind))
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "blur":
+        return gaussian_blur(x, sigma)
+    weights = torch.ones(x.shape[2:], dtype=x.dtype, device=x.device) if domain is None else domain.to(x.dtype)
+    dims = tuple(range(2, x.ndim))
+    mean = (x * weights).sum(dim=dims, keepdim=True) / weights.sum().clamp_min(1.0)
+    return mean.expand_as(x).clone()
+
+
+# --------------------------------------------------------------------------------------------- the curves
+def saliency_order(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, seed: int = 0) -> torch.Tensor:
+    """Flat indices of the domain's voxels, most salient first.
+
+    Ties (e.g. the zeros left by ReLU) are broken by a fixed pseudo-random permutation drawn from ``seed``:
+    deterministic, and free of the spatial bias of raster order (which would delete whole slabs of the volume).
+    """
+    flat = heat.detach().reshape(-1)
+    if not bool(torch.isfinite(flat).all()):
+        raise InputError("the heatmap holds NaN or infinite values; cannot rank its voxels")
+    if domain is None:
+        index = torch.arange(flat.numel(), device=flat.device)
+    else:
+        if domain.numel() != flat.numel():
+            raise InputError("the domain mask has %d voxels but the heatmap %d" % (domain.numel(), flat.numel()))
+        index = domain.reshape(-1).to(flat.device).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(index.numel(), generator=generator).to(flat.device)
+    order = torch.argsort(-flat[index][perm], stable=True)
+    return index[perm[order]]
+
+
+@dataclass
+class Curve:
+    """One deletion or insertion curve.
+
+    Attributes:
+        mode: ``deletion`` or ``insertion``.
+        fractions: fraction of the domain's voxels removed (deletion) or inserted (insertion), from 0 to 1.
+        scores: the target score ``y^c_M`` (original M) at each fraction.
+        reference: ``y0``, the score of the unperturbed input (the normaliser).
+    """
+
+    mode: str
+    fractions: List[float]
+    scores: List[float]
+    reference: float
+
+    @property
+    def normalized(self) -> List[float]:
+        """``scores / y0``; NaN when ``y0 <= 0`` (normalisation undefined)."""
+        if not self.reference > 0:
+            return [float("nan")] * len(self.scores)
+        return [s / self.reference for s in self.scores]
+
+    @property
+    def auc(self) -> float:
+        """Area under the normalised curve (fractions 0..1, trapezoid rule); NaN when ``y0 <= 0``."""
+        return _trapezoid(self.fractions, self.normalized)
+
+    @property
+    def auc_raw(self) -> float:
+        """Area under the raw score curve, in score units."""
+        return _trapezoid(self.fractions, self.scores)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "fractions": list(self.fractions), "scores": list(self.scores),
+                "normalized": self.normalized, "reference": self.reference, "auc": self.auc,
+                "auc_raw": self.auc_raw}
+
+
+def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
+    return float(sum((x1 - x0) * (y0 + y1) / 2.0 for x0, x1, y0, y1 in zip(xs[:-1], xs[1:], ys[:-1], ys[1:])))
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown platform: assume 4 GiB
+
+
+def auto_batch_size(x: torch.Tensor, bytes_per_voxel: int = AUTO_BYTES_PER_VOXEL) -> int:
+    """Perturbed inputs per forward pass: half the free memory over ``bytes_per_voxel`` per input voxel,
+    at most 4 on CPU (batching barely speeds CPU convolutions up) and 16 on a GPU."""
+    need = max(1, x[0, 0].numel() * bytes_per_voxel)
+    cap = 16 if x.device.type == "cuda" else 4
+    return max(1, min(cap, int(0.5 * _available_bytes(x.device) // need)))
+
+
+class _OutOfMemory(InternalError):
+    """A forward pass ran out of memory (the scorer then halves its batch)."""
+
+
+def _forward(model: nn.Module, batch: torch.Tensor, output_key: Optional[str]) -> torch.Tensor:
+    """The main output of ``model`` on ``batch``; failures become one clear project error."""
+    try:
+        return main_output(model(batch), output_key)
+    except SegHiResCAMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into one clear error below
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in text.lower():
+            raise _OutOfMemory("out of memory for an input of shape %s; use a smaller image or crop, a smaller "
+                               "--batch-size, or another device" % (tuple(batch.shape),)) from exc
+        raise ModelError("the model failed on an input of shape %s: %s" % (tuple(batch.shape), text)) from exc
+
+
+class _Scorer:
+    """Scores ``y^c_M`` of batches of inputs with a fixed region, halving the batch on out-of-memory errors."""
+
+    def __init__(self, model, target, region, output_key, batch_size, eval_mode):
+        self.model, self.target, self.output_key, self.eval_mode = model, target, output_key, eval_mode
+        self.region = region
+        self.batch_size = batch_size
+        self.forwards = 0
+
+    def _scores(self, batch: torch.Tensor) -> torch.Tensor:
+        out = _forward(self.model, batch, self.output_key)
+        self.forwards += batch.shape[0]
+        region = self.region.expand((batch.shape[0],) + tuple(self.region.shape[1:]))
+        return self.target(out, region).detach().double().cpu()
+
+    def __call__(self, inputs: Callable[[int], torch.Tensor], count: int,
+                 report: Callable[[int], None] = lambda done: None) -> List[float]:
+        scores: List[float] = []
+        with model_guard(self.model, eval_mode=self.eval_mode), torch.no_grad():
+            while len(scores) < count:
+                size = min(self.batch_size, count - len(scores))
+                batch = torch.cat([inputs(len(scores) + i) for i in range(size)])
+                try:
+                    values = self._scores(batch)
+                except _OutOfMemory:
+                    if size == 1:
+                        raise
+                    self.batch_size = max(1, size // 2)
+                    continue
+                finally:
+                    del batch
+                scores.extend(float(v) for v in values)
+                report(len(scores))
+        return scores
+
+
+def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget, heatmaps: Sequence[torch.Tensor],
+                        steps: Union[int, Sequence[float]] = 10, modes: Sequence[str] = MODES,
+                        baseline: str = "blur", sigma: float = 5.0, domain: Optional[torch.Tensor] = None,
+                        region: Optional[torch.Tensor] = None, reference_score: Optional[float] = None,
+                        batch_size: Optional[int] = None, output_key: Optional[str] = None, seed: int = 0,
+                        eval_mode: bool = True, progress: Optional[ProgressCallback] = None) -> List[Dict[str, Curve]]:
+    """Deletion and insertion curves of several heatmaps of one input and target.
+
+    Args:
+        model: the network (left as found: eval mode and flags restored, no gradients).
+        x: the input ``[1, C, *S]`` (one image).
+        target: the explained target; its score is taken on the fixed ``region``.
+        heatmaps: maps on the input grid, each ``[*S]`` or ``[1, *S]`` (e.g. ``CAMResult.map``).
+        steps: number of equal steps (fractions ``0, 1/steps, ..., 1``) or an increasing list of fractions
+            from 0 to 1. Each interior fraction costs one forward pass per map and mode.
+        modes: ``deletion`` and/or ``insertion``.
+        baseline: ``blur``, ``mean`` or ``zero`` (see :func:`baseline_input`); ``sigma`` in voxels for ``blur``.
+        domain: boolean ``[*S]``: the voxels that may be ranked and perturbed (e.g. the image inside the model's
+            padding); fractions are of these voxels. Default: all.
+        region: the original M, boolean ``[1, *S_out]`` (``CAMResult.region``); default: from one forward pass.
+        reference_score: ``y0`` if already known (``CAMResult.score``); default: from one forward pass.
+        batch_size: perturbed inputs per forward pass; ``None`` picks one from free memory
+            (:func:`auto_batch_size`); halved automatically on an out-of-memory error.
+        seed: tie-breaking permutation of :func:`saliency_order`.
+
+    Returns:
+        For every heatmap, ``{mode: Curve}``. Both end points are shared by all maps (the unperturbed input and
+        the fully replaced one), so the cost is ``2 + len(heatmaps) * len(modes) * (len(fractions) - 2)``
+        forward passes at most.
+    """
+    check_input(model, x)
+    if x.shape[0] != 1:
+        raise InputError("deletion/insertion evaluate one image at a time; got a batch of %d" % x.shape[0])
+    fractions = _fractions(steps)
+    modes = list(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise InputError("modes must be a non-empty subset of %s, got %r" % (MODES, modes))
+    spatial = tuple(x.shape[2:])
+    maps = []
+    for heat in heatmaps:
+        heat = heat.detach()
+        heat = heat[0] if heat.ndim == len(spatial) + 1 else heat
+        if tuple(heat.shape) != spatial:
+            raise InputError("a heatmap of shape %s does not lie on the input grid %s" % (tuple(heat.shape), spatial))
+        maps.append(heat)
+    dom = None if domain is None else domain.to(device=x.device, dtype=torch.bool).reshape(spatial)
+    if dom is not None and not bool(dom.any()):
+        raise InputError("the domain mask is empty: no voxel can be perturbed")
+    if batch_size is None:
+        batch_size = auto_batch_size(x)
+    elif int(batch_size) < 1:
+        raise InputError("batch size must be >= 1, got %r" % (batch_size,))
+    report = progress or (lambda f, m: None)
+    x = x.detach()
+    if region is None or reference_score is None:
+        with model_guard(model, eval_mode=eval_mode), torch.no_grad():
+            out = _forward(model, x, output_key)
+        region = target.region(out) if region is None else region
+        reference_score = float(target(out, region.to(out.device))[0]) if reference_score is None else reference_score
+    region = region.to(x.device).bool()
+    region = region[None] if region.ndim == len(spatial) else region
+    scorer = _Scorer(model, target, region, output_key, int(batch_size), eval_mode)
+    base = baseline_input(x, baseline, sigma, dom)
+    replaced = base if dom is None else torch.where(dom, base, x)
+    report(0.0, "score of the fully replaced input")
+    y_base = scorer(lambda i: replaced, 1)[0]
+    total_voxels = int(dom.sum()) if dom is not None else int(torch.tensor(spatial).prod())
+    counts = [int(round(f * total_voxels)) for f in fractions]
+    interior = list(range(1, len(fractions) - 1))
+    orders = [saliency_order(heat, dom, seed) for heat in maps]
+    jobs = [(m, mode, i) for m in range(len(maps)) for mode in modes for i in interior]
+
+    def make(j: int) -> torch.Tensor:
+        m, mode, i = jobs[j]
+        mask = torch.zeros(x[0, 0].numel(), dtype=torch.bool, device=x.device)
+        mask[orders[m][:counts[i]]] = True
+        mask = mask.view(spatial)
+        return torch.where(mask, base, x) if mode == "deletion" else torch.where(mask, x, replaced)
+
+    scores = scorer(make, len(jobs), lambda done: report(done / max(1, len(jobs)), "perturbed input %d/%d"
+                                                       % (done, len(jobs)))) if jobs else []
+    results: List[Dict[str, Curve]] = []
+    by_job = dict(zip(jobs, scores))
+    for m in range(len(maps)):
+        curves = {}
+        for mode in modes:
+            inner = [by_job[(m, mode, i)] for i in interior]
+            ends = (reference_score, y_base) if mode == "deletion" else (y_base, reference_score)
+            curves[mode] = Curve(mode, list(fractions), [ends[0]] + inner + [ends[1]], float(reference_score))
+        results.append(curves)
+    report(1.0, "done (%d forward passes, batch %d)" % (scorer.forwards, scorer.batch_size))
+    return results
+
+
+def _fractions(steps) -> List[float]:
+    if isinstance(steps, bool):
+        raise InputError("steps must be an integer >= 1 or a list of fractions, got %r" % (steps,))
+    if isinstance(steps, int):
+        if steps < 1:
+            raise InputError("steps must be >= 1, got %d" % steps)
+        return [i / steps for i in range(steps + 1)]
+    values = [float(f) for f in steps]
+    if len(values) < 2 or values[0] != 0.0 or values[-1] != 1.0 or any(b <= a for a, b in zip(values, values[1:])):
+        raise InputError("fractions must increase strictly from 0 to 1, got %r" % (list(steps),))
+    return values
+
+
+__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "MODES", "Curve", "auto_batch_size", "baseline_input",
+           "gaussian_blur", "perturbation_curves", "saliency_order"]

@@ -1,0 +1,216 @@
+"""Model space: from the user's image grid to the grid a network wants, and back.
+
+:func:`prepare` applies a model's :class:`~SegHiResCAMLib.models.base.Preprocessing` (reorientation, resampling
+to the model's spacing, intensity normalisation, symmetric padding to a multiple of ``divisible_by``) and
+returns a :class:`ModelSpace` that remembers both grids. Because every step is a change of the *physical grid*,
+the inverse is one resampling from the model grid onto the image grid (linear for heatmaps, nearest for labels);
+when the grids coincide the arrays are passed through (or cropped) exactly, with no interpolation at all.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..geometry import Geometry
+from .files import from_sitk, resample_to_grid, to_sitk
+from ..models.base import Preprocessing
+
+_EPS = 1e-6
+
+
+@dataclass
+class ModelSpace:
+    """The image grid, the model grid, and what was done between them.
+
+    Attributes:
+        image: the user's grid.
+        grid: the model input grid (after reorientation, resampling and padding).
+        pad: ``(before, after)`` voxels added per array axis.
+        steps: human-readable record of the preprocessing, for provenance.
+    """
+
+    image: Geometry
+    grid: Geometry
+    pad: Tuple[Tuple[int, int], ...]
+    steps: List[str] = field(default_factory=list)
+
+    def _unpadded(self) -> Tuple[Geometry, Tuple[slice, ...]]:
+        before = tuple(b for b, _ in self.pad)
+        inner = tuple(s - b - a for s, (b, a) in zip(self.grid.array_shape, self.pad))
+        offset = np.asarray(self.grid.direction).reshape(self.grid.ndim, -1) @ (
+            np.asarray(before[::-1], dtype=float) * np.asarray(self.grid.spacing))
+        geom = Geometry(size=inner[::-1], spacing=self.grid.spacing,
+                        origin=tuple(np.asarray(self.grid.origin) + offset), direction=self.grid.direction)
+        return geom, tuple(slice(b, b + n) for b, n in zip(before, inner))
+
+    def to_image(self, array: np.ndarray, interpolator: str = "linear") -> np.ndarray:
+        """Map an array on the model grid (``grid.array_shape``) onto the image grid."""
+        array = np.asarray(array)
+        if array.shape != self.grid.array_shape:
+            raise InputError("array shape %s does not match the model grid %s" % (array.shape, self.grid.array_shape))
+        inner, crop = self._unpadded()
+        cropped = array[crop]
+        if inner.same_grid(self.image, atol=1e-6):
+            return np.ascontiguousarray(cropped.astype(np.float32) if interpolator == "linear" else cropped)
+        return resample_to_grid(array, self.grid, self.image, interpolator)
+
+    def to_model(self, array: np.ndarray, interpolator: str = "nearest") -> np.ndarray:
+        """Map an array on the image grid (e.g. a mask) onto the model grid (padding filled with 0)."""
+        array = np.asarray(array)
+        if array.shape != self.image.array_shape:
+            raise InputError("array shape %s does not match the image grid %s" % (array.shape, self.image.array_shape))
+        inner, crop = self._unpadded()
+        if inner.same_grid(self.image, atol=1e-6):
+            out = np.zeros(self.grid.array_shape, dtype=np.float32 if interpolator == "linear" else array.dtype)
+            out[crop] = array
+            return out
+        return resample_to_grid(array, self.image, self.grid, interpolator)
+
+    def image_index_to_model(self, index: Sequence[int]) -> Tuple[int, ...]:
+        """A voxel index of the image grid (array order) -> the nearest voxel of the model grid (array order)."""
+        point = self.image.ijk_to_lps() @ np.append(np.asarray(index[::-1], dtype=float), 1.0)
+        ijk = np.linalg.solve(self.grid.ijk_to_lps(), point)[:-1]
+        model_index = tuple(int(round(v)) for v in ijk[::-1])
+        if any(not 0 <= i < s for i, s in zip(model_index, self.grid.array_shape)):
+            raise InputError("voxel %s lies outside the model grid" % (tuple(index),))
+        return model_index
+
+    def describe(self) -> dict:
+        return {"image_grid": self.image.to_dict(), "model_grid": self.grid.to_dict(),
+                "padding": [list(p) for p in self.pad], "steps": list(self.steps)}
+
+
+def _resampled_grid(geom: Geometry, spacing: Sequence[float]) -> Geometry:
+    """Same direction and field of view (outer voxel edges aligned), new spacing."""
+    old = np.asarray(geom.spacing)
+    new = np.asarray(spacing, dtype=float)
+    size = np.maximum(1, np.round(np.asarray(geom.size) * old / new)).astype(int)
+    direction = np.asarray(geom.direction).reshape(geom.ndim, -1)
+    origin = np.asarray(geom.origin) + direction @ ((new - old) / 2.0)
+    return Geometry(size=tuple(size), spacing=tuple(new), origin=tuple(origin), direction=geom.direction)
+
+
+def normalize_intensities(values: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    values = values.astype(np.float32, copy=False)
+    if prep.channels is not None:  # one scheme per channel; a single channel has no channel axis here
+        if len(prep.channels) == 1:
+            return normalize_intensities(values, prep.channels[0])
+        if values.shape[-1] != len(prep.channels):
+            raise InputError("the model normalises %d channels separately but the image has %d"
+                             % (len(prep.channels), values.shape[-1]))
+        return np.stack([normalize_intensities(values[..., c], scheme) for c, scheme in enumerate(prep.channels)], axis=-1)
+    how = prep.normalization
+    if how == "none":
+        return values
+    if how == "zscore":
+        std = float(values.std())
+        return (values - float(values.mean())) / (std if std > _EPS else 1.0)
+    if how == "zscore-nonzero":
+        inside = values != 0
+        if not inside.any():
+            return values
+        mean, std = float(values[inside].mean()), float(values[inside].std())
+        out = (values - mean) / (std if std > _EPS else 1.0)
+        out[~inside] = 0.0
+        return out
+    if how == "minmax":
+        low, high = float(values.min()), float(values.max())
+        return (values - low) / (high - low if high - low > _EPS else 1.0)
+    if how == "range":  # MONAI ScaleIntensityRange: [a_min, a_max] -> [b_min, b_max], optionally clipped
+        (a_min, a_max), (b_min, b_max) = prep.intensity_range, prep.output_range
+        out = (values - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
+        return np.clip(out, min(b_min, b_max), max(b_min, b_max)) if prep.clip else out
+    if how == "clip-zscore":  # nnU-Net CTNormalization: clip to dataset percentiles, dataset mean and std
+        (low, high), (mean, std) = prep.intensity_range, prep.mean_std
+        return (np.clip(values, low, high) - mean) / max(std, 1e-8)
+    low, high = prep.ct_window
+    return (np.clip(values, low, high) - low) / float(high - low)
+
+
+def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_dims: int,
+            in_channels: int = 1) -> Tuple[np.ndarray, ModelSpace]:
+    """Turn an image on its grid into the network input on the model grid.
+
+    Args:
+        image: array in numpy order, ``(z, y, x)`` or ``(y, x)``; multi-channel images put channels last.
+        geometry: the image grid.
+        prep: the model's preprocessing.
+        spatial_dims: 2 or 3, the model's.
+        in_channels: the model's input channels.
+
+    Returns:
+        ``(x, space)`` with ``x`` float32 ``[C, *S_model]``.
+    """
+    image = np.asarray(image)
+    channels = 1
+    if image.ndim == geometry.ndim + 1 and image.shape[:-1] == geometry.array_shape:
+        channels = image.shape[-1]
+    elif image.shape != geometry.array_shape:
+        raise InputError("image shape %s does not match its geometry %s" % (image.shape, geometry.array_shape))
+    if geometry.ndim != spatial_dims:
+        raise InputError("the model is %dD but the image is %dD; give a %dD image" % (
+            spatial_dims, geometry.ndim, spatial_dims))
+    if channels != in_channels:
+        raise InputError("the model expects %d input channel(s) but the image has %d; give an image with %d "
+                         "channel(s)" % (in_channels, channels, in_channels))
+    if image.dtype.kind not in "iufb":
+        raise InputError("image voxels of type %s cannot be used; give a numeric image" % image.dtype)
+    if not np.isfinite(image).all():
+        raise InputError("the image holds NaN or infinite voxels; fix or mask them before explaining")
+    steps = []
+    sitk_image = to_sitk(image.astype(np.float32, copy=False), geometry)
+    if prep.orientation not in (None, "keep"):
+        sitk_image = sitk.DICOMOrient(sitk_image, prep.orientation)
+        steps.append("reoriented to %s" % prep.orientation)
+    values, grid = from_sitk(sitk_image)
+    if prep.spacing is not None:
+        if len(prep.spacing) != grid.ndim:
+            raise InputError("the model spacing %s has %d entries for a %dD image" % (prep.spacing, len(prep.spacing), grid.ndim))
+        if not np.allclose(grid.spacing, prep.spacing, rtol=0, atol=1e-6):
+            target = _resampled_grid(grid, prep.spacing)
+            values = _resample_extrapolate(values, grid, target)
+            steps.append("resampled from %s mm to %s mm (linear)" % (
+                tuple(round(s, 4) for s in grid.spacing), prep.spacing))
+            grid = target
+    if channels == 1 and values.ndim == grid.ndim + 1:
+        values = values[..., 0]
+    values = normalize_intensities(values, prep)
+    if prep.normalization != "none":
+        steps.append("intensity %s" % prep.normalization)
+    shape = grid.array_shape
+    minimum = prep.min_size or (1,) * len(shape)
+    k = prep.divisible_by
+    pad = []
+    for size, low in zip(shape, minimum):
+        want = max(size, int(low))
+        want = int(np.ceil(want / k) * k)
+        extra = want - size
+        pad.append((extra // 2, extra - extra // 2) if prep.pad_side == "both" else (0, extra))
+    pad = tuple(pad)
+    if any(b or a for b, a in pad):
+        widths = list(pad) + ([(0, 0)] if values.ndim > len(shape) else [])
+        values = np.pad(values, widths, mode="constant", constant_values=prep.pad_value)
+        before = np.asarray([b for b, _ in pad][::-1], dtype=float)
+        direction = np.asarray(grid.direction).reshape(grid.ndim, -1)
+        origin = np.asarray(grid.origin) - direction @ (before * np.asarray(grid.spacing))
+        grid = Geometry(size=values.shape[:len(shape)][::-1], spacing=grid.spacing, origin=tuple(origin),
+                        direction=grid.direction)
+        steps.append("padded by %s voxels to a multiple of %d" % ([list(p) for p in pad], k))
+    x = values[None] if values.ndim == len(shape) else np.moveaxis(values, -1, 0)
+    return np.ascontiguousarray(x, dtype=np.float32), ModelSpace(geometry, grid, pad, steps)
+
+
+def _resample_extrapolate(values: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
+    """Linear resampling that extends edge values instead of padding with 0 (no dark rim at the border)."""
+    image = to_sitk(values, src)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(dst.size)
+    resampler.SetOutputSpacing(dst.spacing)
+    resampler.SetOutputOrigin(dst.origin)
+    resampler.SetOutputDirection(dst.direction)
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    return sitk.GetArrayFromImage(resampler.Execute(image)).astype(np.float32, copy=False)

@@ -1,0 +1,235 @@
+"""The module's two analyses of a model on a Slicer volume, in the three steps of :mod:`.slicer_logic`.
+
+- **Evaluate** (issue 7): faithfulness and sanity metrics of the heatmaps
+  (:func:`SegHiResCAMLib.analysis.evaluate.evaluate_image`) as a table node, one row per method x layer.
+- **Segmentation ability** (issue 5, ProtoSeg): SA score per layer as a table node, a plot of SA score against
+  layer depth (plot series + chart nodes reading that table), the SA map of one layer as a segmentation on the
+  input volume's grid, and the mean SA score (the ground-truth-free quality estimate) as a table attribute.
+
+As for heatmaps: ``prepareAnalysis`` reads MRML on the main thread (reusing :meth:`ExplainLogic.prepare` for the
+inputs and the target), ``computeAnalysis`` runs torch in any thread and touches no MRML, ``applyAnalysis`` writes
+the nodes on the main thread, only after the computation succeeded, and removes them again if it fails. The
+inputs are never modified. torch is imported only inside ``computeAnalysis``.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import slicer
+import vtk
+
+from .. import __version__
+from . import bridge as mrml
+from ..errors import InputError
+from .explain import METHOD_NAMES, ExplainLogic, ExplainRequest, ProgressCallback
+
+EVALUATION = "evaluation"
+SEGMENTATION_ABILITY = "segmentation-ability"
+ANALYSES = (EVALUATION, SEGMENTATION_ABILITY)
+#: attribute role of the SA map segmentation and of the plot nodes
+SA_MAP, SA_PLOT = "sa-map", "sa-plot"
+
+
+@dataclass
+class AnalysisRequest:
+    """An analysis of ``explain.image``: the inputs and target of a heatmap request plus the analysis options."""
+
+    kind: str
+    explain: ExplainRequest
+    methods: List[str]
+    steps: int = 5
+    cropVoxels: int = 0
+
+
+def _crop(request: AnalysisRequest):
+    """Image, geometry and target cropped to ``cropVoxels`` per axis around the target (0: unchanged)."""
+    r = request.explain
+    target = dict(r.target)
+    if request.cropVoxels <= 0:
+        return r.image, r.geometry, target
+    from ..analysis.evaluate import crop_image  # imports torch
+    center = target.get("voxel")
+    if center is None and "mask" in target:
+        center = [int(round(c)) for c in np.argwhere(target["mask"]).mean(axis=0)]
+    image, geometry, box = crop_image(r.image, r.geometry, [request.cropVoxels] * r.image.ndim, center)
+    if "mask" in target:
+        target["mask"] = target["mask"][box]
+    if "voxel" in target:
+        target["voxel"] = tuple(int(v) - b.start for v, b in zip(target["voxel"], box))
+    return image, geometry, target
+
+
+def _numeric(values) -> Optional[List[float]]:
+    """The column as floats (NaN for missing), or None if it holds text."""
+    out = []
+    for value in values:
+        if value is None or value == "":
+            out.append(float("nan"))
+            continue
+        if isinstance(value, (list, tuple, dict)):
+            return None
+        try:
+            out.append(float(value))
+        except (TypeError, ValueError):
+            return None
+    return out
+
+
+def fill_table(table_node, headers: Sequence[str], rows: Sequence[Sequence[object]],
+               text: Sequence[str] = ()) -> None:
+    """Replace the table's columns: numeric columns become double arrays (NaN = n/a), ``text`` ones and the
+    columns that hold text become strings."""
+    table = table_node.GetTable()
+    while table.GetNumberOfColumns():
+        table.RemoveColumn(0)
+    for index, header in enumerate(headers):
+        values = [row[index] for row in rows]
+        numbers = None if header in text else _numeric(values)
+        array = vtk.vtkDoubleArray() if numbers is not None else vtk.vtkStringArray()
+        array.SetName(str(header))
+        for value in (numbers if numbers is not None else values):
+            array.InsertNextValue(value if numbers is not None else str(value))
+        table.AddColumn(array)
+    table_node.Modified()
+
+
+class AnalysisLogic(ExplainLogic):
+    """:class:`ExplainLogic` plus :meth:`evaluate` and :meth:`segmentationAbility` (module docstring)."""
+
+    def prepareAnalysisFromParameters(self, parameters, kind: str) -> AnalysisRequest:
+        """:meth:`prepareAnalysis` with the values of the module's parameter node."""
+        methods = list(METHOD_NAMES) if parameters.evaluateAllMethods else [parameters.method]
+        return self.prepareAnalysis(kind, self.prepareFromParameters(parameters), methods=methods,
+                                    steps=parameters.evaluateSteps, cropVoxels=parameters.evaluateCropVoxels)
+
+    def prepareAnalysis(self, kind: str, request: ExplainRequest, methods: Optional[Sequence[str]] = None,
+                        steps: int = 5, cropVoxels: int = 0) -> AnalysisRequest:
+        if kind not in ANALYSES:
+            raise InputError("analysis must be one of %s, got %r" % (", ".join(ANALYSES), kind))
+        methods = list(methods or [request.method])
+        for method in methods:
+            if method not in METHOD_NAMES:
+                raise InputError("method must be one of %s, got %r" % (", ".join(METHOD_NAMES), method))
+        if isinstance(steps, bool) or int(steps) != steps or steps < 2:
+            raise InputError("steps must be a whole number >= 2, got %r" % (steps,))
+        if isinstance(cropVoxels, bool) or int(cropVoxels) != cropVoxels or cropVoxels < 0:
+            raise InputError("cropVoxels must be 0 (whole image) or a voxel count, got %r" % (cropVoxels,))
+        return AnalysisRequest(kind, request, methods, int(steps), int(cropVoxels))
+
+    def computeAnalysis(self, request: AnalysisRequest, progress: Optional[ProgressCallback] = None):
+        """The evaluation (``Evaluation``) or the segmentation ability (``ImageSA``); no MRML (any thread)."""
+        report = progress or (lambda fraction, message: None)
+        report(0.0, "loading the model")
+        r = request.explain
+        model = self.loadModel(r.model, r.weights)
+        if request.kind == EVALUATION:
+            from ..analysis.evaluate import evaluate_image
+            from ..analysis.explain import TargetSpec
+            image, geometry, target = _crop(request)
+            return evaluate_image(model, image, geometry, TargetSpec(**target), methods=request.methods,
+                                  layers=r.layer, steps=request.steps, device=r.device,
+                                  progress=lambda f, m: report(0.02 + 0.98 * f, m))
+        from ..engine.protoseg import LAST_FEATURE
+        from ..analysis.segmentation_ability import sa_score_image
+        return sa_score_image(model, r.image, r.geometry, reference=r.target.get("mask"),
+                              class_index=r.target["class_index"], layers="all",
+                              map_layer=LAST_FEATURE if r.layer == "auto" else r.layer, device=r.device,
+                              progress=lambda f, m: report(0.02 + 0.98 * f, m))
+
+    def applyAnalysis(self, request: AnalysisRequest, result, show: bool = True):
+        """Write the result into the scene (new nodes, removed again on failure); returns the table node."""
+        scene = mrml.scene_of()
+        r = request.explain
+        volume = scene.GetNodeByID(r.inputVolumeID)
+        if volume is None:
+            raise InputError("the input volume was removed during the computation; nothing was added")
+        common = dict(inputVolumeID=r.inputVolumeID, target=r.targetDescription, classIndex=r.target["class_index"],
+                      version=__version__)
+        with mrml.temporary_nodes(scene, keep_on_success=True):
+            table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+            if request.kind == EVALUATION:
+                table.SetName(scene.GenerateUniqueName("%s evaluation" % volume.GetName()))
+                fill_table(table, *result.table(), text=("method", "layer"))
+                mrml.set_attributes(table, dict(role=EVALUATION, steps=request.steps, cropVoxels=request.cropVoxels,
+                                                metadata=json.dumps(result.metadata, default=str), **common))
+            else:
+                self._applySA(scene, volume, table, result, common, show)
+        return table
+
+    def _applySA(self, scene, volume, table, result, common: dict, show: bool) -> None:
+        from ..analysis.segmentation_ability import layer_rows
+        rows = layer_rows(result)
+        headers = list(dict.fromkeys(key for row in rows for key in row))
+        table.SetName(scene.GenerateUniqueName("%s segmentation ability" % volume.GetName()))
+        fill_table(table, headers, [[row.get(key, "") for key in headers] for row in rows],
+                   text=("layer", "kind", "resolution"))
+        mrml.set_attributes(table, dict(role=SEGMENTATION_ABILITY, meanSA=result.mean_sa, mapLayer=result.map_layer,
+                                        metadata=json.dumps(result.metadata, default=str), **common))
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "%s SA score" % volume.GetName())
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("depth")
+        series.SetYColumnName("sa_score")
+        series.SetPlotType(series.PlotTypeScatter)
+        series.SetMarkerStyle(series.MarkerStyleCircle)
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", table.GetName() + " plot")
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        chart.SetTitle("SA score by layer (mean SA score %.3f)" % result.mean_sa)
+        chart.SetXAxisTitle("layer depth")
+        chart.SetYAxisTitle("SA score (Dice)")
+        for node in (series, chart):
+            mrml.set_attributes(node, dict(role=SA_PLOT, **common))
+        table.SetNodeReferenceID("SegHiResCAMPlotChart", chart.GetID())
+        if result.sa_map is not None:
+            segmentation = mrml.labels_to_segmentation(
+                result.sa_map, volume, ["background", "SA map %s" % result.map_layer],
+                name=scene.GenerateUniqueName("%s SA map" % volume.GetName()))
+            mrml.set_attributes(segmentation, dict(role=SA_MAP, layer=result.map_layer, **common))
+            table.SetNodeReferenceID("SegHiResCAMSAMap", segmentation.GetID())
+        plots = getattr(getattr(slicer, "modules", None), "plots", None)
+        if show and plots is not None:  # the application: show the chart in a plot view
+            plots.logic().ShowChartInLayout(chart)
+
+    @staticmethod
+    def summary(table) -> str:
+        """One line for the panel's status label."""
+        values = mrml.get_attributes(table)
+        if values.get("role") == SEGMENTATION_ABILITY:
+            mean = float(values["meanSA"])
+            return "Mean SA score %s (%d layers, SA map of %s)" % (
+                "n/a" if math.isnan(mean) else "%.3f" % mean, table.GetNumberOfRows(), values.get("mapLayer") or "-")
+        return "Evaluation: %d rows in table %r" % (table.GetNumberOfRows(), table.GetName())
+
+    # ------------------------------------------------------------------ all three steps
+    def evaluate(self, inputVolume, methods: Optional[Sequence[str]] = None, steps: int = 5, cropVoxels: int = 0,
+                 progress: Optional[ProgressCallback] = None, **explainArgs):
+        """Faithfulness metrics of the heatmaps of ``inputVolume`` as a new ``vtkMRMLTableNode``.
+
+        Args:
+            inputVolume, **explainArgs: the scan, model, target, ``method``, ``layer``... as for
+                :meth:`ExplainLogic.process` (``outputVolume``, ``addPrediction`` are ignored).
+            methods: the CAM methods compared (default: ``method`` only); a row each, plus the random-order row.
+            steps: deletion/insertion steps; the cost is about ``2 x (len(methods) + 1) x steps`` forward passes.
+            cropVoxels: evaluate a cube of this many voxels per axis around the target (0: the whole scan).
+
+        Returns:
+            The table node: the columns of ``Evaluation.table()`` (method, layer text; the rest numbers, NaN = n/a).
+        """
+        request = self.prepareAnalysis(EVALUATION, self.prepare(inputVolume, **explainArgs), methods, steps,
+                                       cropVoxels)
+        return self.applyAnalysis(request, self.computeAnalysis(request, progress))
+
+    def segmentationAbility(self, inputVolume, progress: Optional[ProgressCallback] = None, show: bool = True,
+                            **explainArgs):
+        """ProtoSeg segmentation ability of the model's layers on ``inputVolume``.
+
+        ``classIndex`` is the explained class; a segment target (``segmentationNode``, ``segmentId``) is the
+        reference (ground truth), else the model's own prediction; ``layer`` picks the SA map (``auto``: the last
+        feature layer). Returns the table node (one row per layer: depth, sa_score...; attribute
+        ``SegHiResCAM.meanSA``), which references the plot chart (``SegHiResCAMPlotChart``) and the SA map
+        segmentation on the input volume's grid (``SegHiResCAMSAMap``).
+        """
+        request = self.prepareAnalysis(SEGMENTATION_ABILITY, self.prepare(inputVolume, **explainArgs))
+        return self.applyAnalysis(request, self.computeAnalysis(request, progress), show=show)
