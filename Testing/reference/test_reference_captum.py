@@ -1,6 +1,6 @@
 """Independent reference: the engine's Seg-Grad-CAM and Seg-HiRes-Grad CAM against Captum (2D and 3D).
 
-The explained scalar ``y^c_M = sum_{p in M} Y^c_p`` (ALGORITHMS.md) is written here as a plain module wrapping
+The explained scalar ``y^c_M = sum_{p in M} Y^c_p`` (docs/algorithms.md) is written here as a plain module wrapping
 the network, ``forward(x) -> [B]``; Captum differentiates it on its own forward pass with its own hooks:
 
 - ``LayerGradCam(wrapper, layer)`` with ``relu_attributions=False`` is ``sum_k mean_q(G_kq) A_k``: the engine's

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODULE = os.path.join(ROOT, "SegHiResCAM")
 LIB = os.path.join(MODULE, "SegHiResCAMLib")
 UI = os.path.join(MODULE, "Resources", "UI", "SegHiResCAM.ui")
-#: the only files of the package that may import Slicer, VTK or Qt (DESIGN.md: engine <- models <- io/mrml)
+#: the only files of the package that may import Slicer, VTK or Qt (imports go one way: Testing/unit/test_architecture.py)
 #: the Slicer side of the package (only it imports slicer/vtk: Testing/unit/test_architecture.py checks that)
 SLICER_SIDE = os.path.join(LIB, "slicer_logic")
 #: widget class -> the parameter types its parameterNodeWrapper connector accepts

@@ -1,4 +1,4 @@
-"""Exact identities of ALGORITHMS.md for every method, 2D and 3D, sigmoid and softmax heads."""
+"""Exact identities of docs/algorithms.md for every method, 2D and 3D, sigmoid and softmax heads."""
 
 import pytest
 import torch

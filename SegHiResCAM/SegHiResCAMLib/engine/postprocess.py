@@ -1,6 +1,6 @@
 """From the raw, signed map on the layer grid to the heatmap on the input grid.
 
-Order (ALGORITHMS.md): keep the raw map; ReLU (on by default); up-sample straight to the input grid with
+Order (docs/algorithms.md): keep the raw map; ReLU (on by default); up-sample straight to the input grid with
 linear/bilinear/trilinear interpolation, ``align_corners=False`` (never cubic: it overshoots); normalise.
 Nothing is ever inverted.
 """

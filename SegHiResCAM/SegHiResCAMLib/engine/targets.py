@@ -1,4 +1,4 @@
-"""Targets: the explained scalar ``y^c_M = sum_{p in M} Y^c_p`` (ALGORITHMS.md, "The explained scalar").
+"""Targets: the explained scalar ``y^c_M = sum_{p in M} Y^c_p`` (docs/algorithms.md, "The explained scalar").
 
 A target is a callable ``target(output) -> tensor [B]``: one differentiable score per batch element, computed
 from the model's main output (logits ``[B, C, *S]``). The engine back-propagates the sum over the batch; since

@@ -23,7 +23,7 @@ ran forward and backward.
 
 Both are exact where it can be checked: with one window the maps equal the whole-volume maps, and for a head
 that is linear in the layer, the Seg-HiRes raw map is ``1[M] (Y^c - b_c)`` of the blended prediction
-(ALGORITHMS.md). Memory is bounded by the window (plus the accumulators), not by the network on the volume.
+(docs/algorithms.md). Memory is bounded by the window (plus the accumulators), not by the network on the volume.
 """
 
 import itertools

@@ -1,4 +1,4 @@
-"""Faithfulness and sanity metrics for heatmaps of segmentation models (ALGORITHMS.md, "Faithfulness checks").
+"""Faithfulness and sanity metrics for heatmaps of segmentation models (docs/algorithms.md, "Faithfulness checks").
 
 The public entry point of the checks, which live in one module per concern and are re-exported here:
 

@@ -1,5 +1,5 @@
 """Energy in the segment: how much of a heatmap's positive heat lies inside the explained region M
-(ALGORITHMS.md, "Faithfulness checks"; gathered with the other checks in :mod:`.metrics`).
+(docs/algorithms.md, "Faithfulness checks"; gathered with the other checks in :mod:`SegHiResCAMLib.engine.faithfulness`).
 
 :func:`energy_in_region` is the fraction of the positive heat inside M, and inside M dilated by a max-pool of
 radius r voxels (:func:`dilate`, a cube of side ``2r + 1``); compare it with :func:`region_fraction`, the

@@ -1,4 +1,4 @@
-"""Deletion and insertion curves of heatmaps of segmentation models (ALGORITHMS.md, "Faithfulness checks").
+"""Deletion and insertion curves of heatmaps of segmentation models (docs/algorithms.md, "Faithfulness checks").
 
 Part of the faithfulness checks gathered in :mod:`.metrics`; dimension-generic (1 to 3 spatial axes).
 

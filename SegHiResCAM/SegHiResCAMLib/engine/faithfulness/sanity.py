@@ -1,5 +1,5 @@
 """Sanity checks of heatmaps (Adebayo et al., *Sanity checks for saliency maps*, NeurIPS 2018;
-ALGORITHMS.md, "Faithfulness checks"; gathered with the other checks in :mod:`.metrics`).
+docs/algorithms.md, "Faithfulness checks"; gathered with the other checks in :mod:`SegHiResCAMLib.engine.faithfulness`).
 
 - **Model randomisation** (:func:`model_randomization`): re-initialise the weights on a deep copy of the model,
   cascading from the output layer down in stages (:func:`cascade_stages`, :func:`randomize_modules`), and report

@@ -1,7 +1,7 @@
 """ProtoSeg: segmentation-ability (SA) maps and scores of a layer and of each of its units (channels).
 
 He S, Feng Y, Grant PE, Ou Y. *Segmentation ability map: Interpret deep features for medical image segmentation.*
-Medical Image Analysis 84:102726, 2023 (arXiv 2212.09206; reference code shengfly/ProtoSeg). ALGORITHMS.md,
+Medical Image Analysis 84:102726, 2023 (arXiv 2212.09206; reference code shengfly/ProtoSeg). docs/algorithms.md,
 "ProtoSeg and the Segmentation-Ability (SA) score", is the specification. Shapes are N-D: ``[B, K, *S]``.
 
 - Features ``F`` of a layer (or the input image) are resized to the *guide grid* (the model output's grid) with
