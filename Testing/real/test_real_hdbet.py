@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from SegHiResCAMLib.imaging import files as io
-from SegHiResCAMLib.cli.main import main
-from SegHiResCAMLib.reporting.figures import dice, energy_ratio
+from SegHiResCAMLib.cli import main
+from SegHiResCAMLib.analysis.measures import dice, energy_ratio
 from SegHiResCAMLib.imaging.sample_data import robex_atlas
 
 pytestmark = pytest.mark.real
@@ -65,11 +65,28 @@ def test_demo_writes_everything(demo, predicted):
     np.testing.assert_array_equal(demo_pred, predicted[0])
 
 
-@pytest.mark.parametrize("layer", ["context5", "loc2"])
+@pytest.mark.parametrize("layer", ["context5", "loc2", "up4"])
 def test_hires_heat_is_at_least_twice_as_high_inside_the_brain(demo, atlas, layer):
     heat, geometry = io.read_image(os.path.join(demo, "heatmap-seg-hires-grad-cam-%s.nii.gz" % layer))
     assert geometry.same_grid(atlas["geometry"]) and heat.dtype == np.float32
     assert np.isfinite(heat).all() and heat.max() == pytest.approx(1.0, abs=1e-3) and heat.min() >= 0
+    assert energy_ratio(heat, atlas["mask"]) >= 2.0
+
+
+def test_windowed_default_layer_heat_is_at_least_twice_as_high_inside_the_brain(atlas, tmp_path):
+    """HD-BET's default layer (``up4``: no ``--layer``) explained in windows: the cheapest windowed run, two
+    windows of 160x160x64 without overlap on the 160x160x128 model grid (one volume per pass; the backward pass
+    stops at ``up4``, next to the output). The in/out energy ratio holds as for the whole volume."""
+    out = str(tmp_path / "heat-up4-windowed.nii.gz")
+    meta = str(tmp_path / "heat-up4-windowed.json")
+    assert main(["explain", "--model", "hd-bet", "--image", atlas["image"], "--out", out, "--class", "brain",
+                 "--roi-size", "160,160,64", "--overlap", "0", "--json", meta, "--quiet"]) == 0
+    info = json.load(open(meta))
+    assert info["layer"] == "up4" and info["method"] == "seg-hires-grad-cam"
+    assert "160, 160, 64" in json.dumps(info)  # the run was windowed
+    heat, geometry = io.read_image(out)
+    assert geometry.same_grid(atlas["geometry"]) and np.isfinite(heat).all()
+    assert heat.max() == pytest.approx(1.0, abs=1e-3) and heat.min() >= 0
     assert energy_ratio(heat, atlas["mask"]) >= 2.0
 
 

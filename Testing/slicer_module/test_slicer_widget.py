@@ -17,82 +17,44 @@ slicer = slicer_standalone.setup()
 import SegHiResCAM  # noqa: E402
 from SegHiResCAMLib.slicer_logic import bridge as mrml  # noqa: E402
 from SegHiResCAMLib.slicer_logic import explain as slicer_logic
+from SegHiResCAMLib.slicer_logic import job as slicer_job  # noqa: E402
 from SegHiResCAMLib.slicer_logic import selftest  # noqa: E402
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 SPEC = "toy_models:unet3d"
 
 
-class StandInWidget:
-    """Records what the panel sets; answers what it asks (the few Qt calls the panel makes)."""
-
-    def __init__(self):
-        self.enabled, self.visible, self.text, self.toolTip, self.value = True, True, "", "", 0
-        self.currentText, self.items, self.connections = "", [], {}
-        self._node, self._segment = None, ""
-
-    def connect(self, signal, slot):
-        self.connections[signal] = slot
-
-    def show(self):
-        self.visible = True
-
-    def hide(self):
-        self.visible = False
-
-    def setEditText(self, text):
-        self.currentText = text
-
-    def clear(self):
-        self.items = []
-
-    def addItems(self, items):
-        self.items += list(items)
-
-    def currentNode(self):
-        return self._node
-
-    def setCurrentNode(self, node):
-        self._node = node
-
-    def currentSegmentID(self):
-        return self._segment
-
-    def setCurrentSegmentID(self, segmentId):
-        self._segment = segmentId
-
-
-class StandInTimer:
-    active = False
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
+@pytest.fixture()
+def slicer_version():
+    """The Slicer release whose parameterNodeWrapper the stand-in emulates (tests parametrize it)."""
+    return "5.12"
 
 
 @pytest.fixture()
-def panel(monkeypatch):
+def panel(monkeypatch, slicer_version):
+    """The module as the application shows it: loaded into ``slicer.modules``, its widget made and ``setup()`` on
+    the stand-in widgets of the real .ui, then ``enter()``; ``exit()`` and ``cleanup()`` at the end."""
     slicer.mrmlScene.Clear()
     slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     volume = slicer.util.addVolumeFromArray(
         __import__("numpy").random.RandomState(1).randn(10, 16, 12).astype("float32"), name="scan")
-    widget = SegHiResCAM.SegHiResCAMWidget.__new__(SegHiResCAM.SegHiResCAMWidget)  # no Qt base class here
-    VTKObservationMixin.__init__(widget)
-    widget.logic = SegHiResCAM.SegHiResCAMLogic()
-    widget._job, widget._onJobSuccess, widget._timer = None, None, StandInTimer()
-    names = [w.get("name") for w in ET.parse(selftest.__file__.replace(
-        os.path.join("SegHiResCAMLib", "slicer_logic", "selftest.py"), os.path.join("Resources", "UI", "SegHiResCAM.ui"))).getroot().iter("widget")]
-    widget.ui = types.SimpleNamespace(**{name: StandInWidget() for name in names})
-    widget._parameterNode = widget.logic.getParameterNode()
-    monkeypatch.setattr(widget.logic, "modelSpec", lambda parameters: SPEC)  # the panel offers files; a factory here
-    p = widget._parameterNode
-    p.inputVolume, p.layer, p.addPrediction = volume, "dec", True
+    # the panel offers files; a factory model here
+    monkeypatch.setattr(SegHiResCAM.SegHiResCAMLogic, "modelSpec", staticmethod(lambda parameters: SPEC))
     errors = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
-    widget._updateGUI()
-    return types.SimpleNamespace(widget=widget, ui=widget.ui, p=p, volume=volume, errors=errors)
+    old = slicer_standalone.emulate_slicer(slicer_version)
+    app = slicer.app
+    app.loadModule(SegHiResCAM)
+    widget = app.selectModule("SegHiResCAM")
+    # the in-process thread runner: the unweighted toy model is drawn from this process's seeded RNG (the worker
+    # process, the panel's default, is tested with saved weights in test_worker_process.py)
+    widget.runner = slicer_job.ThreadRunner(widget.logic)
+    p = widget._parameterNode
+    assert p.inputVolume is volume  # enter() picks the scene's first volume
+    p.layer, p.addPrediction = "dec", True
+    yield types.SimpleNamespace(widget=widget, ui=widget.ui, p=p, volume=volume, errors=errors, app=app)
+    app.quit()
+    slicer_standalone.emulate_slicer(old)
 
 
 def node_ids():
@@ -100,18 +62,16 @@ def node_ids():
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 
 
-def run_until_done(widget, timeout=60.0):
-    deadline = time.perf_counter() + timeout
-    while widget._job is not None and time.perf_counter() < deadline:
-        time.sleep(0.02)
-        widget._pollJob()  # what the QTimer does on the main thread
+def run_until_done(widget, timeout=60.0, holdGIL=False):
+    """Run the application's event loop (its QTimer polls the job) until the job is done."""
+    slicer.app.runEventLoop(until=lambda: widget._job is None, timeout=timeout, holdGIL=holdGIL)
     assert widget._job is None, "the job did not finish"
 
 
 def test_apply_turns_into_cancel_and_adds_the_heatmap(panel):
     widget, ui, p = panel.widget, panel.ui, panel.p
     assert ui.applyButton.enabled and ui.applyButton.text == "Apply"
-    widget.onApplyButton()
+    ui.applyButton.click()
     assert ui.applyButton.text == "Cancel" and ui.applyButton.enabled and widget._timer.active
     assert ui.progressBar.visible and not ui.loadLayersButton.enabled
     run_until_done(widget)
@@ -195,3 +155,143 @@ def test_analysis_cancel_adds_nothing(panel):
     widget.onApplyButton()  # Apply is the Cancel button while a job runs
     run_until_done(widget)
     assert node_ids() == before and "Cancelled" in ui.statusLabel.text and not panel.errors
+
+
+# ---------------------------------------------------------------------------------------------- issue 15
+def choose(combo, text):
+    """What a user's click on an item of a combo box does."""
+    combo.currentIndex = combo.items.index(text)
+
+
+@pytest.mark.parametrize("slicer_version", slicer_standalone.SLICER_VERSIONS)
+def test_settings_survive_leaving_and_entering_the_module(panel):
+    """Item 2: on Slicer 5.8 connectGui returns no tag, so each enter() connected again and reset the combo boxes."""
+    ui, p, app = panel.ui, panel.p, panel.app
+    chosen = {"methodComboBox": "layer-cam", "targetKindComboBox": "point", "modelSourceComboBox": "file",
+              "scoreComboBox": "probabilities", "deviceComboBox": "cpu"}
+    for name, text in chosen.items():
+        choose(getattr(ui, name), text)
+    ui.classIndexSpinBox.value = 3
+    expected = ("layer-cam", "point", "file", "probabilities", "cpu", 3)
+    state = lambda: (p.method, p.targetKind, p.modelSource, p.score, p.device, p.classIndex)  # noqa: E731
+    assert state() == expected
+    for _ in range(3):
+        app.leaveModule()
+        app.selectModule("SegHiResCAM")
+        assert state() == expected
+        assert all(getattr(ui, name).currentText == text for name, text in chosen.items())
+    choose(ui.methodComboBox, "grad-cam++")  # the GUI still drives the node, through one connection
+    assert p.method == "grad-cam++" and len(ui.methodComboBox.connected("currentIndexChanged(int)")) == 1
+
+
+def test_placing_a_point_enables_apply(panel):
+    """Item 3: the markups node is observed, so placing (moving, removing) a point updates Apply at once."""
+    ui, p = panel.ui, panel.p
+    choose(ui.targetKindComboBox, "point")
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    ui.pointNodeSelector.setCurrentNode(points)
+    assert p.pointNode is points and not ui.applyButton.enabled and "Place a point" in ui.applyButton.toolTip
+    points.AddControlPoint([0.0, 0.0, 0.0])  # the user clicks on the scan
+    assert ui.applyButton.enabled
+    points.RemoveAllControlPoints()
+    assert not ui.applyButton.enabled
+    other = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Q")
+    ui.pointNodeSelector.setCurrentNode(other)
+    points.AddControlPoint([0.0, 0.0, 0.0])  # the list no longer selected: not observed any more
+    assert not ui.applyButton.enabled
+    other.AddControlPoint([0.0, 0.0, 0.0])
+    assert ui.applyButton.enabled
+
+
+def test_a_second_scan_gets_its_own_outputs_and_checkboxes_count(panel):
+    """Item 4: outputs belong to their input; unticking 'add model prediction' adds no prediction."""
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    ui.applyButton.click()
+    run_until_done(widget)
+    first, prediction = p.outputVolume, p.predictionSegmentation
+    firstHeat = slicer.util.arrayFromVolume(first).copy()
+    assert first is not None and prediction is not None
+    scanB = slicer.util.addVolumeFromArray(
+        __import__("numpy").random.RandomState(2).randn(10, 16, 12).astype("float32"), name="scanB")
+    ui.inputVolumeSelector.setCurrentNode(scanB)
+    ui.addPredictionCheckBox.checked = False
+    segmentations = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    second = p.outputVolume
+    assert second is not None and second is not first
+    assert mrml.get_attributes(second)["inputVolumeID"] == scanB.GetID()
+    assert mrml.get_attributes(first)["inputVolumeID"] == panel.volume.GetID()
+    assert (slicer.util.arrayFromVolume(first) == firstHeat).all(), "the first scan's heatmap was overwritten"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations
+    assert second.GetNodeReference("SegHiResCAMPrediction") is None
+    # back on the first scan, with the box ticked again: its own nodes are updated, nothing new is added
+    ui.inputVolumeSelector.setCurrentNode(panel.volume)
+    ui.addPredictionCheckBox.checked = True
+    volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert p.outputVolume is first and p.predictionSegmentation is prediction
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+
+
+def test_threshold_box_steps_within_zero_to_one(panel):
+    """Item 5: the probability threshold steps by 0.05 and shows two decimals."""
+    box = panel.ui.thresholdSpinBox
+    assert box.singleStep <= 0.05 and box.decimals >= 2 and (box.minimum, box.maximum) == (0.01, 0.99)
+
+
+def test_model_path_is_empty_and_browses_files_and_folders(panel):
+    """Item 5: the model path starts empty (not '.') and its browser offers folders (nnU-Net, MONAI) and files."""
+    edit, p = panel.ui.modelPathLineEdit, panel.p
+    assert edit.currentPath == ""
+    assert {"Dirs", "Files"} <= {f.split("::")[-1] for f in edit.property("filters").split("|")}
+    edit.currentPath = "/some/model.pt"
+    assert str(p.modelPath) == "/some/model.pt"
+    edit.currentPath = ""
+    assert str(p.modelPath) in ("", ".") and edit.currentPath == ""
+
+
+def test_a_job_that_finishes_after_the_scene_closed_is_dropped(panel):
+    """Item 5: a result computed for a closed scene is never written into the next one."""
+    widget = panel.widget
+    panel.ui.applyButton.click()
+    job = widget._job
+    job.wait(60)  # finished on the worker, not yet polled by the main thread
+    assert job.poll().finished and job.poll().error is None
+    panel.app.closeScene()
+    panel.app.runEventLoop(timeout=1.0)
+    assert widget._job is None and not panel.errors
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert not widget._timer.isActive() and not panel.ui.progressBar.visible
+
+
+def test_leaving_and_entering_warns_nothing(panel):
+    """Item 5: exit() then enter() removed the parameter node observer twice ('does not have observer')."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            panel.app.leaveModule()
+            panel.app.selectModule("SegHiResCAM")
+        panel.app.closeScene()
+        panel.app.leaveModule()
+        panel.app.selectModule("SegHiResCAM")
+
+
+def test_the_panel_connects_only_real_signals(panel):
+    """The stand-in fails on a signal that the widget class does not have (PythonQt would connect nothing)."""
+    with pytest.raises(AttributeError, match="no signal"):
+        panel.ui.applyButton.connect("clicked(int)", lambda: None)
+    assert panel.ui.applyButton.connected("clicked(bool)")
+
+
+def test_the_application_registers_the_module_and_runs_without_testing(panel):
+    """slicer.modules holds the module, its instance and its widget as in the application; --testing is off."""
+    assert not slicer.app.testingEnabled()
+    assert slicer.modules.seghirescam.widget is panel.widget is slicer.modules.SegHiResCAMWidget
+    assert isinstance(slicer.modules.SegHiResCAMInstance, SegHiResCAM.SegHiResCAM)
+    assert panel.widget.parent.isEntered
+    panel.app.leaveModule()
+    assert not panel.widget.parent.isEntered

@@ -214,3 +214,31 @@ def test_every_slicer_logic_module_imports_on_real_mrml():
 def test_python_39_syntax(path):
     """Slicer 5.8 ships Python 3.9: no ``match``, no parenthesised context managers, no 3.10+ grammar."""
     ast.parse(open(path, encoding="utf-8").read(), path, feature_version=(3, 9))
+
+
+def test_a_method_is_one_file_and_one_catalog_row():
+    """Every file of engine/methods/ is one catalog row and back; the class carries the catalog's name."""
+    from SegHiResCAMLib import catalog
+    from SegHiResCAMLib.engine.methods import METHODS
+
+    folder = os.path.join(SOURCE, PACKAGE, "engine", "methods")
+    files = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f not in ("__init__.py", "base.py")}
+    assert files == {info.implementation.split(":")[0] for info in catalog.METHODS}
+    assert list(METHODS) == list(catalog.method_names())
+    assert all(cls.name == name for name, cls in METHODS.items())
+    assert catalog.DEFAULT_METHOD == "seg-hires-grad-cam"
+
+
+@pytest.mark.parametrize("package", [name for name, _, is_pkg in FILES if is_pkg and part(name) != "slicer_logic"])
+def test_no_package_hides_a_submodule_behind_a_name(package):
+    """``pkg.name`` is the submodule ``name`` (a re-exported function of that name would hide it from
+    ``import pkg.name as m`` and from mock.patch strings)."""
+    module = importlib.import_module(package)
+    folder = os.path.dirname(module.__file__)
+    for entry in sorted(os.listdir(folder)):
+        name = entry[:-3] if entry.endswith(".py") else entry
+        if entry == "__init__.py" or not (entry.endswith(".py") or os.path.isfile(os.path.join(folder, entry, "__init__.py"))):
+            continue
+        importlib.import_module("%s.%s" % (package, name))
+        value = getattr(module, name)
+        assert isinstance(value, type(module)), "%s.%s is %r, not the submodule" % (package, name, value)

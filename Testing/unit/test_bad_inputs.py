@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from SegHiResCAMLib.imaging import files as io
-from SegHiResCAMLib.cli.main import main
+from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.errors import CancelledError
 from SegHiResCAMLib.geometry import Geometry
 
@@ -116,7 +116,7 @@ def test_out_of_memory_is_reported_with_a_remedy(env, capsys, monkeypatch):
 
 
 def test_cancellation_writes_nothing(env, monkeypatch, capsys):
-    from SegHiResCAMLib.cli import main as cli
+    from SegHiResCAMLib.cli import common
 
     class Cancelling:
         def __init__(self, quiet):
@@ -129,7 +129,7 @@ def test_cancellation_writes_nothing(env, monkeypatch, capsys):
         def close(self):
             pass
 
-    monkeypatch.setattr(cli, "_Progress", Cancelling)
+    monkeypatch.setattr(common, "Progress", Cancelling)
     out = env["folder"] / "cancelled.nrrd"
     assert main(explain_args(env, env["path"], "cancelled.nrrd", ["--json", str(env["folder"] / "c.json")])) == 130
     assert "cancelled" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from SegHiResCAMLib.imaging import files as io
-from SegHiResCAMLib.cli.main import main
+from SegHiResCAMLib.imaging.resample import resample_to_grid
+from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.engine import SegmentTarget, WholeRegion, explain
 from SegHiResCAMLib.geometry import Geometry
 
@@ -97,7 +98,7 @@ def test_segment_on_another_grid_is_resampled_and_noted(case, capsys):
     assert "resampled onto the image grid" in err
     info = json.load(open(meta))
     assert info["mask_resampled"] is True and "nearest" in info["notes"][0]
-    expected_mask = io.resample_to_grid(labels, coarse, geometry, "nearest") == 2
+    expected_mask = resample_to_grid(labels, coarse, geometry, "nearest") == 2
     assert info["cam"]["region_voxels"] == [int(expected_mask.sum())]
     heat, _ = io.read_image(out)
     assert heat.shape == geometry.array_shape and heat.max() == pytest.approx(1.0)
@@ -271,3 +272,21 @@ def test_sa_score_command_writes_tables_plot_and_map(case, capsys):
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     info = json.load(open(meta))
     assert 0.0 <= info["mean_sa"] <= 1.0 and info["map_layer"] == "dec" and info["class"] == 1
+
+
+def test_one_json_encoder_is_strict_and_knows_numpy_and_paths(tmp_path):
+    import pathlib
+    from SegHiResCAMLib.analysis.provenance import dumps
+    text = dumps({"a": np.float32(0.5), "b": (1, np.int64(2)), "c": float("nan"), "d": np.array([1.0, np.inf]),
+                  "e": pathlib.Path("/x"), 3: object}, indent=None)
+    data = json.loads(text, parse_constant=lambda name: pytest.fail("not strict JSON: %s" % name))
+    assert data == {"a": 0.5, "b": [1, 2], "c": None, "d": [1.0, None], "e": "/x", "3": str(object)}
+
+
+def test_method_options_come_from_the_catalog():
+    import argparse
+    from SegHiResCAMLib import catalog
+    from SegHiResCAMLib.cli import common
+    args = argparse.Namespace(pool_size=3)
+    assert common.method_options(args, ["seg-xres-cam", "seg-grad-cam"]) == {"pool_size": 3}
+    assert common.method_options(args, [catalog.DEFAULT_METHOD]) == {}

@@ -1,4 +1,4 @@
-"""Tests of SegHiResCAMLib.geometry and SegHiResCAMLib.imaging.files on real files written and read by SimpleITK."""
+"""Tests of SegHiResCAMLib.geometry and SegHiResCAMLib.imaging (files, dicom, resample) on real files written and read by SimpleITK."""
 
 import json
 import logging
@@ -10,6 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from SegHiResCAMLib.imaging import files as shio
+from SegHiResCAMLib.imaging.conversion import from_sitk, to_sitk
+from SegHiResCAMLib.imaging.resample import read_mask_on_grid, resample_to_grid
 from SegHiResCAMLib.errors import InputError, InternalError
 from SegHiResCAMLib.geometry import Geometry
 
@@ -61,7 +63,7 @@ def test_ijk_to_lps_and_ras_match_hand_computed_matrix():
     np.testing.assert_array_equal(g.ijk_to_lps(), lps)
     np.testing.assert_array_equal(g.ijk_to_ras(), ras)
     # agrees with SimpleITK's own index -> physical mapping
-    img = shio.to_sitk(np.zeros(g.array_shape, np.uint8), g)
+    img = to_sitk(np.zeros(g.array_shape, np.uint8), g)
     assert img.TransformIndexToPhysicalPoint((1, 1, 1)) == pytest.approx((7.0, 22.0, 34.0))
     np.testing.assert_allclose(g.ijk_to_lps() @ [1, 1, 1, 1], [7.0, 22.0, 34.0, 1.0])
 
@@ -197,7 +199,7 @@ def test_dicom_left_handed_direction_writes_same_voxels_in_space(tmp_path, obliq
     np.testing.assert_array_equal(array, labels[::-1])
     # voxel (0, 0, 0) of the read series is voxel (0, 0, 4) of the written array
     np.testing.assert_allclose(geometry.origin, (g.ijk_to_lps() @ [0, 0, 4, 1])[:3], atol=1e-4)
-    np.testing.assert_array_equal(shio.resample_to_grid(array, geometry, g), labels)
+    np.testing.assert_array_equal(resample_to_grid(array, geometry, g), labels)
 
 
 def test_dicom_folder_with_two_series_reads_the_larger(tmp_path, oblique, image, caplog):
@@ -209,7 +211,7 @@ def test_dicom_folder_with_two_series_reads_the_larger(tmp_path, oblique, image,
     for sub in ("a", "b"):
         for f in os.listdir(tmp_path / sub):
             shutil.copy(tmp_path / sub / f, mixed / f"{sub}-{f}")
-    with caplog.at_level(logging.WARNING, logger="SegHiResCAMLib.imaging.files"):
+    with caplog.at_level(logging.WARNING, logger="SegHiResCAMLib.imaging.dicom"):
         array, geometry = shio.read_image(str(mixed))
     assert array.shape == (5, 6, 7) and np.all(array == 1)
     assert "2 DICOM series" in caplog.text and "(2 files)" in caplog.text
@@ -241,16 +243,16 @@ def test_round_trip_vector_image(tmp_path, oblique):
 
 
 def test_to_sitk_from_sitk(oblique, image):
-    img = shio.to_sitk(image, oblique)
+    img = to_sitk(image, oblique)
     assert img.GetSize() == (7, 6, 5) and img.GetPixelID() == sitk.sitkFloat32
     assert img[2, 1, 0] == image[0, 1, 2]  # sitk indexes (x, y, z), numpy (z, y, x)
-    array, geometry = shio.from_sitk(img)
+    array, geometry = from_sitk(img)
     np.testing.assert_array_equal(array, image)
     assert geometry == oblique
-    mask, _ = shio.from_sitk(shio.to_sitk(image > 0, oblique))
+    mask, _ = from_sitk(to_sitk(image > 0, oblique))
     assert mask.dtype == np.uint8 and mask.sum() == (image > 0).sum()
     with pytest.raises(InputError, match="does not fit the geometry"):
-        shio.to_sitk(image[:, :, :3], oblique)
+        to_sitk(image[:, :, :3], oblique)
 
 
 # ------------------------------------------------------------------------------------------------ resampling
@@ -259,7 +261,7 @@ def test_resample_nearest_label_map_onto_shifted_grid():
     labels = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
     # dst x index i sits at LPS x = 1 + 2 i: source x 1, 3, then outside
     dst = Geometry(size=(3, 3, 2), spacing=(2.0, 1.0, 1.0), origin=(1.0, 0.0, 0.0), direction=src.direction)
-    out = shio.resample_to_grid(labels, src, dst, "nearest", default=-1)
+    out = resample_to_grid(labels, src, dst, "nearest", default=-1)
     assert out.dtype == np.int16 and out.shape == (2, 3, 3)
     np.testing.assert_array_equal(out[..., 0], labels[..., 1])
     np.testing.assert_array_equal(out[..., 1], labels[..., 3])
@@ -271,12 +273,43 @@ def test_resample_linear_half_voxel_and_same_grid(oblique, image):
     src = Geometry.identity((1, 1, 4))
     values = np.array([[[0, 10, 20, 30]]], dtype=np.int16)
     dst = Geometry((3, 1, 1), (1.0, 1.0, 1.0), (0.5, 0.0, 0.0), src.direction)
-    out = shio.resample_to_grid(values, src, dst, "linear")
+    out = resample_to_grid(values, src, dst, "linear")
     assert out.dtype == np.float32
     np.testing.assert_allclose(out.ravel(), [5.0, 15.0, 25.0])
-    np.testing.assert_array_equal(shio.resample_to_grid(image, oblique, oblique), image)
+    np.testing.assert_array_equal(resample_to_grid(image, oblique, oblique), image)
     with pytest.raises(InputError, match="cubic"):
-        shio.resample_to_grid(image, oblique, oblique, "cubic")
+        resample_to_grid(image, oblique, oblique, "cubic")
+
+
+def test_read_mask_on_grid_resamples_notes_and_checks(tmp_path, oblique):
+    labels = np.zeros(oblique.array_shape, np.uint8)
+    labels[1:3, 2:5, 2:6] = 2
+    same = str(tmp_path / "same.nrrd")
+    shio.write_image(same, labels, oblique)
+    mask, notes = read_mask_on_grid(same, oblique)
+    np.testing.assert_array_equal(mask, labels)
+    assert notes == []
+    coarse = Geometry(tuple(s // 2 for s in oblique.size), tuple(2 * s for s in oblique.spacing), oblique.origin,
+                      oblique.direction)
+    other = str(tmp_path / "coarse.nii.gz")
+    shio.write_image(other, resample_to_grid(labels, oblique, coarse), coarse)
+    mask, notes = read_mask_on_grid(other, oblique, label=2, what="reference", binary=True)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1} and mask.shape == oblique.array_shape
+    assert len(notes) == 1 and "reference's grid differs" in notes[0] and "nearest" in notes[0]
+    with pytest.raises(InputError, match="label 7 does not occur in the segment"):
+        read_mask_on_grid(same, oblique, label=7)
+    empty = str(tmp_path / "empty.nrrd")
+    shio.write_image(empty, np.zeros_like(labels), oblique)
+    assert not read_mask_on_grid(empty, oblique)[0].any()  # the caller decides (a target reports it)
+    with pytest.raises(InputError, match="tissue mask .* is empty on the image grid"):
+        read_mask_on_grid(empty, oblique, what="tissue mask", binary=True)
+    far = Geometry((3, 3, 3), (1.0, 1.0, 1.0), (900.0, 900.0, 900.0), tuple(np.eye(3).ravel()))
+    shio.write_image(str(tmp_path / "far.nrrd"), np.ones(far.array_shape, np.uint8), far)
+    with pytest.raises(InputError, match="does not overlap the image"):
+        read_mask_on_grid(str(tmp_path / "far.nrrd"), oblique)
+    shio.write_image(str(tmp_path / "rgb.nrrd"), np.zeros(oblique.array_shape + (3,), np.uint8), oblique)
+    with pytest.raises(InputError, match="3 axes|4 axes"):
+        read_mask_on_grid(str(tmp_path / "rgb.nrrd"), oblique)
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes

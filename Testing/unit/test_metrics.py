@@ -15,7 +15,8 @@ from SegHiResCAMLib.imaging import files as io
 from SegHiResCAMLib.engine import MaskRegion, SegmentTarget, WholeRegion, compute_cams, count_hooks
 from SegHiResCAMLib.engine import faithfulness as M
 from SegHiResCAMLib.errors import InputError, InternalError, SegHiResCAMError
-from SegHiResCAMLib.analysis.evaluate import (METHOD_NAMES, RANDOM_ORDER, add_parser, crop_image, evaluate_image, run)
+from SegHiResCAMLib.analysis.evaluate import METHOD_NAMES, RANDOM_ORDER, crop_image, evaluate_image
+from SegHiResCAMLib.cli.evaluate import add_parser, run
 from SegHiResCAMLib.geometry import Geometry
 from SegHiResCAMLib.models import load_model
 

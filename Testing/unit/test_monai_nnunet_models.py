@@ -10,19 +10,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-monai_nets = pytest.importorskip("monai.networks.nets")
-dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+# installed by `make test` (monai; dynamic-network-architectures with --no-deps, as its timm would pull torchvision):
+# a missing one is an error here, not a silent skip of the module
+import dynamic_network_architectures.architectures.unet as dna_unet
+import monai.networks.nets as monai_nets
+from monai import transforms
 
-from SegHiResCAMLib.engine import SegmentTarget, WholeRegion, explain  # noqa: E402
-from SegHiResCAMLib.errors import ModelError  # noqa: E402
-from SegHiResCAMLib.geometry import Geometry  # noqa: E402
-from SegHiResCAMLib.imaging.files import to_sitk  # noqa: E402
-from SegHiResCAMLib.models import load_model  # noqa: E402
-from SegHiResCAMLib.models.monai import bundle as monai_bundle  # noqa: E402
-from SegHiResCAMLib.models.nnunet import loader as nnunet  # noqa: E402
-from SegHiResCAMLib.models.base import Preprocessing  # noqa: E402
-from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image, predict_image  # noqa: E402
-from SegHiResCAMLib.imaging.model_space import normalize_intensities, prepare  # noqa: E402
+from SegHiResCAMLib.engine import SegmentTarget, WholeRegion, explain
+from SegHiResCAMLib.errors import ModelError
+from SegHiResCAMLib.geometry import Geometry
+from SegHiResCAMLib.imaging.conversion import to_sitk
+from SegHiResCAMLib.models import load_model
+from SegHiResCAMLib.models.monai import bundle as monai_bundle
+from SegHiResCAMLib.models.nnunet import loader as nnunet
+from SegHiResCAMLib.models.base import Preprocessing
+from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image, predict_image
+from SegHiResCAMLib.imaging.model_space import normalize_intensities, prepare
 
 WHOLE1 = SegmentTarget(1, WholeRegion())
 
@@ -112,7 +115,6 @@ def test_bundle_loads_maps_preprocessing_and_explains_like_the_eager_network(tmp
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own notice about Orientationd's labels default
 def test_bundle_orientation_and_spacing_match_monai_transforms(tmp_path):
     """The mapped preprocessing gives MONAI's own array (exactly without resampling) and MONAI's voxel axes."""
-    transforms = pytest.importorskip("monai.transforms")
     rng = np.random.default_rng(0)
     image = (rng.random((12, 10, 8)) * 400 - 100).astype(np.float32)
     direction = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)  # an oblique-free but permuted orientation
@@ -153,7 +155,6 @@ def test_bundle_orientation_and_spacing_match_monai_transforms(tmp_path):
 
 
 def test_range_normalization_equals_monai_scale_intensity_range():
-    transforms = pytest.importorskip("monai.transforms")
     values = np.linspace(-300, 400, 71, dtype=np.float32).reshape(71, 1, 1)
     for clip in (True, False):
         prep = Preprocessing(normalization="range", intensity_range=(-57, 164), output_range=(-1.0, 2.0), clip=clip)

@@ -316,23 +316,9 @@ def test_resize_records_trilinear_align_corners_false():
 
 # ----------------------------------------------------------------------------------------------- command line
 def sa_main(argv):
-    """``seghirescam sa-score ...`` through cli.main once it is wired there, else through the same parser and
-    error handling (one line on stderr, the error's exit status)."""
-    import argparse
-    import sys
-    from SegHiResCAMLib.cli import main as cli
-    from SegHiResCAMLib.analysis import segmentation_ability as sa_score
-    from SegHiResCAMLib.errors import SegHiResCAMError
-    if "sa-score" in cli.build_parser().format_help():
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="seghirescam")
-    sa_score.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return sa_score.run(args)
-    except SegHiResCAMError as exc:
-        print("seghirescam: error: %s" % exc, file=sys.stderr)
-        return exc.exit_code
+    """``seghirescam sa-score ...`` through cli.main (errors: one line on stderr, the error's exit status)."""
+    from SegHiResCAMLib import cli
+    return cli.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +415,7 @@ def test_hdbet_last_feature_layer_sa_tracks_dice_on_the_atlas(hdbet_atlas):
 @pytest.mark.real
 def test_hdbet_sa_map_lies_on_the_brain(hdbet_atlas):
     from SegHiResCAMLib.imaging import files as io
-    from SegHiResCAMLib.reporting.figures import dice
+    from SegHiResCAMLib.analysis.measures import dice
     out, meta, image_path, mask_path = hdbet_atlas
     sa_map, geometry = io.read_image(str(out / "map.nii.gz"))
     mask, mask_geometry = io.read_image(mask_path)

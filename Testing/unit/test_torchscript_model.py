@@ -5,6 +5,7 @@ outputs and the same heatmaps (to 1e-6) for the engine's methods.
 """
 
 import importlib.util
+import sys
 import zipfile
 from typing import Dict, List, Optional, Tuple
 
@@ -393,22 +394,15 @@ def test_unusable_files_give_a_clear_model_error(files, tmp_path):
 
 
 def test_onnx_file(tmp_path, x):
-    """With onnx2torch importable: end to end against the eager model; without: the error says how to enable it."""
+    """An ONNX export of a TinyUNet, converted by onnx2torch (installed by ``make test``): end to end against the
+    eager model. No fallback: a missing converter fails here (its error is tested below)."""
     torch.manual_seed(4)
     net = _balanced(TinyUNet(), x)
     path = tmp_path / "tiny.onnx"
-    converter = importlib.util.find_spec("onnx2torch") is not None and importlib.util.find_spec("onnx") is not None
-    if not converter:
-        path.write_bytes(b"not read: the converter is missing")
-        with pytest.raises(ModelError) as info:
-            load_model(str(path))
-        text = str(info.value)
-        assert "pip install onnx onnx2torch" in text and "--no-deps" in text and "torchvision" in text
-        with pytest.raises(ModelError, match="does not exist"):
-            load_model(str(tmp_path / "missing.onnx"))
-        return
     torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
     model = load_model(str(path))
+    assert model.source.startswith("onnx ") and "converted by onnx2torch" in model.source
+    assert isinstance(model.network, torch.fx.GraphModule)
     layer = [n for n, _ in model.network.named_modules() if n.endswith("dec/1/Relu")]
     assert len(layer) == 1 and model.spatial_dims == 3 and model.class_names == ["background", "class1"]
     with torch.no_grad():
@@ -417,3 +411,41 @@ def test_onnx_file(tmp_path, x):
     want = explain(net, x, SegmentTarget(1), layer="dec")
     assert int(want.region.sum()) > 0 and torch.allclose(got.map, want.map, atol=1e-5)
     assert count_hooks(model.network) == 0
+    stand_in = sys.modules.get("torchvision")
+    assert stand_in is None or hasattr(stand_in, "__file__")  # the torchvision stand-in is not left behind
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "missing.onnx"))
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnx2torch"])
+def test_onnx_without_the_converter_is_a_clear_error(tmp_path, monkeypatch, missing):
+    """Simulated: the package is made unimportable (``sys.modules[name] = None``: find_spec finds nothing and
+    ``import`` raises). The message says how to install the converter without pulling a torchvision."""
+    monkeypatch.setitem(sys.modules, missing, None)
+    assert importlib.util.find_spec(missing) is None
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(b"not read: the converter is missing")
+    with pytest.raises(ModelError) as info:
+        load_model(str(path))
+    text = str(info.value)
+    assert "the %s package is not installed" % missing in text
+    assert "pip install onnx onnx2torch" in text and "--no-deps" in text and "torchvision" in text
+
+
+def test_onnx2torch_that_fails_to_import_is_a_clear_error(tmp_path, monkeypatch):
+    """Installed but broken (found, yet its import raises, with or without the torchvision stand-in)."""
+    import builtins
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "onnx2torch":
+            raise ImportError("simulated broken onnx2torch")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnx2torch", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(b"not read: the converter cannot be imported")
+    with pytest.raises(ModelError, match="cannot import onnx2torch: simulated broken onnx2torch") as info:
+        load_model(str(path))
+    assert "pip install onnx onnx2torch" in str(info.value)

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
+from SegHiResCAMLib import catalog
 from SegHiResCAMLib.engine import MaskRegion, SegmentTarget, compute_cams, count_hooks, whole_image_target
 from SegHiResCAMLib.engine.windows import WindowedCAM, importance_map, window_starts
 from SegHiResCAMLib.errors import CancelledError
 
 from nets import LinearHeadNet, TinyUNet
 
-METHODS = ["seg-hires-grad-cam", "seg-grad-cam", "layer-cam", "grad-cam++", "xgrad-cam"]
+METHODS = [m.name for m in catalog.METHODS]  # every method, seg-xres-cam included
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -49,6 +50,36 @@ def test_linear_head_identity_on_the_blended_prediction(nd, shape, blend):
     # the windows really differ from one whole-volume pass (zero padding at window borders)
     with torch.no_grad():
         assert (net(x)[:, 2] - Y).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("nd,shape", [(3, (1, 1, 21, 24, 17)), (2, (2, 1, 39, 36))])
+@pytest.mark.parametrize("pool", [2, 3, None])
+def test_seg_xres_cam_linear_head_identity_with_pools_cut_by_the_border(nd, shape, pool):
+    """Seg-XRes-CAM is not element-wise: a pool window may straddle two sliding windows, so the windowed map is
+    combined once from the blended A and the summed G (exactly the whole-volume map with one window, see above).
+    For a head linear in the layer its raw map is ``avgpool(1[M]) * (Y^c - b_c)`` on the blended prediction: pool
+    windows tiled from voxel 0, a window cut by the volume's border averaging its in-volume voxels (odd sizes
+    here); ``pool_size=None`` is Seg-Grad-CAM."""
+    torch.manual_seed(8)
+    net = LinearHeadNet(nd=nd, classes=3).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    cam = WindowedCAM(net, x, 8, ["features"], overlap=0.5)
+    M = torch.rand((shape[0],) + shape[2:]) > 0.6
+    xres, grad = cam.explain([SegmentTarget(2, MaskRegion(M))], ["seg-xres-cam", "seg-grad-cam"], relu=False,
+                             normalization="none", pool_size=pool)
+    assert len(cam.windows) > 10 and xres.options["pool_size"] == pool
+    Y = cam.prediction()[(slice(None), 2) + tuple(slice(0, s) for s in shape[2:])]
+    b = net.head.bias[2].item()
+    if pool is None:
+        torch.testing.assert_close(xres.raw, grad.raw, rtol=0, atol=1e-9)
+        return
+    avg_pool = torch.nn.functional.avg_pool3d if nd == 3 else torch.nn.functional.avg_pool2d
+    pooled = avg_pool(M.double()[:, None], pool, pool, ceil_mode=True, count_include_pad=False)[:, 0]
+    for axis in range(1, nd + 1):
+        pooled = pooled.repeat_interleave(pool, dim=axis)
+    pooled = pooled[(slice(None),) + tuple(slice(0, s) for s in shape[2:])]
+    assert set(pooled.unique().tolist()) - {0.0, 1.0}  # partial windows, the border-cut ones among them
+    torch.testing.assert_close(xres.raw.double(), pooled * (Y - b), rtol=0, atol=1e-5)
 
 
 def _forward_counter(net):

@@ -1,5 +1,4 @@
-"""Which heatmap to trust: faithfulness and sanity metrics of every method x layer on one image, and the
-``seghirescam evaluate`` command.
+"""Which heatmap to trust: faithfulness and sanity metrics of every method x layer on one image.
 
 :func:`evaluate_image` is the one entry point shared by the command line, scripts and the Slicer logic. It works
 in model space (the network's input grid, as :func:`~SegHiResCAMLib.analysis.explain.explain_image` does) and costs:
@@ -22,14 +21,12 @@ From the Slicer logic (plain arrays in, plain data out; touches no MRML, so it c
     evaluation = evaluate_image(model, image, geometry, TargetSpec(class_index=1, mask=segment_array),
                                 layers=["auto"], steps=8, progress=callback)
     headers, rows = evaluation.table()   # one table-node column per header, one row per method x layer
-    plot_curves(evaluation, png_path)     # optional figure
+
+The ``seghirescam evaluate`` command (:mod:`SegHiResCAMLib.cli.evaluate`) writes it as JSON
+(:mod:`.provenance`); :mod:`SegHiResCAMLib.reporting` makes its Markdown report and its figure.
 """
 
-import dataclasses
-import math
-import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,7 +43,6 @@ from ..engine.methods import METHODS
 from ..errors import InputError
 from ..geometry import Geometry
 from ..models.base import SegModel
-from ..imaging.files import atomic_write
 from .explain import TargetSpec, build_target, model_input
 from ..imaging.model_space import ModelSpace
 
@@ -255,235 +251,3 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     report(1.0, "done")
     return Evaluation(rows, {_key(m, l): pair for (m, l), pair in zip(labels, curves)},
                       {"model": stages, "target": target_rho}, metadata)
-
-
-# ---------------------------------------------------------------------------------------------- reports
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else "%.3f" % value
-    return str(value)
-
-
-def markdown(evaluation: Evaluation, title: str = "Heatmap faithfulness", plot: Optional[str] = None) -> str:
-    """A Markdown report: what was evaluated, the table, how to read it, warnings."""
-    meta = evaluation.metadata
-    lines = ["# %s" % title, ""]
-    lines.append("- target: %s (%d voxels of %d), score y0 = %.4g, fully replaced input %.4g"
-                 % (meta.get("target_kind"), meta.get("region_voxels", 0), meta.get("domain_voxels", 0),
-                    meta.get("y0", float("nan")),
-                    float("nan") if meta.get("y_baseline") is None else meta["y_baseline"]))
-    options = meta.get("options", {})
-    lines.append("- deletion/insertion: %s steps, baseline %s (sigma %s voxels), %d forward passes; dilation %s "
-                 "voxels" % (options.get("steps"), options.get("baseline"), options.get("sigma_voxels"),
-                             meta.get("cost", {}).get("perturbation_forwards", 0), options.get("dilation_voxels")))
-    lines.append("- timings: %s" % ", ".join("%s %.0f s" % (k, v) for k, v in meta.get("timings", {}).items()))
-    rows = evaluation.rows
-    if rows:
-        lines.append("- a uniform map would put %.3f of its heat in the segment and %.3f in the dilated segment"
-                     % (rows[0]["segment_fraction"], rows[0]["dilated_segment_fraction"]))
-    lines += [""]
-    cols = evaluation.columns()
-    lines.append("| " + " | ".join(h for _, h in cols) + " |")
-    lines.append("|" + "---|" * len(cols))
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(k, float("nan"))) for k, _ in cols) + " |")
-    lines += ["", "AUCs are areas under the score curve divided by y0 (the unperturbed score), over the fraction "
-              "of voxels removed (deletion) or inserted (insertion), most salient first. Heat in segment: share of "
-              "the positive heat inside the target segment. rho: Spearman rank correlation with the map of a "
-              "randomised model (cascading from the output layer down) or target; a faithful map changes, so "
-              "lower is better; n/a marks a flat map."]
-    warnings = sorted({"%s @ %s: %s" % (r["method"], r["layer"], w) for r in rows for w in r.get("warnings", [])})
-    if warnings:
-        lines += ["", "Warnings:", ""] + ["- %s" % w for w in warnings]
-    if plot:
-        lines += ["", "![deletion and insertion curves](%s)" % plot]
-    return "\n".join(lines) + "\n"
-
-
-def _atomic_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as handle:
-            handle.write(text)
-    atomic_write(path, write)
-
-
-def plot_curves(evaluation: Evaluation, path: str, title: Optional[str] = None) -> str:
-    """Deletion and insertion curves, one line per method x layer (colour = method, line style = layer)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(r["method"] for r in evaluation.rows if r["method"] != RANDOM_ORDER))
-    layers = list(dict.fromkeys(r["layer"] for r in evaluation.rows if r["method"] != RANDOM_ORDER))
-    colours = plt.get_cmap("tab10")
-    styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
-    normalised = evaluation.metadata.get("y0", 1.0) > 0
-    for ax, mode in zip(axes, ("deletion", "insertion")):
-        for key, pair in evaluation.curves.items():
-            method, layer = key.split(" @ ")
-            curve = pair[mode]
-            ys = curve.normalized if normalised else curve.scores
-            xs = [100 * f for f in curve.fractions]
-            if method == RANDOM_ORDER:
-                ax.plot(xs, ys, color="black", lw=2.2, alpha=0.6, label="random order (reference)")
-            else:
-                ax.plot(xs, ys, color=colours(methods.index(method) % 10),
-                        ls=styles[layers.index(layer) % len(styles)], lw=1.4,
-                        label="%s @ %s (AUC %.3f)" % (method, layer, curve.auc if normalised else curve.auc_raw))
-        ax.set_title("%s (%s)" % (mode, "lower AUC = more faithful" if mode == "deletion" else
-                                  "higher AUC = more faithful"))
-        ax.set_xlabel("%% of voxels %s, most salient first" % ("removed" if mode == "deletion" else "inserted"))
-        ax.set_ylabel("y / y0" if normalised else "score y")
-        ax.grid(alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, [n.split(" (AUC")[0] for n in names], loc="center right", fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def jsonable(value):
-    """``value`` with NaN and infinities replaced by ``None`` (strict JSON has no NaN) and tuples as lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def _ints(text: str, flag: str) -> Tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").split(","))
-    except ValueError as exc:
-        raise InputError("%s must be comma-separated integers (array order, e.g. 80,80,80), got %r"
-                         % (flag, text)) from exc
-
-
-def _stages(text: str) -> Union[int, List[str], None]:
-    text = (text or "").strip()
-    if text.isdigit():
-        return int(text) or None
-    return [name.strip() for name in text.split(",") if name.strip()] or None
-
-
-def add_parser(subparsers) -> None:
-    """Register ``seghirescam evaluate`` on the command line's sub-parsers."""
-    from ..cli.main import _add_model_args
-
-    p = subparsers.add_parser(
-        "evaluate", help="faithfulness and sanity metrics of heatmaps (one row per method x layer)",
-        description="Deletion/insertion AUC, heat inside the segment and sanity checks (model and target "
-                    "randomisation) for every method x layer, on one image. Cost on 3D models: one forward pass "
-                    "per step, method, layer and curve (see --steps and --crop).")
-    _add_model_args(p)
-    p.add_argument("--image", required=True, help="input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder")
-    p.add_argument("--segment", help="mask or label map whose voxels are explained (default: the model's prediction)")
-    p.add_argument("--label", type=float, help="label value in --segment (default: every non-zero voxel)")
-    p.add_argument("--class", dest="class_", default="1", help="explained class, index or name (default 1)")
-    p.add_argument("--score", default="logits", choices=["logits", "probabilities"], help="default: logits")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES),
-                   metavar="METHOD", help="default: all (%s)" % ", ".join(METHOD_NAMES))
-    p.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER", help="default: auto")
-    p.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (default 10: 0, 10, ..., 100%%)")
-    p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="replacement of removed voxels")
-    p.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur sigma in model voxels (default 5)")
-    p.add_argument("--dilation", type=int, default=3, help="radius of the dilated segment in model voxels (default 3)")
-    p.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default: from free memory)")
-    p.add_argument("--sanity-stages", default="3",
-                   help="model randomisation: a number of stages, or comma-separated module names; 0 skips it")
-    p.add_argument("--random-targets", nargs="*", default=["shift", "class"], choices=list(RANDOM_TARGETS),
-                   help="randomised targets to compare with (default: shift class; none: skip)")
-    p.add_argument("--no-random-reference", action="store_true", help="omit the random-order reference row")
-    p.add_argument("--crop", help="evaluate on a box of Z,Y,X image voxels (bounds the cost on large scans; lifts "
-                   "the model's minimum input size, e.g. HD-BET's 128^3, so that the box is not padded back)")
-    p.add_argument("--crop-center",
-                   help="centre of --crop, z,y,x image index (default: the segment's or the image's centre)")
-    p.add_argument("--pool-size", type=int, default=2, help="window of seg-xres-cam, in layer voxels (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--out-json", required=True, help="write every row, curve and provenance here (JSON)")
-    p.add_argument("--out-md", help="write a Markdown report here")
-    p.add_argument("--plot", help="write the deletion/insertion curves here (PNG)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    """Run ``seghirescam evaluate``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
-    from ..imaging import files as io
-    from ..cli.main import _Progress, _load_model, _parse_model_args, _write_json
-
-    _parse_model_args(args)
-    protect = [args.image] + ([args.segment] if args.segment else [])
-    outputs = [p for p in (args.out_json, args.out_md, args.plot) if p]
-    for out in outputs:
-        io.check_not_protected(os.path.abspath(out), protect)
-    if len({os.path.abspath(p) for p in outputs}) != len(outputs):
-        raise InputError("--out-json, --out-md and --plot must be different files")
-    if args.steps < 1:
-        raise InputError("--steps must be >= 1, got %d" % args.steps)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError("--batch-size must be >= 1, got %d" % args.batch_size)
-    image, geometry = io.read_image(args.image)
-    mask = None
-    if args.segment:
-        mask, mask_geometry = io.read_image(args.segment)
-        if mask.ndim != geometry.ndim:
-            raise InputError("the segment %r has %d axes; give a single-component label map"
-                             % (args.segment, mask.ndim))
-        if not mask_geometry.same_grid(geometry):
-            mask = io.resample_to_grid(mask, mask_geometry, geometry, "nearest")
-            if not np.any(mask):
-                raise InputError("the segment %r does not overlap the image; check that both are in the same "
-                                 "space" % args.segment)
-    if args.crop:
-        center = _ints(args.crop_center, "--crop-center") if args.crop_center else None
-        if center is None and mask is not None and np.any(mask):
-            center = tuple(int(round(c)) for c in np.argwhere(mask).mean(axis=0))
-        image, geometry, box = crop_image(image, geometry, _ints(args.crop, "--crop"), center)
-        mask = None if mask is None else mask[box]
-    model = _load_model(args)
-    if args.crop and model.preprocessing.min_size is not None:
-        model = dataclasses.replace(model, preprocessing=dataclasses.replace(model.preprocessing, min_size=None))
-    maps = len(args.methods) * len(args.layers) + (0 if args.no_random_reference else 1)
-    if not args.quiet:
-        print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
-              "steps + 1)" % (1 + maps * 2 * max(0, args.steps - 1), maps, max(0, args.steps - 1)), file=sys.stderr)
-    spec = TargetSpec(class_index=model.class_index(args.class_), mask=mask, label=args.label, score=args.score)
-    options = {"pool_size": args.pool_size} if "seg-xres-cam" in args.methods else {}
-    progress = _Progress(args.quiet)
-    try:
-        evaluation = evaluate_image(model, image, geometry, spec, methods=args.methods, layers=args.layers,
-                                    steps=args.steps, baseline=args.baseline, sigma=args.sigma,
-                                    dilation=args.dilation, batch_size=args.batch_size,
-                                    sanity_stages=_stages(args.sanity_stages), random_targets=args.random_targets,
-                                    random_reference=not args.no_random_reference, device=args.device,
-                                    seed=args.seed, progress=progress, **options)
-    finally:
-        progress.close()
-    data = evaluation.to_dict()
-    data["metadata"].update({"command": "evaluate", "image": os.path.abspath(args.image),
-                             "segment": os.path.abspath(args.segment) if args.segment else None,
-                             "crop": args.crop, "crop_center": args.crop_center})
-    _write_json(args.out_json, jsonable(data), protect)
-    if args.plot:
-        plot_curves(evaluation, args.plot, "%s: %s" % (model.name, os.path.basename(args.image)))
-    if args.out_md:
-        plot = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(args.out_md))) \
-            if args.plot else None
-        _atomic_text(args.out_md, markdown(evaluation, "Heatmap faithfulness: %s on %s"
-                                           % (model.name, os.path.basename(args.image)), plot))
-    cols = evaluation.columns()
-    print("\t".join(k for k, _ in cols))
-    for row in evaluation.rows:
-        print("\t".join(_fmt(row.get(k, float("nan"))) for k, _ in cols))
-    for warning in sorted({w for r in evaluation.rows for w in r.get("warnings", [])}):
-        print("seghirescam: warning: %s" % warning, file=sys.stderr)
-    return 0

@@ -9,7 +9,7 @@ from .hooks import LayerCapture, count_hooks, model_guard, named_layers, resolve
 from .layers import LayerInfo, auto_layer, trace_layers
 from .methods import DEFAULT_METHOD, METHODS, get_method
 from .outputs import main_output
-from .postprocess import normalize, postprocess, upsample
+from .postprocess import normalize, upsample  # postprocess(): engine.postprocess.postprocess (the module's name)
 from .regions import (ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, VoxelRegion, WholeRegion,
                       connected_components)
 from .targets import (SegmentTarget, class_maps, empty_target, predicted_mask, threshold_target,
@@ -22,7 +22,7 @@ from .faithfulness import (Curve, SanityStage, energy_in_region, model_randomiza
 __all__ = [
     "CAMResult", "CAMSession", "compute_cams", "explain", "LayerCapture", "count_hooks", "model_guard", "named_layers",
     "resolve_layer", "LayerInfo", "auto_layer", "trace_layers", "DEFAULT_METHOD", "METHODS", "get_method",
-    "main_output", "normalize", "postprocess", "upsample", "ComponentRegion", "EmptyRegion", "MaskRegion",
+    "main_output", "normalize", "upsample", "ComponentRegion", "EmptyRegion", "MaskRegion",
     "PredictedRegion", "VoxelRegion", "WholeRegion", "connected_components", "SegmentTarget", "class_maps",
     "empty_target", "predicted_mask", "threshold_target", "whole_image_target", "Curve", "SanityStage",
     "energy_in_region", "model_randomization", "perturbation_curves", "random_target", "spearman",

@@ -3,6 +3,7 @@
 >>> import torch
 >>> from torch import nn
 >>> from SegHiResCAMLib.engine import explain, SegmentTarget
+>>> _ = torch.manual_seed(0)  # a random net may predict no voxel of class 1 (an empty target is an error)
 >>> net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
 >>> x = torch.randn(1, 1, 8, 8, 8)
 >>> res = explain(net, x, SegmentTarget(1), layer="1")

@@ -15,7 +15,8 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..geometry import Geometry
-from .files import from_sitk, resample_to_grid, to_sitk
+from .conversion import from_sitk, to_sitk
+from .resample import resample_to_grid
 from ..models.base import Preprocessing
 
 _EPS = 1e-6

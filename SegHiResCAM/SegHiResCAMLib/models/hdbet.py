@@ -42,10 +42,13 @@ Preprocessing, as HD-BET does it (``HD_BET/run.py``, ``data_loading.py``, ``pred
   the prediction depends on the field of view. Fold 0 alone, without mirroring, is HD-BET's ``-mode fast -tta 0``.
 
 Example (``x``: a preprocessed ``[1, 1, Z, Y, X]`` tensor, ``Z, Y, X`` multiples of 16 and at least 32):
+    >>> import torch
     >>> from SegHiResCAMLib.models import load_model
-    >>> model = load_model("hd-bet")  # doctest: +SKIP
-    >>> model.network(x).shape  # doctest: +SKIP
-    torch.Size([1, 2, Z, Y, X])
+    >>> model = load_model("hd-bet")
+    >>> x = torch.randn(1, 1, 32, 32, 32)
+    >>> with torch.no_grad():
+    ...     model.network(x).shape
+    torch.Size([1, 2, 32, 32, 32])
 """
 
 import importlib

@@ -5,15 +5,17 @@ layers (one forward and one backward pass serve all six), a PNG figure per heatm
 against the atlas brain mask, heat inside vs outside the brain, timings, provenance) and ``metadata.json``.
 """
 
-import json
 import os
 import time
 from typing import Callable, Dict, List, Optional
 
-
-from ..imaging import files as io
-from .figures import dice, energy_ratio, heatmap_figure, markdown_report
 from ..analysis.explain import TargetSpec, explain_image
+from ..analysis.measures import dice, energy_ratio
+from ..imaging import files as io
+from ..imaging.resample import read_mask_on_grid
+from .figures import heatmap_figure
+from .tables import heatmap_report
+from .writers import write_json, write_text
 
 DEMO_LAYERS = ("context5", "loc2", "up4")
 DEMO_METHODS = ("seg-hires-grad-cam", "seg-grad-cam")
@@ -28,9 +30,7 @@ def run_demo(out: str, device: str = "auto", progress: Optional[Callable[[float,
     started = time.perf_counter()
     image_path, mask_path = robex_atlas()
     image, geometry = io.read_image(image_path)
-    truth, truth_geometry = io.read_image(mask_path)
-    if not truth_geometry.same_grid(geometry):
-        truth = io.resample_to_grid(truth, truth_geometry, geometry, "nearest")
+    truth, _ = read_mask_on_grid(mask_path, geometry, what="atlas brain mask")
     report(0.02, "loading HD-BET (fold 0)")
     model = load_model("hd-bet")
     result = explain_image(model, image, geometry, [TargetSpec(class_index=1, name="brain-prediction")],
@@ -71,13 +71,11 @@ def run_demo(out: str, device: str = "auto", progress: Optional[Callable[[float,
         "weights sha256": ", ".join(model_info["file_hashes"].values()),
         "model space": "; ".join(result.space.steps), "image": image_path,
     }
-    markdown_report(os.path.join(out, "report.md"), "SegHiResCAM demo: HD-BET on the ROBEX atlas", summary, rows,
-                    provenance, ratio_label="mean heat inside / outside the atlas brain mask")
+    write_text(os.path.join(out, "report.md"), heatmap_report(
+        "SegHiResCAM demo: HD-BET on the ROBEX atlas", summary, rows, provenance,
+        ratio_label="mean heat inside / outside the atlas brain mask"))
     data = {"summary": summary, "dice": score, "heatmaps": rows, "metadata": result.metadata,
             "prediction": "prediction.nii.gz", "seconds": total}
-    def write(tmp):
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-    io.atomic_write(os.path.join(out, "metadata.json"), write, protect)
+    write_json(os.path.join(out, "metadata.json"), data, protect)
     report(1.0, "done")
     return data

@@ -1,15 +1,31 @@
-"""Figures and reports of heatmaps: three orthogonal slices, the scan in grey, the heatmap in a perceptual colour
-map with a colour bar and transparent low values; a Markdown report (matplotlib is needed for figures only).
+"""Every figure of the package (matplotlib, imported only when a figure is drawn), written atomically as PNG.
+
+- :func:`heatmap_figure`: three orthogonal slices, the scan in grey, the heatmap in a perceptual colour map with
+  a colour bar and transparent low values;
+- :func:`plot_curves`: the deletion and insertion curves of an :class:`~SegHiResCAMLib.analysis.evaluate.Evaluation`;
+- :func:`plot_sa`: the SA score of every layer against depth (:mod:`SegHiResCAMLib.analysis.segmentation_ability`).
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
+from ..analysis.evaluate import RANDOM_ORDER, Evaluation
+from ..analysis.segmentation_ability import ImageSA
 from ..errors import InputError
 from ..geometry import Geometry
-from ..imaging.files import atomic_write, from_sitk, to_sitk
+from ..imaging.conversion import from_sitk, to_sitk
+from ..imaging.files import atomic_write
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _to_lps(array: np.ndarray, geometry: Geometry) -> Tuple[np.ndarray, Tuple[float, ...]]:
@@ -41,9 +57,7 @@ def heatmap_figure(path: str, image: np.ndarray, heat: np.ndarray, geometry: Geo
         mask: the target region (its outline is drawn, and the slices go through its centre of mass).
         threshold: heat values below this are transparent.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if image.shape != heat.shape or image.shape != geometry.array_shape or geometry.ndim != 3:
         raise InputError("figure needs a 3D image and heatmap on the same grid")
@@ -82,41 +96,76 @@ def heatmap_figure(path: str, image: np.ndarray, heat: np.ndarray, geometry: Geo
     return path
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary masks (1.0 when both are empty)."""
-    a, b = np.asarray(a) != 0, np.asarray(b) != 0
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+def plot_curves(evaluation: Evaluation, path: str, title: Optional[str] = None) -> str:
+    """Deletion and insertion curves, one line per method x layer (colour = method, line style = layer)."""
+    plt = _pyplot()
 
-
-def energy_ratio(heat: np.ndarray, mask: np.ndarray) -> float:
-    """Mean heat inside the mask divided by the mean heat outside (inf when outside is 0)."""
-    inside = heat[mask != 0]
-    outside = heat[mask == 0]
-    if inside.size == 0 or outside.size == 0:
-        return float("nan")
-    mean_out = float(outside.mean())
-    return float("inf") if mean_out == 0 else float(inside.mean()) / mean_out
-
-
-def markdown_report(path: str, title: str, summary: Dict[str, object], rows: List[Dict[str, object]],
-                    provenance: Dict[str, object], ratio_label: str = "mean heat inside / outside the mask") -> str:
-    """Write a short Markdown report: summary, one table row per heatmap (with its figure), provenance."""
-    lines = ["# %s" % title, ""]
-    for key, value in summary.items():
-        lines.append("- **%s**: %s" % (key, value))
-    lines += ["", "| method | layer | %s | figure |" % ratio_label, "|---|---|---|---|"]
-    for row in rows:
-        lines.append("| %s | %s | %.2f | ![](%s) |" % (row["method"], row["layer"], row["ratio"], row["figure"]))
-    warnings = ["- %s / %s: %s" % (row["method"], row["layer"], w) for row in rows for w in row.get("warnings", [])]
-    if warnings:
-        lines += ["", "Warnings:", ""] + warnings
-    lines += ["", "## Provenance", "", "```"]
-    for key, value in provenance.items():
-        lines.append("%s: %s" % (key, value))
-    lines += ["```", ""]
-    def write(tmp):
-        with open(tmp, "w") as handle:
-            handle.write("\n".join(lines))
-    atomic_write(path, write)
+    methods = list(dict.fromkeys(r["method"] for r in evaluation.rows if r["method"] != RANDOM_ORDER))
+    layers = list(dict.fromkeys(r["layer"] for r in evaluation.rows if r["method"] != RANDOM_ORDER))
+    colours = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
+    normalised = evaluation.metadata.get("y0", 1.0) > 0
+    for ax, mode in zip(axes, ("deletion", "insertion")):
+        for key, pair in evaluation.curves.items():
+            method, layer = key.split(" @ ")
+            curve = pair[mode]
+            ys = curve.normalized if normalised else curve.scores
+            xs = [100 * f for f in curve.fractions]
+            if method == RANDOM_ORDER:
+                ax.plot(xs, ys, color="black", lw=2.2, alpha=0.6, label="random order (reference)")
+            else:
+                ax.plot(xs, ys, color=colours(methods.index(method) % 10),
+                        ls=styles[layers.index(layer) % len(styles)], lw=1.4,
+                        label="%s @ %s (AUC %.3f)" % (method, layer, curve.auc if normalised else curve.auc_raw))
+        ax.set_title("%s (%s)" % (mode, "lower AUC = more faithful" if mode == "deletion" else
+                                  "higher AUC = more faithful"))
+        ax.set_xlabel("%% of voxels %s, most salient first" % ("removed" if mode == "deletion" else "inserted"))
+        ax.set_ylabel("y / y0" if normalised else "score y")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, [n.split(" (AUC")[0] for n in names], loc="center right", fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
+
+
+def plot_sa(path: str, result: ImageSA, title: str, protect: Sequence[str] = ()) -> None:
+    """PNG: SA score of every layer (all units) against depth, every unit as a dot, the model's Dice if known."""
+    plt = _pyplot()
+
+    layers = result.report.layers
+    depth = [r.depth for r in layers]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.16 * len(layers) + 3), 5.2))
+    for r in layers:
+        if r.units is not None:
+            values = r.units[0].cpu().numpy()
+            ax.scatter(np.full(values.shape, r.depth) + np.linspace(-0.25, 0.25, len(values)), values, s=3,
+                       color="0.6", alpha=0.5, linewidths=0, label="_units")
+    ax.plot(depth, [float(r.score[0]) for r in layers], "-o", color="C0", ms=3.5, label="layer (all units)")
+    ax.plot(depth, [float(torch.max(torch.nan_to_num(r.units[0], nan=-1))) if r.units is not None else np.nan
+                    for r in layers], "--", color="C1", lw=1, label="best unit")
+    feats = [r for r in layers if r.feature]
+    ax.scatter([r.depth for r in feats], [float(r.score[0]) for r in feats], s=60, facecolors="none",
+               edgecolors="C3", label="feature layers (mean SA %.3f)" % result.mean_sa, zorder=3)
+    if result.dice is not None:
+        ax.axhline(result.dice, color="C2", ls=":", label="Dice of the prediction %.3f" % result.dice)
+    step = max(1, len(layers) // 40)
+    ax.set_xticks(depth[::step])
+    ax.set_xticklabels([r.name for r in layers][::step], rotation=90, fontsize=6)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer (depth = execution order)")
+    ax.set_ylabel("SA score (Dice of the ProtoSeg map)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    try:
+        atomic_write(path, protect=protect, write=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

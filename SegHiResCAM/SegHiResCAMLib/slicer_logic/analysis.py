@@ -14,52 +14,23 @@ inputs are never modified. torch is imported only inside ``computeAnalysis``.
 
 import json
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import numpy as np
 import slicer
 import vtk
 
-from .. import __version__
+from .. import __version__, catalog
 from . import bridge as mrml
 from ..errors import InputError
-from .explain import METHOD_NAMES, ExplainLogic, ExplainRequest, ProgressCallback
+from .compute import ANALYSES, EVALUATION, SEGMENTATION_ABILITY, AnalysisRequest, cropRequest  # noqa: F401
+from .explain import ExplainLogic, ExplainRequest, ProgressCallback
 
-EVALUATION = "evaluation"
-SEGMENTATION_ABILITY = "segmentation-ability"
-ANALYSES = (EVALUATION, SEGMENTATION_ABILITY)
 #: attribute role of the SA map segmentation and of the plot nodes
 SA_MAP, SA_PLOT = "sa-map", "sa-plot"
 
 
-@dataclass
-class AnalysisRequest:
-    """An analysis of ``explain.image``: the inputs and target of a heatmap request plus the analysis options."""
-
-    kind: str
-    explain: ExplainRequest
-    methods: List[str]
-    steps: int = 5
-    cropVoxels: int = 0
-
-
-def _crop(request: AnalysisRequest):
-    """Image, geometry and target cropped to ``cropVoxels`` per axis around the target (0: unchanged)."""
-    r = request.explain
-    target = dict(r.target)
-    if request.cropVoxels <= 0:
-        return r.image, r.geometry, target
-    from ..analysis.evaluate import crop_image  # imports torch
-    center = target.get("voxel")
-    if center is None and "mask" in target:
-        center = [int(round(c)) for c in np.argwhere(target["mask"]).mean(axis=0)]
-    image, geometry, box = crop_image(r.image, r.geometry, [request.cropVoxels] * r.image.ndim, center)
-    if "mask" in target:
-        target["mask"] = target["mask"][box]
-    if "voxel" in target:
-        target["voxel"] = tuple(int(v) - b.start for v, b in zip(target["voxel"], box))
-    return image, geometry, target
+#: the crop of an evaluation (kept under its old name)
+_crop = cropRequest
 
 
 def _numeric(values) -> Optional[List[float]]:
@@ -101,7 +72,7 @@ class AnalysisLogic(ExplainLogic):
 
     def prepareAnalysisFromParameters(self, parameters, kind: str) -> AnalysisRequest:
         """:meth:`prepareAnalysis` with the values of the module's parameter node."""
-        methods = list(METHOD_NAMES) if parameters.evaluateAllMethods else [parameters.method]
+        methods = list(catalog.method_names()) if parameters.evaluateAllMethods else [parameters.method]
         return self.prepareAnalysis(kind, self.prepareFromParameters(parameters), methods=methods,
                                     steps=parameters.evaluateSteps, cropVoxels=parameters.evaluateCropVoxels)
 
@@ -111,33 +82,13 @@ class AnalysisLogic(ExplainLogic):
             raise InputError("analysis must be one of %s, got %r" % (", ".join(ANALYSES), kind))
         methods = list(methods or [request.method])
         for method in methods:
-            if method not in METHOD_NAMES:
-                raise InputError("method must be one of %s, got %r" % (", ".join(METHOD_NAMES), method))
+            if method not in catalog.method_names():
+                raise InputError("method must be one of %s, got %r" % (", ".join(catalog.method_names()), method))
         if isinstance(steps, bool) or int(steps) != steps or steps < 2:
             raise InputError("steps must be a whole number >= 2, got %r" % (steps,))
         if isinstance(cropVoxels, bool) or int(cropVoxels) != cropVoxels or cropVoxels < 0:
             raise InputError("cropVoxels must be 0 (whole image) or a voxel count, got %r" % (cropVoxels,))
         return AnalysisRequest(kind, request, methods, int(steps), int(cropVoxels))
-
-    def computeAnalysis(self, request: AnalysisRequest, progress: Optional[ProgressCallback] = None):
-        """The evaluation (``Evaluation``) or the segmentation ability (``ImageSA``); no MRML (any thread)."""
-        report = progress or (lambda fraction, message: None)
-        report(0.0, "loading the model")
-        r = request.explain
-        model = self.loadModel(r.model, r.weights)
-        if request.kind == EVALUATION:
-            from ..analysis.evaluate import evaluate_image
-            from ..analysis.explain import TargetSpec
-            image, geometry, target = _crop(request)
-            return evaluate_image(model, image, geometry, TargetSpec(**target), methods=request.methods,
-                                  layers=r.layer, steps=request.steps, device=r.device,
-                                  progress=lambda f, m: report(0.02 + 0.98 * f, m))
-        from ..engine.protoseg import LAST_FEATURE
-        from ..analysis.segmentation_ability import sa_score_image
-        return sa_score_image(model, r.image, r.geometry, reference=r.target.get("mask"),
-                              class_index=r.target["class_index"], layers="all",
-                              map_layer=LAST_FEATURE if r.layer == "auto" else r.layer, device=r.device,
-                              progress=lambda f, m: report(0.02 + 0.98 * f, m))
 
     def applyAnalysis(self, request: AnalysisRequest, result, show: bool = True):
         """Write the result into the scene (new nodes, removed again on failure); returns the table node."""

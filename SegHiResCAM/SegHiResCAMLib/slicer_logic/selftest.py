@@ -144,3 +144,44 @@ def checkHeatmap(test, heatmap, volume, sliceComposites=(), targetKind="predicti
         test.assertTrue(attributes.get(key), "attribute SegHiResCAM.%s is missing" % key)
     test.assertEqual(attributes["targetKind"], targetKind)
     test.assertEqual(attributes["inputVolumeID"], volume.GetID())
+
+
+def runPredictionTarget(test, logic, model):
+    """``SegHiResCAMTest.test_PredictionTarget``: the model's brain prediction explained on the sample scan."""
+    test.delayDisplay("Loading the sample brain MRI")
+    volume = loadSampleVolume()
+    views = ensureSliceViews()
+    volumeHash = hashVolume(volume)
+    test.delayDisplay("Computing the heatmap of HD-BET's brain prediction (a minute on a CPU)")
+    heatmap = logic.process(volume, model=model, classIndex=1, addPrediction=True)
+    checkHeatmap(test, heatmap, volume, views)
+    test.assertEqual(hashVolume(volume), volumeHash, "the input volume was modified")
+    prediction = heatmap.GetNodeReference("SegHiResCAMPrediction")
+    segmentId = prediction.GetSegmentation().GetSegmentIdBySegmentName("brain")
+    test.assertTrue(segmentId, "HD-BET predicted no brain")
+    inside, outside = meanInsideOutside(heatmap, prediction, segmentId, volume)
+    test.delayDisplay("Mean heat inside the brain %.3f, outside %.3f" % (inside, outside))
+    test.assertGreater(inside, outside)
+    test.delayDisplay("Prediction target passed")
+
+
+def runSegmentAndPoint(test, logic, model):
+    """``SegHiResCAMTest.test_SegmentOnOtherGridAndClickedPoint``: a segment on another grid, then a point."""
+    test.delayDisplay("Cropping the sample brain MRI (less work for HD-BET)")
+    volume = cropVolume(loadSampleVolume(), sizeMm=150.0)
+    views = ensureSliceViews()
+    segmentation, segmentId = sphereSegmentOnOtherGrid(volume, radiusMm=20.0)
+    hashes = hashVolume(volume), hashSegmentation(segmentation)
+    test.delayDisplay("Explaining a segment made on another grid")
+    heatmap = logic.process(volume, model=model, segmentationNode=segmentation, segmentId=segmentId)
+    checkHeatmap(test, heatmap, volume, views, targetKind="segment")
+    test.assertEqual((hashVolume(volume), hashSegmentation(segmentation)), hashes,
+                     "an input was modified")
+    test.delayDisplay("Explaining a clicked point")
+    point = addPointAtCenter(volume)
+    volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    again = logic.process(volume, model=model, pointNode=point, radiusMm=10.0)
+    test.assertEqual(again.GetID(), heatmap.GetID(), "a rerun must update its own output node")
+    test.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), volumes)
+    checkHeatmap(test, again, volume, views, targetKind="point")
+    test.delayDisplay("Segment and point targets passed")

@@ -1,6 +1,6 @@
 """Deletion and insertion curves of heatmaps of segmentation models (docs/algorithms.md, "Faithfulness checks").
 
-Part of the faithfulness checks gathered in :mod:`.metrics`; dimension-generic (1 to 3 spatial axes).
+Part of the faithfulness checks gathered in :mod:`SegHiResCAMLib.engine.faithfulness`; dimension-generic (1 to 3 spatial axes).
 
 **Deletion / insertion** (Petsiuk, Das, Saenko, *RISE*, BMVC 2018): rank the input voxels by the heatmap
 (:func:`saliency_order`), replace the top fraction by a baseline (:func:`baseline_input`: Gaussian blur of the

@@ -24,12 +24,12 @@ Fast path (what makes every unit of every HD-BET layer affordable), exact up to 
    float32 rounding of the layer's largest prototype: HD-BET has units of ~1e-37) carries no signal: its per-unit
    score is NaN and the mean SA score leaves it out (``dead_units``).
 2. Prototypes on the layer grid: ``sum_p w_p resize(F)_p = sum_q F_q resize^T(w)_q`` (per-axis adjoint matrices).
-3. Per-unit Dice without materialising ``K`` resized channels (:mod:`.protoseg_count`): a resized value is a
+3. Per-unit Dice without materialising ``K`` resized channels (:mod:`.count`): a resized value is a
    convex combination of the layer voxels around it, so every *cell* (a block of guide voxels sharing the same few
    layer corners) whose corners all lie on one side of the midpoint is counted whole from per-cell mask totals;
    only straddling (unit, cell) pairs are evaluated voxel by voxel (large cells by sub-blocks). Where a map changes
    sign in most cells (factors of 2), every guide voxel is evaluated instead, phase by phase. The layer's ``D`` is
-   counted the same way (on the guide grid, computed during the per-unit pass). ``Testing/test_protoseg.py`` checks
+   counted the same way (on the guide grid, computed during the per-unit pass). ``Testing/unit/test_protoseg.py`` checks
    the equality with the literal maps, on every path.
 4. Whole networks (:func:`segmentation_ability`): the first forward pass traces the layers and gives the guide;
    with ``layers="features"`` it also keeps clones of the last few convolutions (the feature layers), with
@@ -37,10 +37,9 @@ Fast path (what makes every unit of every HD-BET layer affordable), exact up to 
    returning a child's unmodified output reuses its scores; a per-channel affine normalisation
    (BatchNorm/InstanceNorm/GroupNorm with non-zero weights) of a scored layer reuses its per-unit scores, which such
    a map leaves unchanged. Scoring runs as independent blocks on torch's threads, each operation on one thread
-   (:mod:`.protoseg_tasks`); results do not depend on the number of threads. HD-BET on the ROBEX atlas (73 layers,
-   8,364 units, 160x160x128): 2.3-2.6 forward passes in all, of which the scoring 0.33-0.6 (3.1-3.6 before the
-   counting was reworked; measured on a shared 2-core machine, `docs/sa_validation.md`), 2.8 GiB. Dead units
-   (below) are not counted where they are many.
+   (:mod:`.tasks`); results do not depend on the number of threads. The measured cost on HD-BET (every unit of every
+   layer, in plain forward passes) is in ``docs/sa_validation/sweep.json`` (``studies/sa_validation.py``). Dead
+   units (below) are not counted where they are many.
 
 *Feature layers* (for the mean SA score): the convolution modules (``nn.Conv*d``/``nn.ConvTranspose*d``) that run
 once and finish before the head in execution order, the head (and its containers) excluded; if there are fewer

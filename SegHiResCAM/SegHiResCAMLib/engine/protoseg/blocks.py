@@ -21,7 +21,7 @@ _HALVE = 8  # sub-blocks of at least this many voxels per axis are cut again
 
 
 class SubBlocks:
-    """Built by :class:`~.protoseg_count.UnitCounter` for one cell pattern ``weights [corners, block]`` shared by
+    """Built by :class:`~.count.UnitCounter` for one cell pattern ``weights [corners, block]`` shared by
     every cell; ``masks [R, cells, block]`` (the counter's, slot order of the block)."""
 
     def __init__(self, widths: List[int], subs: List[int], weights: torch.Tensor, masks: torch.Tensor,

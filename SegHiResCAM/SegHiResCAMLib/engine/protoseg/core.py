@@ -1,7 +1,7 @@
 """ProtoSeg definitions (literal maps, prototypes) and :class:`Scorer`, the fast exact SA scores of one layer.
 
-The public module is :mod:`.protoseg` (specification, whole networks); the counting behind the scores is in
-:mod:`.protoseg_count`.
+The public module is the package :mod:`SegHiResCAMLib.engine.protoseg` (specification, whole networks); the counting behind the scores is in
+:mod:`.count`.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple

@@ -18,9 +18,9 @@ interpolations. One of three ways, by grid:
   sums of one byte per voxel. Only *straddling* (channel, cell) pairs are evaluated voxel by voxel, one
   ``[pairs, corners] @ [corners, block]`` product per cell pattern, the masks read only where a cell is partly
   inside one. An integer factor gives one pattern (edge cells are completed with virtual voxels outside every
-  mask); large cells (factors of 16 and more) are refined by sub-blocks (:mod:`.protoseg_blocks`).
+  mask); large cells (factors of 16 and more) are refined by sub-blocks (:mod:`.blocks`).
 
-Channels are processed a few at a time as independent tasks (:mod:`.protoseg_tasks`), every temporary
+Channels are processed a few at a time as independent tasks (:mod:`.tasks`), every temporary
 cache-sized.
 """
 
@@ -37,7 +37,7 @@ from .tasks import SCRATCH, scratch_buffer, nonzero, project, run_tasks
 _DENSE = 8  # phases (guide voxels per layer voxel) up to which every guide voxel is evaluated
 _DENSE_CHANNELS = 8  # channels evaluated together by phases (they share the reads of the masks)
 _DENSE_SHARE = 0.3  # share of straddling (unit, cell) pairs from which phases are cheaper than cells
-_SUB = 8  # voxels per axis of the sub-blocks of large cells (protoseg_blocks)
+_SUB = 8  # voxels per axis of the sub-blocks of large cells (blocks.py)
 _SUB_MIN = 8  # sub-blocks per cell from which they pay off
 
 

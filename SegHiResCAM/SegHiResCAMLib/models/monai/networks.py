@@ -10,8 +10,8 @@ Two specs:
 Example:
     >>> from SegHiResCAMLib.models import load_model
     >>> model = load_model("monai:UNet", model_args={"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-    ...                    "channels": [4, 8], "strides": [2]})          # doctest: +SKIP
-    >>> model.preprocessing.divisible_by                                 # doctest: +SKIP
+    ...                    "channels": [4, 8], "strides": [2]})
+    >>> model.preprocessing.divisible_by
     2
 """
 

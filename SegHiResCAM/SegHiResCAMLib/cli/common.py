@@ -1,0 +1,121 @@
+"""What the ``seghirescam`` commands share: the model options, the CAM method options (from the catalog), the
+progress bar, model loading, ``--model-args`` parsing, the output check and the reading of an image with a mask.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import catalog
+from ..errors import InputError
+from ..geometry import Geometry
+
+EPILOG = """model SPEC, one of:
+  hd-bet                         the bundled HD-BET brain-extraction 3D U-Net (fold 0)
+  FILE.pt / FILE.ts              a TorchScript file (its layers become explainable)
+  FILE.onnx                      an ONNX file (needs: pip install onnx; pip install --no-deps onnx2torch)
+  FOLDER                         a MONAI bundle (configs/inference.json + models/model.pt) or an nnU-Net v2
+                                 trained-model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth)
+  monai:UNet                     a MONAI network by name, --model-args '{...}' --weights STATE_DICT
+  package.module:factory         (or file.py:factory) with --weights STATE_DICT [--model-args '{...}']
+examples:
+  seghirescam explain --model mypkg.nets:unet --weights unet.pt --image ct.nii.gz --out heat.nii.gz --class 1
+  seghirescam explain ... --segment liver.nii.gz --label 1 --method seg-grad-cam --layer decoder.3
+  seghirescam layers --model mypkg.nets:unet --weights unet.pt --image ct.nii.gz
+"""
+
+#: the flag of each constructor option of a CAM method (``catalog.method(name).options``)
+METHOD_OPTION_FLAGS = {
+    "pool_size": dict(type=int, default=2, help="window of seg-xres-cam, in layer voxels (default 2)"),
+}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a model."""
+    p.add_argument("--model", required=True, help="model spec (see below)")
+    p.add_argument("--weights", help="state-dict file for a package.module:factory model")
+    p.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the factory")
+    p.add_argument("--trust-model", action="store_true",
+                   help="allow weight files that hold pickled Python objects (they can run code: trusted files only)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """One flag per constructor option of the catalog's CAM methods (e.g. ``--pool-size``)."""
+    names = dict.fromkeys(option for info in catalog.METHODS for option in info.options)
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), **METHOD_OPTION_FLAGS[name])
+
+
+def method_options(args: argparse.Namespace, methods: Iterable[str]) -> dict:
+    """The constructor options the chosen ``methods`` take, with their values from the command line."""
+    return {option: getattr(args, option) for name in methods for option in catalog.method(name).options}
+
+
+class Progress:
+    """tqdm progress bar on stderr driven by the engine's ``progress(fraction, message)`` callback."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        if not quiet:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=100, file=sys.stderr, unit="%", leave=False, disable=None,
+                                bar_format="{desc:<32.32} {bar} {percentage:3.0f}% {elapsed}")
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self.bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(message)
+            self.bar.update(max(0, int(round(100 * fraction)) - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def load_model(args: argparse.Namespace):
+    """The model of ``--model`` / ``--weights`` / ``--model-args`` / ``--trust-model``."""
+    from ..models import load_model as load
+    return load(args.model, weights=args.weights, trust_model=args.trust_model,
+                **({"model_args": json.loads(args.model_args)} if args.model_args else {}))
+
+
+def parse_model_args(args: argparse.Namespace) -> None:
+    """Check that ``--model-args`` (when given) is a JSON object."""
+    if getattr(args, "model_args", None):
+        try:
+            value = json.loads(args.model_args)
+        except ValueError as exc:
+            raise InputError("--model-args must be a JSON object, e.g. '{\"classes\": 3}'; got %r"
+                             % args.model_args) from exc
+        if not isinstance(value, dict):
+            raise InputError("--model-args must be a JSON object, got %r" % args.model_args)
+
+
+def check_outputs(outputs: Sequence[Optional[str]], protect: Sequence[str]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input (``None`` entries are skipped)."""
+    from ..imaging.files import check_not_protected
+    for out in outputs:
+        if out:
+            check_not_protected(os.path.abspath(out), protect)
+
+
+def read_image_and_mask(image_path: str, mask_path: Optional[str] = None, label: Optional[float] = None,
+                        what: str = "segment", binary: bool = False
+                        ) -> Tuple[np.ndarray, Geometry, Optional[np.ndarray], List[str]]:
+    """The image, its grid, and the mask on that grid (``None`` without ``mask_path``) with the notes for the
+    user (see :func:`~SegHiResCAMLib.imaging.resample.read_mask_on_grid`)."""
+    from ..imaging.files import read_image
+    from ..imaging.resample import read_mask_on_grid
+    image, geometry = read_image(image_path)
+    if not mask_path:
+        return image, geometry, None, []
+    mask, notes = read_mask_on_grid(mask_path, geometry, label=label, what=what, binary=binary)
+    return image, geometry, mask, notes

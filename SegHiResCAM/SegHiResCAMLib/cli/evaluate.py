@@ -1,0 +1,133 @@
+"""``seghirescam evaluate``: faithfulness and sanity metrics of every method x layer on one image
+(:func:`~SegHiResCAMLib.analysis.evaluate.evaluate_image`) as JSON, a Markdown report, a figure and a table on
+stdout."""
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import List, Tuple, Union
+
+import numpy as np
+
+from .. import catalog
+from ..engine.faithfulness import BASELINES, RANDOM_TARGETS
+from ..errors import InputError
+from . import common
+
+COMMAND = "evaluate"
+
+
+def _ints(text: str, flag: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError as exc:
+        raise InputError("%s must be comma-separated integers (array order, e.g. 80,80,80), got %r"
+                         % (flag, text)) from exc
+
+
+def _stages(text: str) -> Union[int, List[str], None]:
+    text = (text or "").strip()
+    if text.isdigit():
+        return int(text) or None
+    return [name.strip() for name in text.split(",") if name.strip()] or None
+
+
+def add_parser(subparsers) -> None:
+    """Register ``evaluate`` on the ``seghirescam`` sub-command parser."""
+    methods = list(catalog.method_names())
+    p = subparsers.add_parser(
+        COMMAND, help="faithfulness and sanity metrics of heatmaps (one row per method x layer)",
+        description="Deletion/insertion AUC, heat inside the segment and sanity checks (model and target "
+                    "randomisation) for every method x layer, on one image. Cost on 3D models: one forward pass "
+                    "per step, method, layer and curve (see --steps and --crop).")
+    common.add_model_args(p)
+    p.add_argument("--image", required=True, help="input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder")
+    p.add_argument("--segment", help="mask or label map whose voxels are explained (default: the model's prediction)")
+    p.add_argument("--label", type=float, help="label value in --segment (default: every non-zero voxel)")
+    p.add_argument("--class", dest="class_", default="1", help="explained class, index or name (default 1)")
+    p.add_argument("--score", default="logits", choices=["logits", "probabilities"], help="default: logits")
+    p.add_argument("--methods", nargs="+", default=methods, choices=methods,
+                   metavar="METHOD", help="default: all (%s)" % ", ".join(methods))
+    p.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER", help="default: auto")
+    p.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (default 10: 0, 10, ..., 100%%)")
+    p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="replacement of removed voxels")
+    p.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur sigma in model voxels (default 5)")
+    p.add_argument("--dilation", type=int, default=3, help="radius of the dilated segment in model voxels (default 3)")
+    p.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default: from free memory)")
+    p.add_argument("--sanity-stages", default="3",
+                   help="model randomisation: a number of stages, or comma-separated module names; 0 skips it")
+    p.add_argument("--random-targets", nargs="*", default=["shift", "class"], choices=list(RANDOM_TARGETS),
+                   help="randomised targets to compare with (default: shift class; none: skip)")
+    p.add_argument("--no-random-reference", action="store_true", help="omit the random-order reference row")
+    p.add_argument("--crop", help="evaluate on a box of Z,Y,X image voxels (bounds the cost on large scans; lifts "
+                   "the model's minimum input size, e.g. HD-BET's 128^3, so that the box is not padded back)")
+    p.add_argument("--crop-center",
+                   help="centre of --crop, z,y,x image index (default: the segment's or the image's centre)")
+    common.add_method_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--out-json", required=True, help="write every row, curve and provenance here (JSON)")
+    p.add_argument("--out-md", help="write a Markdown report here")
+    p.add_argument("--plot", help="write the deletion/insertion curves here (PNG)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``seghirescam evaluate``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
+    from ..analysis.evaluate import crop_image, evaluate_image
+    from ..analysis.explain import TargetSpec
+    from ..reporting.figures import plot_curves
+    from ..reporting.tables import evaluation_markdown, evaluation_tsv
+    from ..reporting.writers import write_json, write_text
+
+    common.parse_model_args(args)
+    protect = [args.image] + ([args.segment] if args.segment else [])
+    outputs = [p for p in (args.out_json, args.out_md, args.plot) if p]
+    common.check_outputs(outputs, protect)
+    if len({os.path.abspath(p) for p in outputs}) != len(outputs):
+        raise InputError("--out-json, --out-md and --plot must be different files")
+    if args.steps < 1:
+        raise InputError("--steps must be >= 1, got %d" % args.steps)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1, got %d" % args.batch_size)
+    image, geometry, mask, _ = common.read_image_and_mask(args.image, args.segment)
+    if args.crop:
+        center = _ints(args.crop_center, "--crop-center") if args.crop_center else None
+        if center is None and mask is not None and np.any(mask):
+            center = tuple(int(round(c)) for c in np.argwhere(mask).mean(axis=0))
+        image, geometry, box = crop_image(image, geometry, _ints(args.crop, "--crop"), center)
+        mask = None if mask is None else mask[box]
+    model = common.load_model(args)
+    if args.crop and model.preprocessing.min_size is not None:
+        model = dataclasses.replace(model, preprocessing=dataclasses.replace(model.preprocessing, min_size=None))
+    maps = len(args.methods) * len(args.layers) + (0 if args.no_random_reference else 1)
+    if not args.quiet:
+        print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
+              "steps + 1)" % (1 + maps * 2 * max(0, args.steps - 1), maps, max(0, args.steps - 1)), file=sys.stderr)
+    spec = TargetSpec(class_index=model.class_index(args.class_), mask=mask, label=args.label, score=args.score)
+    progress = common.Progress(args.quiet)
+    try:
+        evaluation = evaluate_image(model, image, geometry, spec, methods=args.methods, layers=args.layers,
+                                    steps=args.steps, baseline=args.baseline, sigma=args.sigma,
+                                    dilation=args.dilation, batch_size=args.batch_size,
+                                    sanity_stages=_stages(args.sanity_stages), random_targets=args.random_targets,
+                                    random_reference=not args.no_random_reference, device=args.device,
+                                    seed=args.seed, progress=progress, **common.method_options(args, args.methods))
+    finally:
+        progress.close()
+    data = evaluation.to_dict()
+    data["metadata"].update({"command": COMMAND, "image": os.path.abspath(args.image),
+                             "segment": os.path.abspath(args.segment) if args.segment else None,
+                             "crop": args.crop, "crop_center": args.crop_center})
+    write_json(args.out_json, data, protect)
+    if args.plot:
+        plot_curves(evaluation, args.plot, "%s: %s" % (model.name, os.path.basename(args.image)))
+    if args.out_md:
+        plot = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(args.out_md))) \
+            if args.plot else None
+        write_text(args.out_md, evaluation_markdown(evaluation, "Heatmap faithfulness: %s on %s"
+                                                    % (model.name, os.path.basename(args.image)), plot))
+    print(evaluation_tsv(evaluation))
+    for warning in sorted({w for r in evaluation.rows for w in r.get("warnings", [])}):
+        print("seghirescam: warning: %s" % warning, file=sys.stderr)
+    return 0

@@ -1,0 +1,119 @@
+"""``seghirescam explain``: a heatmap on the input image's grid (and optionally the prediction and a JSON record)."""
+
+import argparse
+import os
+import sys
+
+from .. import catalog
+from ..errors import InputError
+from . import common
+
+COMMAND = "explain"
+
+
+def add_parser(subparsers) -> None:
+    """Register ``explain`` on the ``seghirescam`` sub-command parser."""
+    p = subparsers.add_parser(COMMAND, help="write a heatmap on the input image's grid", epilog=common.EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    p.add_argument("--image", required=True, help="input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder")
+    p.add_argument("--out", required=True, help="heatmap file to write (float32, same grid as --image)")
+    p.add_argument("--segment", help="mask or label map whose voxels are explained (default: the model's prediction)")
+    p.add_argument("--label", type=float, help="label value in --segment (default: every non-zero voxel)")
+    p.add_argument("--class", dest="class_", default="1", help="explained class, index or name (default 1)")
+    p.add_argument("--method", default=catalog.DEFAULT_METHOD, choices=sorted(catalog.method_names()),
+                   help="default: %(default)s")
+    p.add_argument("--layer", default="auto", help="layer name, or auto (default; see `layers`)")
+    p.add_argument("--threshold", type=float, help="EIECS threshold target: explain the voxels with p > T")
+    p.add_argument("--score", default="logits", choices=["logits", "probabilities"], help="default: logits")
+    p.add_argument("--reduction", default="sum", choices=["sum", "mean"], help="default: sum")
+    p.add_argument("--component", help="restrict the target to one connected component: largest or a rank (0=largest)")
+    p.add_argument("--voxel", help="explain one voxel, 'z,y,x' index in the image (numpy order)")
+    p.add_argument("--radius", type=float, default=0.0, help="radius in mm around --voxel (default 0)")
+    p.add_argument("--whole", action="store_true", help="explain the class over the whole image")
+    common.add_method_args(p)
+    p.add_argument("--no-relu", action="store_true", help="keep negative values (signed map)")
+    p.add_argument("--normalize", default="max", choices=["max", "minmax", "none"], help="default: max")
+    p.add_argument("--roi-size", help="run the model in overlapping windows of this size (voxels of the model grid, "
+                   "'128' or 'z,y,x'): bounded memory for large scans")
+    p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
+    p.add_argument("--blend", default="constant", choices=["constant", "gaussian"], help="window blending")
+    p.add_argument("--amp", action="store_true", help="mixed precision forward pass: float16 on CUDA, bfloat16 on a "
+                   "CPU with native bfloat16 (AVX512-BF16/AMX); maps combined in float32")
+    p.add_argument("--json", help="write provenance metadata (JSON) here")
+    p.add_argument("--prediction", help="also write the model's label map here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise InputError("%s must be an integer, got %r" % (flag, text)) from exc
+
+
+def _roi_size(text: str, ndim: int):
+    try:
+        roi = [int(v) for v in text.replace(" ", "").split(",")]
+    except ValueError as exc:
+        raise InputError("--roi-size must be one integer or 'z,y,x', got %r" % text) from exc
+    if len(roi) == 1:
+        roi = roi * ndim
+    if len(roi) != ndim or min(roi) < 1:
+        raise InputError("--roi-size needs 1 or %d positive integers, got %r" % (ndim, text))
+    return roi
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``seghirescam explain``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
+    from ..analysis.explain import TargetSpec, explain_image
+    from ..imaging import files as io
+    from ..imaging.resample import read_mask_on_grid
+    from ..reporting.writers import write_json
+    protect = [args.image] + ([args.segment] if args.segment else [])
+    common.check_outputs([args.out, args.json, args.prediction], protect)
+    image, geometry = io.read_image(args.image)
+    model = common.load_model(args)
+    class_index = model.class_index(args.class_)
+    mask, notes = read_mask_on_grid(args.segment, geometry) if args.segment else (None, [])
+    voxel = None
+    if args.voxel:
+        try:
+            voxel = tuple(int(v) for v in args.voxel.replace(" ", "").split(","))
+        except ValueError as exc:
+            raise InputError("--voxel must be 'z,y,x' integers, got %r" % args.voxel) from exc
+    component = None
+    if args.component:
+        component = "largest" if args.component == "largest" else _int(args.component, "--component")
+    spec = TargetSpec(class_index=class_index, mask=mask, label=args.label, component=component, voxel=voxel,
+                      radius_mm=args.radius, threshold=args.threshold, whole=args.whole, score=args.score,
+                      reduction=args.reduction)
+    roi = _roi_size(args.roi_size, geometry.ndim) if args.roi_size else None
+    progress = common.Progress(args.quiet)
+    try:
+        result = explain_image(model, image, geometry, [spec], layers=args.layer, method=args.method,
+                               device=args.device, relu=not args.no_relu, normalization=args.normalize,
+                               progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
+                               amp=args.amp, **common.method_options(args, [args.method]))
+    finally:
+        progress.close()
+    heat = result.heatmaps[0]
+    io.write_image(args.out, heat.array, geometry, protect=protect)
+    if args.prediction:
+        io.write_image(args.prediction, result.prediction, geometry, protect=protect)
+    for warning in heat.info.get("warnings", []):
+        print("seghirescam: warning: %s" % warning, file=sys.stderr)
+    if heat.info.get("flat"):
+        print("seghirescam: warning: the heatmap is flat (zero gradient at layer %s); try another layer or "
+              "method" % heat.layer, file=sys.stderr)
+    if args.json:
+        meta = dict(result.metadata)
+        meta.update({"command": COMMAND, "image": os.path.abspath(args.image), "output": os.path.abspath(args.out),
+                     "segment": os.path.abspath(args.segment) if args.segment else None, "label": args.label,
+                     "method": heat.method, "layer": heat.layer, "target": heat.info["target"],
+                     "target_kind": spec.kind(), "cam": heat.info, "notes": notes,
+                     "mask_resampled": bool(notes)})
+        write_json(args.json, meta, protect)
+    for note in notes:
+        print("seghirescam: note: %s" % note, file=sys.stderr)
+    return 0

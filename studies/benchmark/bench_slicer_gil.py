@@ -1,0 +1,187 @@
+"""The Slicer panel's run under a GIL-holding main thread: worker thread (before) vs worker process (issue 15, item 1).
+
+PythonQt does not release the GIL while Slicer's main thread idles in the Qt event loop; the main thread runs Python
+only at the panel's 200 ms timer ticks. The emulation here: the stand-in application's
+``runEventLoop(holdGIL=True)`` (idles through ``ctypes.PyDLL(None).usleep``, GIL held), whose ``until`` idles on to
+the next tick with the GIL held (the stand-in alone wakes every 20 ms, ten times as often as PythonQt would run
+Python). The same explain run, three ways, each timed from the click to the heatmap in the scene:
+
+- ``direct``: prepare, compute and apply in a row on the main thread (what ``seghirescam explain`` or
+  ``logic.process`` costs), model loaded;
+- ``thread``: the panel with the former design, a Python worker thread (``ThreadRunner``), under the emulation;
+- ``process``: the panel with the worker process (``ProcessRunner``, the default), under the emulation, worker warm.
+
+Target (issue 15): process <= 1.10x direct.
+
+    .venv/bin/python studies/benchmark/bench_slicer_gil.py            # toy UNet, 64^3; benchmarks/results/slicer_gil.*
+    .venv/bin/python studies/benchmark/bench_slicer_gil.py --hdbet    # also HD-BET on the ROBEX atlas (minutes)
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [os.path.join(ROOT, "SegHiResCAM"), os.path.join(ROOT, "Testing")]
+
+import slicer_standalone  # noqa: E402
+
+slicer = slicer_standalone.setup()
+
+import SegHiResCAM  # noqa: E402
+from SegHiResCAMLib import __version__  # noqa: E402
+from SegHiResCAMLib.slicer_logic import job as slicer_job  # noqa: E402
+
+USLEEP = ctypes.PyDLL(None).usleep
+
+
+def idle_like_slicer(widget, timeout=1800.0):
+    period = widget.POLL_MS / 1000.0
+
+    def until():
+        if widget._job is None:
+            return True
+        USLEEP(int(period * 0.9e6))
+        return widget._job is None
+
+    started = time.perf_counter()
+    slicer.app.runEventLoop(until=until, timeout=timeout, holdGIL=True)
+    if widget._job is not None:
+        raise RuntimeError("the run did not finish within %d s" % timeout)
+    return time.perf_counter() - started
+
+
+def panel(spec, weights, image, ijk_to_ras=None):
+    slicer.mrmlScene.Clear()
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    slicer.util.addVolumeFromArray(image, ijk_to_ras, name="scan")
+    SegHiResCAM.SegHiResCAMLogic.modelSpec = staticmethod(lambda parameters: spec)
+    original = SegHiResCAM.SegHiResCAMLogic.prepare
+    if not hasattr(original, "benchWrapped"):
+        def prepare(self, *args, **kwargs):
+            kwargs["weights"] = panel.weights
+            return original(self, *args, **kwargs)
+        prepare.benchWrapped = True
+        SegHiResCAM.SegHiResCAMLogic.prepare = prepare
+    panel.weights = weights
+    slicer.util.errorDisplay = lambda text, **kwargs: (_ for _ in ()).throw(RuntimeError(text))
+    slicer.app.loadModule(SegHiResCAM)
+    return slicer.app.selectModule("SegHiResCAM")
+
+
+def direct(widget):
+    logic, p = widget.logic, widget._parameterNode
+    started = time.perf_counter()
+    request = logic.prepareFromParameters(p)
+    logic.apply(request, logic.compute(request))
+    return time.perf_counter() - started
+
+
+def click(widget):
+    widget.onApplyButton()
+    seconds = idle_like_slicer(widget)
+    assert "Done" in widget.ui.statusLabel.text, widget.ui.statusLabel.text
+    return seconds
+
+
+def case(name, spec, weights, image, layer, repeats, thread_repeats, ijk_to_ras=None):
+    widget = panel(spec, weights, image, ijk_to_ras)
+    widget._parameterNode.layer = layer
+    rows = {"case": name, "shape": list(image.shape), "layer": layer}
+    direct(widget)  # load the model in this process
+    rows["direct_s"] = [direct(widget) for _ in range(repeats)]
+    process_first = click(widget)  # starts the worker, loads the model there
+    rows["process_first_run_s"] = process_first
+    rows["process_s"] = [click(widget) for _ in range(repeats)]
+    widget.runner.close()
+    widget.runner = slicer_job.ThreadRunner(widget.logic)
+    widget.POLL_MS = 200  # the former design's tick
+    widget._timer.setInterval(widget.POLL_MS)
+    rows["thread_s"] = [click(widget) for _ in range(thread_repeats)]
+    d = statistics.median(rows["direct_s"])
+    rows["direct_median_s"] = d
+    rows["process_median_s"] = statistics.median(rows["process_s"])
+    rows["thread_median_s"] = statistics.median(rows["thread_s"])
+    rows["process_ratio"] = rows["process_median_s"] / d
+    rows["thread_ratio"] = rows["thread_median_s"] / d
+    rows["target_met"] = rows["process_ratio"] <= 1.10
+    rows["load_average"] = list(os.getloadavg())
+    slicer.app.quit()
+    print(json.dumps(rows), flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=64, help="edge of the toy case's cube (default 64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hdbet", action="store_true", help="also HD-BET on the ROBEX atlas")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "slicer_gil"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    load_before = list(os.getloadavg())
+    cases = []
+    with tempfile.TemporaryDirectory() as folder:
+        import slicer_fixtures
+        weights = slicer_fixtures.save_toy_weights(folder)
+        image = np.random.RandomState(1).randn(*(args.size,) * 3).astype(np.float32)
+        cases.append(case("toy UNet (Testing/toy_models.py:unet3d, seed-0 weights)", "toy_models:unet3d", weights,
+                          image, "dec", args.repeats, args.repeats))
+    if args.hdbet:
+        from SegHiResCAMLib.imaging import files
+        from SegHiResCAMLib.imaging.sample_data import robex_atlas
+        image, geometry = files.read_image(robex_atlas()[0])
+        cases.append(case("HD-BET, ROBEX atlas", "hd-bet", None, image.astype(np.float32), "auto", 1, 1,
+                          geometry.ijk_to_ras()))
+    command = "studies/benchmark/bench_slicer_gil.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": platform.machine(),
+              "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "version": __version__, "python": platform.python_version(), "command": command.strip(),
+              "load_average_before": load_before, "poll_ms": SegHiResCAM.SegHiResCAMWidget.POLL_MS, "cases": cases}
+    with open(args.out + ".json", "w") as stream:
+        json.dump(result, stream, indent=2)
+    with open(args.out + ".md", "w") as stream:
+        stream.write(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result):
+    lines = ["# The Slicer panel under a GIL-holding main thread (issue 15, item 1)", "",
+             "Measured %s on %s (%d CPU cores), torch %s, threads %d, Python %s, SegHiResCAM %s. Command: `%s`. "
+             "Load average before: %s." % (result["date"], result["machine"], result["cpus"], result["torch"],
+                                           result["threads"], result["python"], result["version"], result["command"],
+                                           ", ".join("%.1f" % v for v in result["load_average_before"])), "",
+             "Each run is timed from the click to the heatmap in the scene. `direct`: prepare + compute + apply on "
+             "the main thread (the command line's cost; model loaded). `thread`: the former design, a Python worker "
+             "thread polled every 200 ms, while the main thread idles with the GIL held and runs Python only at the "
+             "panel's timer ticks (PythonQt). `process`: the worker process (the panel's default, polled every %d "
+             "ms), worker warm. Target: process <= 1.10x direct. Medians of the runs listed." % result["poll_ms"], "",
+             "| case | shape | direct s | process s | process / direct | met (<= 1.10) | thread s | thread / direct "
+             "| process first run s (starts the worker) | load avg after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["cases"]:
+        lines.append("| %s | %s | %.3f | %.3f | %.2f | %s | %.3f | %.1f | %.2f | %.1f |" % (
+            row["case"], "x".join(map(str, row["shape"])), row["direct_median_s"], row["process_median_s"],
+            row["process_ratio"], "yes" if row["target_met"] else "no", row["thread_median_s"], row["thread_ratio"],
+            row["process_first_run_s"], row["load_average"][0]))
+    lines += ["", "Single runs (s): " + "; ".join(
+        "%s: direct %s, process %s, thread %s" % (row["case"].split(" (")[0], ", ".join("%.3f" % v for v in
+                                                  row["direct_s"]), ", ".join("%.3f" % v for v in row["process_s"]),
+                                                  ", ".join("%.3f" % v for v in row["thread_s"]))
+        for row in result["cases"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
