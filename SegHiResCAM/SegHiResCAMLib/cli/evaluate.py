@@ -42,11 +42,10 @@ def add_parser(subparsers) -> None:
                     "randomisation) for every method x layer, on one image. Cost on 3D models: one forward pass "
                     "per step, method, layer and curve (see --steps and --crop).")
     common.add_model_args(p)
-    p.add_argument("--image", required=True, help="input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder")
-    p.add_argument("--segment", help="mask or label map whose voxels are explained (default: the model's prediction)")
-    p.add_argument("--label", type=float, help="label value in --segment (default: every non-zero voxel)")
-    p.add_argument("--class", dest="class_", default="1", help="explained class, index or name (default 1)")
-    p.add_argument("--score", default="logits", choices=["logits", "probabilities"], help="default: logits")
+    common.add_image_arg(p)
+    common.add_mask_args(p, "--segment", "mask or label map whose voxels are explained (default: the model's prediction)")
+    common.add_class_arg(p)
+    common.add_score_arg(p)
     p.add_argument("--methods", nargs="+", default=methods, choices=methods,
                    metavar="METHOD", help="default: all (%s)" % ", ".join(methods))
     p.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER", help="default: auto")

@@ -18,10 +18,9 @@ def add_parser(subparsers) -> None:
                               description="Segmentation ability (ProtoSeg, He et al. 2023) of a model on an image: "
                                           "the runner and ``seghirescam sa-score``.")
     common.add_model_args(p)
-    p.add_argument("--image", required=True, help="input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder")
-    p.add_argument("--reference", help="ground-truth mask (default: the model's own binarised prediction)")
-    p.add_argument("--label", type=float, help="label value in --reference (default: every non-zero voxel)")
-    p.add_argument("--class", dest="class_", default="1", help="scored class, index or name (default 1)")
+    common.add_image_arg(p)
+    common.add_mask_args(p, "--reference", "ground-truth mask (default: the model's own binarised prediction)")
+    common.add_class_arg(p, "scored")
     p.add_argument("--tissue", help="mask restricting the prototypes (e.g. the head, not the air)")
     p.add_argument("--layers", default="all",
                    help="all (default: every layer, two forward passes), features (one pass), or names a,b,c")

@@ -74,9 +74,10 @@ def read_image(path: str) -> Tuple[np.ndarray, Geometry]:
         the file's pixel type, and the grid in LPS.
 
     Example:
-        >>> array, geometry = read_image("scan.nii.gz")  # doctest: +SKIP
-        >>> array.shape[:geometry.ndim] == geometry.array_shape  # doctest: +SKIP
-        True
+        >>> from SegHiResCAMLib.imaging.sample_data import robex_atlas
+        >>> array, geometry = read_image(robex_atlas()[0])
+        >>> array.shape == geometry.array_shape, geometry.spacing
+        (True, (1.5, 1.5, 1.5))
     """
     return from_sitk(read_sitk(path))
 

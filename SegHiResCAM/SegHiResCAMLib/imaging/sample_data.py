@@ -10,8 +10,9 @@
 The files are found with :func:`importlib.util.find_spec`, which locates a package without running its code.
 ``root`` may name a folder holding the unpacked package instead (e.g. an unpacked wheel).
 
->>> image, mask = robex_atlas()          # doctest: +SKIP
->>> os.path.basename(image), os.path.basename(mask)  # doctest: +SKIP
+>>> import os
+>>> image, mask = robex_atlas()
+>>> os.path.basename(image), os.path.basename(mask)
 ('atlas.nii.gz', 'atlas_mask.nii.gz')
 """
 

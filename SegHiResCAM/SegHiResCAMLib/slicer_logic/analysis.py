@@ -12,7 +12,6 @@ the nodes on the main thread, only after the computation succeeded, and removes 
 inputs are never modified. torch is imported only inside ``computeAnalysis``.
 """
 
-import json
 import math
 from typing import List, Optional, Sequence
 
@@ -20,6 +19,7 @@ import slicer
 import vtk
 
 from .. import __version__, catalog
+from ..analysis import provenance
 from . import bridge as mrml
 from ..errors import InputError
 from .compute import ANALYSES, EVALUATION, SEGMENTATION_ABILITY, AnalysisRequest, cropRequest  # noqa: F401
@@ -105,7 +105,7 @@ class AnalysisLogic(ExplainLogic):
                 table.SetName(scene.GenerateUniqueName("%s evaluation" % volume.GetName()))
                 fill_table(table, *result.table(), text=("method", "layer"))
                 mrml.set_attributes(table, dict(role=EVALUATION, steps=request.steps, cropVoxels=request.cropVoxels,
-                                                metadata=json.dumps(result.metadata, default=str), **common))
+                                                metadata=provenance.dumps(result.metadata, indent=None), **common))
             else:
                 self._applySA(scene, volume, table, result, common, show)
         return table
@@ -118,7 +118,7 @@ class AnalysisLogic(ExplainLogic):
         fill_table(table, headers, [[row.get(key, "") for key in headers] for row in rows],
                    text=("layer", "kind", "resolution"))
         mrml.set_attributes(table, dict(role=SEGMENTATION_ABILITY, meanSA=result.mean_sa, mapLayer=result.map_layer,
-                                        metadata=json.dumps(result.metadata, default=str), **common))
+                                        metadata=provenance.dumps(result.metadata, indent=None), **common))
         series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "%s SA score" % volume.GetName())
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("depth")

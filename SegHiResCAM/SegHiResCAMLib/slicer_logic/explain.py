@@ -13,11 +13,11 @@ model loading, never when this module is imported, so Slicer loads the module be
 """
 
 import importlib.util
-import json
 import os
 from typing import List, Optional, Tuple
 
 from .. import __version__, catalog
+from ..analysis import provenance
 from . import bridge as mrml
 from ..errors import InputError, ModelError
 from .compute import ComputeLogic, ExplainRequest, ExplainResult, ProgressCallback
@@ -225,7 +225,7 @@ class ExplainLogic(ComputeLogic):
                 modelFiles=";".join(os.path.basename(p) for p in hashes),
                 modelFileHash=";".join(hashes.values()), device=result.metadata.get("device", ""),
                 version=__version__, warnings="; ".join(result.info.get("warnings", [])),
-                metadata=json.dumps({"cam": result.info, **result.metadata}, default=str), **request.extra))
+                metadata=provenance.dumps({"cam": result.info, **result.metadata}, indent=None), **request.extra))
             if request.addPrediction:
                 segmentation = (scene.GetNodeByID(request.predictionSegmentationID)
                                 if request.predictionSegmentationID else None)
