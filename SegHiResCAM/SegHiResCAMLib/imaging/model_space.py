@@ -8,7 +8,7 @@ when the grids coincide the arrays are passed through (or cropped) exactly, with
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk

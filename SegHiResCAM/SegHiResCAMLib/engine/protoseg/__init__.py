@@ -55,10 +55,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F  # noqa: F401 - importable from here as before the split
 from torch import nn
 
-from ...errors import InputError, LayerError, TargetError  # noqa: F401 - the same
+from ...errors import InputError, LayerError
 from ..cam import check_input
 from ..hooks import model_guard, named_layers, resolve_layer
 from ..layers import LayerInfo, trace_layers
