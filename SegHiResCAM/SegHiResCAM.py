@@ -1,12 +1,12 @@
 """SegHiResCAM: class-activation heatmaps for medical image segmentation models, as a 3D Slicer module.
 
-A thin shell over the pure-Python package ``SegHiResCAMLib`` shipped next to it: the engine and models, the MRML
-bridge (``mrml``), the three-step logic (``slicer_logic``) and the worker process (``slicer_logic.job``).
-PyTorch is imported only when a computation runs, never when Slicer loads this module, so Slicer starts quickly
-and the module loads (and offers to install PyTorch) where PyTorch is not yet installed.
+A thin shell over ``SegHiResCAMLib`` (shipped next to it): the logic and the worker process live in
+``SegHiResCAMLib.slicer_logic``. PyTorch is imported only when a computation runs, never when Slicer loads this
+module, so the module loads (and offers to install PyTorch) where PyTorch is not yet installed.
 """
 
 import logging
+import time
 import traceback
 from typing import Annotated
 
@@ -24,8 +24,9 @@ from SegHiResCAMLib.slicer_logic import selftest
 from SegHiResCAMLib.errors import SegHiResCAMError
 from SegHiResCAMLib.slicer_logic.analysis import EVALUATION, SEGMENTATION_ABILITY, AnalysisLogic
 from SegHiResCAMLib.catalog import DEFAULT_METHOD, DEVICES, SCORES, TARGET_KINDS, method_names
-from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, missingPackages
+from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, installMissingPackages
 from SegHiResCAMLib.slicer_logic.job import ProcessRunner
+from SegHiResCAMLib.slicer_logic.panel_text import progressText
 
 #
 # SegHiResCAM
@@ -98,18 +99,15 @@ class SegHiResCAMParameterNode:
 class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Module panel: binds the .ui to the parameter node; runs heatmaps and analyses in a worker process."""
 
-    POLL_MS = 50  # the main thread reads the worker's messages (cheap, never blocks) and shows the progress
+    POLL_MS = 50  # progress ticks; a message of the worker wakes the panel at once (QSocketNotifier, _watchJob)
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._observedPoints = None
-        self._job = self._onJobSuccess = None
+        self.logic = self._parameterNode = self._parameterNodeGuiTag = None
+        self._job = self._onJobSuccess = self._observedPoints = None
         self.runner = ProcessRunner()  # a JobRunner: the persistent worker process (tests may put another)
-        self._timer = None
+        self._timer = self._notifier = None
 
     def setup(self) -> None:
         import qt
@@ -141,9 +139,8 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._job is not None:
             self._job.cancel()
+            self._finishJob()
         self.runner.close()  # the worker process ends with the panel
-        if self._timer is not None:
-            self._timer.stop()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -228,6 +225,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget, kind in ((self.ui.segmentGroup, "segment"), (self.ui.pointGroup, "point")):
             widget.visible = p.targetKind == kind
         self.ui.thresholdSpinBox.enabled = p.useThreshold
+        self.ui.summaryLabel.text = self.logic.summaryOf(p.outputVolume)  # what am I looking at
         if self.ui.segmentSelector.currentNode() != p.segmentationNode:
             self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
         if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
@@ -254,12 +252,14 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self._parameterNode.layer
         self.ui.layerComboBox.clear()
         self.ui.layerComboBox.addItems(names)
+        self._parameterNode.layer = current  # clear() and addItems() chose the first item
         self.ui.layerComboBox.setEditText(current)
         self.ui.statusLabel.text = _("The model has {count} layers.").format(count=len(names) - 1)
 
     def onApplyButton(self) -> None:
         if self._job is not None:
             self._job.cancel()  # the worker process is killed: the next poll reports it
+            self._watchJob()  # its socket is closed: stop watching it
             self.ui.statusLabel.text = _("Cancelling...")
             return
         with slicer.util.tryWithErrorDisplay(_("Cannot compute the heatmap.")):
@@ -298,12 +298,28 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
         self._timer.start()
         self._updateGUI()
+        self._watchJob()
+
+    def _watchJob(self) -> None:
+        """Poll as soon as the worker's socket is readable (a QSocketNotifier), not only at the timer's next tick."""
+        import qt
+        fd = self._job.fileno() if self._job is not None and hasattr(self._job, "fileno") else None
+        if self._notifier is not None and self._notifier.socket() != fd:
+            self._notifier.setEnabled(False)
+            self._notifier = None
+        if fd is not None and self._notifier is None and hasattr(qt, "QSocketNotifier"):
+            self._notifier = qt.QSocketNotifier(fd, qt.QSocketNotifier.Read)
+            self._notifier.connect("activated(int)", self._pollJob)
 
     def _pollJob(self) -> None:
+        if self._job is None:  # an activation queued before the job ended
+            return
         status = self._job.poll()
+        self._watchJob()  # the socket changes once: when a starting worker connects
         self.ui.progressBar.value = int(round(100 * status.fraction))
-        if not status.finished:
-            self.ui.statusLabel.text = status.message
+        if not status.finished:  # the stage, the percentage and the time left
+            elapsed = time.perf_counter() - self._job.started
+            self.ui.statusLabel.text = progressText(status.message, status.fraction, elapsed)
             return
         self._finishJob()
         if status.cancelled:
@@ -318,35 +334,20 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             with slicer.util.tryWithErrorDisplay(_("Cannot add the heatmap to the scene.")):
                 self._onJobSuccess(status.result)
+            self._updateGUI()  # the summary line of the (new or newly evaluated) heatmap
 
     def _finishJob(self) -> None:
         self._timer.stop()
         self._job = None
+        self._watchJob()
         self.ui.progressBar.hide()
         self._updateGUI()
 
     def _installMissingPackages(self, model) -> bool:
         """Install what the model needs after asking: torch through the PyTorch extension, the rest with pip."""
-        missing = missingPackages(model)
-        if not missing:
-            return True
-        names = ", ".join(requirement for _module, requirement in missing)
-        if not slicer.util.confirmOkCancelDisplay(
-                _("This model needs the Python packages {names}. Install them now? This may take several minutes."
-                  ).format(names=names)):
-            return False
-        for module, requirement in missing:
-            if module == "torch":
-                try:
-                    import PyTorchUtils  # the PyTorch extension picks the build that fits the GPU
-                except ImportError:
-                    PyTorchUtils = None
-                if PyTorchUtils is not None:
-                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                        return False
-                    continue
-            slicer.util.pip_install(requirement)
-        return not missingPackages(model)
+        return installMissingPackages(model, lambda names: slicer.util.confirmOkCancelDisplay(_(
+            "This model needs the Python packages {names}. Install them now? This may take several minutes."
+        ).format(names=names)))
 
 
 #

@@ -12,7 +12,9 @@ is cleared and refilled, which fires whatever is still connected), returns ``Non
 (:func:`emulate_slicer`); the .ui is loaded as :class:`StandInWidget` objects whose ``connect`` fails on a signal
 their class does not have; ``slicer.app`` (:class:`StandaloneApplication`) runs ``--testing`` off, fills
 ``slicer.modules`` and calls ``setup``/``enter``/``exit``/``cleanup`` as the application does, and its event loop
-fires ``QTimer`` s, optionally idling with the GIL held as PythonQt's main thread does.
+fires ``QTimer`` s and ``QSocketNotifier`` s, optionally idling with the GIL held as PythonQt's main thread does
+(Python then runs only when a timer is due or a watched socket readable); the scene registers the node classes
+that the application's modules register (the Colors module's colour legend).
 """
 
 import ctypes
@@ -366,6 +368,7 @@ SIGNALS = {
     "qSlicerMarkupsPlaceWidget": _MRML_WIDGET | {"activeMarkupsFiducialPlaceModeChanged(bool)",
                                                 "activeMarkupsPlaceModeChanged(bool)"},
     "QTimer": _OBJECT | {"timeout()"},
+    "QSocketNotifier": _OBJECT | {"activated(int)", "activated(QSocketDescriptor,QSocketNotifier::Type)"},
 }
 #: Qt's defaults of the properties the module and the connectors use
 _DEFAULTS = {"QSpinBox": dict(value=0, minimum=0, maximum=99, singleStep=1),
@@ -619,6 +622,68 @@ class QTimer(StandInWidget):
         return self._active
 
 
+class QSocketNotifier(StandInWidget):
+    """``qt.QSocketNotifier``: the event loop (:meth:`StandaloneApplication.runEventLoop`) emits ``activated(int)``
+    while the socket is readable (level-triggered, as Qt). Strict: a notifier left enabled on a closed socket
+    raises there (Qt prints "Invalid socket" and disables it)."""
+
+    Read, Write, Exception = 0, 1, 2
+    notifiers = []
+
+    def __init__(self, socket, type, parent=None):
+        super().__init__("QSocketNotifier")
+        if type != QSocketNotifier.Read:
+            raise NotImplementedError("the stand-in watches reading only")
+        self.__dict__.update(_socket=int(socket), _enabled=True)
+        QSocketNotifier.notifiers.append(self)
+
+    def socket(self):
+        return self._socket
+
+    def setEnabled(self, enabled):
+        self.__dict__["_enabled"] = bool(enabled)
+
+    def isEnabled(self):
+        return self._enabled
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+_POLLIN, _POLLERR, _POLLHUP, _POLLNVAL = 0x1, 0x8, 0x10, 0x20
+
+
+def _idle(seconds, holdGIL):
+    """Idle up to ``seconds`` or until a watched socket is readable; return the notifiers to activate.
+
+    ``holdGIL``: in C with the GIL held (``poll`` through ``ctypes.PyDLL``), as Qt's event loop under PythonQt."""
+    watched = [n for n in QSocketNotifier.notifiers if n.isEnabled()]
+    QSocketNotifier.notifiers[:] = watched  # the disabled ones are dropped (the module lets go of them too)
+    if not watched:
+        if holdGIL:
+            ctypes.PyDLL(None).usleep(int(seconds * 1e6))
+        else:
+            time.sleep(seconds)
+        return []
+    fds = (_PollFd * len(watched))(*[(n.socket(), _POLLIN, 0) for n in watched])
+    timeout = int(max(0.0, seconds) * 1000 + 0.999)
+    if holdGIL:
+        ctypes.PyDLL(None).poll(fds, ctypes.c_ulong(len(watched)), ctypes.c_int(timeout))
+    else:
+        import select
+        poller = select.poll()
+        for n in watched:
+            poller.register(n.socket(), select.POLLIN)
+        events = dict(poller.poll(timeout))
+        for fd in fds:
+            fd.revents = events.get(fd.fd, 0)
+    for notifier, fd in zip(watched, fds):
+        if fd.revents & _POLLNVAL:
+            raise RuntimeError("QSocketNotifier: socket %d is closed but its notifier is still enabled" % fd.fd)
+    return [n for n, fd in zip(watched, fds) if fd.revents & (_POLLIN | _POLLERR | _POLLHUP)]
+
+
 # ---------------------------------------------------------------------------------------------- ScriptedLoadableModule
 class ScriptedLoadableModule:
     def __init__(self, parent):
@@ -726,7 +791,8 @@ class StandaloneApplication:
     """``slicer.app`` as far as module code and the module's life cycle go: the application loads a module
     (``slicer.modules``), creates its widget and calls ``setup()`` when the module is first shown, ``enter()`` each
     time it is shown, ``exit()`` when the user switches away, ``cleanup()`` when the application quits; closing
-    the scene; the event loop that fires ``QTimer`` s, optionally holding the GIL while idle as PythonQt does."""
+    the scene; the event loop that fires ``QTimer`` s and ``QSocketNotifier`` s, optionally holding the GIL while
+    idle as PythonQt does."""
 
     applicationName = "slicer-core (no application)"
 
@@ -803,24 +869,29 @@ class StandaloneApplication:
                 timer.emit("timeout()")
 
     def runEventLoop(self, until=None, timeout=60.0, holdGIL=False):
-        """Run the event loop until ``until()`` is true (or ``timeout`` s): fire due timers, idle in between.
+        """Run the event loop until ``until()`` is true (or ``timeout`` s): fire due timers and the notifiers of
+        readable sockets, idle in between.
 
         ``holdGIL``: idle as Slicer's main thread does, inside Qt's event loop with the GIL held (PythonQt does not
-        release it), by sleeping in C through ``ctypes.PyDLL`` (which keeps the GIL); else ``time.sleep``.
-        Returns whether ``until()`` became true.
+        release it), in C through ``ctypes.PyDLL`` (which keeps the GIL), and run Python (``until`` included) only
+        when a timer is due or a watched socket readable, as PythonQt does; else ``time.sleep``/``select``, with
+        ``until`` asked at least every 20 ms. Returns whether ``until()`` became true.
         """
-        sleep = ctypes.PyDLL(None).usleep if holdGIL else None
         deadline = time.perf_counter() + timeout
+        ready = []
         while time.perf_counter() < deadline:
             self.processEvents()
+            for notifier in ready:
+                if notifier.isEnabled():
+                    notifier.emit("activated(int)", notifier.socket())
             if until is not None and until():
                 return True
-            due = [t._due for t in QTimer.timers if t._active]
-            wait = max(0.0, min(due + [time.perf_counter() + 0.02]) - time.perf_counter())
-            if holdGIL:
-                sleep(int(wait * 1e6))
-            else:
-                time.sleep(wait)
+            now = time.perf_counter()
+            due = [t._due for t in QTimer.timers if t._active] or ([] if holdGIL else [now + 0.02])
+            wait = max(0.0, min(due + [deadline]) - now)
+            if not holdGIL:
+                wait = min(wait, 0.02)
+            ready = _idle(wait, holdGIL)
         return until is None
 
 
@@ -828,6 +899,16 @@ def _module(name, **members):
     module = types.ModuleType(name)
     module.__dict__.update(members)
     return module
+
+
+def register_module_nodes(scene):
+    """Register in ``scene`` the node classes that the application's modules register and a bare slicer-core
+    scene lacks: the Colors module's ``vtkMRMLColorLegendDisplayNode``. Returns ``scene``."""
+    import slicer
+    legend = getattr(slicer, "vtkMRMLColorLegendDisplayNode", None)
+    if legend is not None and not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+        scene.RegisterNodeClass(legend())
+    return scene
 
 
 def setup(new_scene: bool = False):
@@ -841,6 +922,7 @@ def setup(new_scene: bool = False):
         sys.path.insert(0, MODULE_DIR)
     if new_scene or getattr(slicer, "mrmlScene", None) is None:
         slicer.mrmlScene = slicer.vtkMRMLScene()
+    register_module_nodes(slicer.mrmlScene)
     try:  # inside the Slicer application the real pieces exist: use them
         import slicer.ScriptedLoadableModule  # noqa: F401
         return slicer
@@ -864,7 +946,8 @@ def setup(new_scene: bool = False):
     try:
         import qt  # noqa: F401
     except ImportError:
-        sys.modules["qt"] = _module("qt", QTimer=QTimer, QWidget=StandInWidget)
+        sys.modules["qt"] = _module("qt", QTimer=QTimer, QWidget=StandInWidget,
+                                    QSocketNotifier=QSocketNotifier)
     slicer.util.loadUI, slicer.util.childWidgetVariables = loadUI, childWidgetVariables
     if not isinstance(getattr(slicer, "app", None), StandaloneApplication):
         slicer.app = StandaloneApplication()

@@ -355,3 +355,54 @@ class _Asserts:
     def __getattr__(self, name):
         import unittest
         return getattr(unittest.TestCase(), name)
+
+
+# ---------------------------------------------------------------------------------------------- issue 15
+def test_heatmap_has_a_colour_legend_of_its_scale(case, scene, weights):
+    """A colour legend of the heat scale (Slicer's Colors module: vtkMRMLColorLegendDisplayNode) in the views,
+    one per heatmap: a rerun reuses it. slicer-core has the class; the stand-in registers it in the scene as the
+    application's Colors module does."""
+    assert hasattr(slicer, "vtkMRMLColorLegendDisplayNode")
+    logic = SegHiResCAM.SegHiResCAMLogic()
+    heatmap = logic.process(case["volume"], model=SPEC, weights=weights, layer="dec")
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(heatmap)
+    assert legend is not None and legend.IsA("vtkMRMLColorLegendDisplayNode") and legend.GetVisibility()
+    assert legend.GetPrimaryDisplayNode() is heatmap.GetDisplayNode()
+    assert legend.GetColorNode() is None or legend.GetColorNode().GetName() == mrml.OWN_COLOR_NAME
+    assert heatmap.GetDisplayNode().GetColorNode().GetName() == mrml.OWN_COLOR_NAME  # what the legend shows
+    assert legend.GetTitleText() == "heat (0-1)" and legend.GetLabelFormat() == "%.1f"
+    before = node_ids(scene)
+    logic.process(case["volume"], model=SPEC, weights=weights, layer="down")
+    assert node_ids(scene) == before and slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(heatmap) is legend
+
+
+def test_no_legend_where_the_scene_cannot_make_one(case, weights):
+    """A bare slicer-core scene (no Colors module) has the class unregistered: the heatmap is shown without one."""
+    bare = slicer.vtkMRMLScene()
+    assert not bare.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode")
+    heat = bare.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "heat")
+    heat.SetAndObserveImageData(case["volume"].GetImageData())
+    mrml.show_heatmap(heat)
+    assert mrml.show_color_legend(heat) is None and heat.GetNumberOfDisplayNodes() == 1
+
+
+def test_heatmap_stores_its_summary_and_an_evaluation_adds_its_verdict(case, scene, weights):
+    """"What am I looking at": the summary line (method, layer, target, model) is the node attribute
+    SegHiResCAM.summary; an evaluation of the same target adds its verdict (either order of the two runs)."""
+    logic = SegHiResCAM.SegHiResCAMLogic()
+    target = dict(segmentationNode=case["segmentation"], segmentId=case["segmentId"], classIndex=1, layer="dec")
+    heatmap = logic.process(case["volume"], model=SPEC, weights=weights, **target)
+    summary = heatmap.GetAttribute("SegHiResCAM.summary")
+    values = mrml.get_attributes(heatmap)
+    assert summary == "seg-hires-grad-cam at layer dec | target: %s, class 1 | model: %s" % (values["target"], SPEC)
+    assert logic.summaryOf(heatmap) == summary and logic.summaryOf(None) == ""
+    table = logic.evaluate(case["volume"], model=SPEC, weights=weights, steps=2, **target)
+    verdict = heatmap.GetAttribute("SegHiResCAM.verdict")
+    assert verdict.startswith("evaluation: ") and "random ranking" in verdict
+    assert heatmap.GetAttribute("SegHiResCAM.summary") == summary + " | " + verdict
+    assert verdict[len("evaluation: "):] in logic.summary(table)
+    other = logic.process(case["volume"], model=SPEC, weights=weights, method="layer-cam", outputVolume=None,
+                          **dict(target, classIndex=0))  # another target: that evaluation says nothing about it
+    assert other.GetID() == heatmap.GetID() and other.GetAttribute("SegHiResCAM.verdict") == ""
+    again = logic.process(case["volume"], model=SPEC, weights=weights, **target)  # evaluated before: verdict again
+    assert again.GetAttribute("SegHiResCAM.verdict") == verdict

@@ -3,10 +3,8 @@ without Qt: the panel's methods run on stand-in widgets that only record their p
 WidgetTestCase drives a mock-built widget. The logic, the MRML scene and the model (a tiny factory model) are real.
 """
 
-import os
 import time
 import types
-import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -18,8 +16,7 @@ import SegHiResCAM  # noqa: E402
 from SegHiResCAMLib.slicer_logic import bridge as mrml  # noqa: E402
 from SegHiResCAMLib.slicer_logic import explain as slicer_logic
 from SegHiResCAMLib.slicer_logic import job as slicer_job  # noqa: E402
-from SegHiResCAMLib.slicer_logic import selftest  # noqa: E402
-from slicer.util import VTKObservationMixin  # noqa: E402
+from SegHiResCAMLib.errors import CancelledError  # noqa: E402
 
 SPEC = "toy_models:unet3d"
 
@@ -114,7 +111,7 @@ def test_apply_is_disabled_with_a_reason(panel):
 
 def test_missing_packages_are_installed_only_after_asking(panel, monkeypatch):
     asked, installed = [], []
-    monkeypatch.setattr(SegHiResCAM, "missingPackages", lambda model: [("no_such_pkg_x", "no-such-pkg-x")])
+    monkeypatch.setattr(slicer_logic, "missingPackages", lambda model: [("no_such_pkg_x", "no-such-pkg-x")])
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
     monkeypatch.setattr(slicer.util, "pip_install", lambda requirement, **kw: installed.append(requirement))
     panel.widget.onApplyButton()
@@ -295,3 +292,57 @@ def test_the_application_registers_the_module_and_runs_without_testing(panel):
     assert panel.widget.parent.isEntered
     panel.app.leaveModule()
     assert not panel.widget.parent.isEntered
+
+
+def test_a_summary_line_says_what_the_heatmap_shows(panel):
+    """Under the result: method, layer, target, model (the heatmap's attribute SegHiResCAM.summary); an evaluation
+    of the same target adds its verdict; a new input (no output yet) clears it."""
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    assert ui.summaryLabel.text == ""
+    ui.applyButton.click()
+    run_until_done(widget)
+    heatmap = p.outputVolume
+    assert ui.summaryLabel.text == heatmap.GetAttribute("SegHiResCAM.summary") == (
+        "seg-hires-grad-cam at layer dec | target: model prediction, class 1 | model: %s" % SPEC)
+    p.evaluateSteps = 2
+    ui.evaluateButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    verdict = heatmap.GetAttribute("SegHiResCAM.verdict")
+    assert verdict.startswith("evaluation: ") and ui.summaryLabel.text.endswith(" | " + verdict)
+    assert ui.summaryLabel.text == heatmap.GetAttribute("SegHiResCAM.summary")
+    scanB = slicer.util.addVolumeFromArray(
+        __import__("numpy").random.RandomState(2).randn(10, 16, 12).astype("float32"), name="scanB")
+    ui.inputVolumeSelector.setCurrentNode(scanB)
+    assert p.outputVolume is None and ui.summaryLabel.text == ""
+
+
+class StagedJob:
+    """A job that reports what the test sets (stage, fraction), started ``elapsed`` seconds ago."""
+
+    def __init__(self, fraction, stage, elapsed):
+        self.status = slicer_job.JobStatus(fraction, stage, False)
+        self.started = time.perf_counter() - elapsed
+
+    def poll(self):
+        return self.status
+
+    def cancel(self):
+        self.status = slicer_job.JobStatus(self.status.fraction, "cancelled", True,
+                                           error=CancelledError("cancelled"))
+
+
+def test_progress_shows_the_stage_and_the_time_left(panel):
+    widget, ui = panel.widget, panel.ui
+    job = StagedJob(0.25, "forward pass", elapsed=10.0)
+    widget.runner = types.SimpleNamespace(submit=lambda method, *args: job, close=lambda: None)
+    widget._startJob("compute", (), lambda result: None, "Computing the heatmap")
+    panel.app.runEventLoop(timeout=2 * widget.POLL_MS / 1000.0)
+    assert ui.statusLabel.text == "Forward pass: 25%, about 30 s left" and ui.progressBar.value == 25
+    job.status = slicer_job.JobStatus(0.6, "gradients, window 3/8", False)
+    job.started = time.perf_counter() - 90.0
+    panel.app.runEventLoop(timeout=2 * widget.POLL_MS / 1000.0)
+    assert ui.statusLabel.text == "Gradients, window 3/8: 60%, about 1 min 00 s left"
+    ui.applyButton.click()  # Cancel
+    panel.app.runEventLoop(until=lambda: widget._job is None, timeout=2.0)
+    assert widget._job is None and "Cancelled" in ui.statusLabel.text

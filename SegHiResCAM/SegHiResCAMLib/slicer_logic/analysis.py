@@ -12,6 +12,7 @@ the nodes on the main thread, only after the computation succeeded, and removes 
 inputs are never modified. torch is imported only inside ``computeAnalysis``.
 """
 
+import json
 import math
 from typing import List, Optional, Sequence
 
@@ -21,6 +22,7 @@ import vtk
 from .. import __version__, catalog
 from ..analysis import provenance
 from . import bridge as mrml
+from . import panel_text
 from ..errors import InputError
 from .compute import ANALYSES, EVALUATION, SEGMENTATION_ABILITY, AnalysisRequest, cropRequest  # noqa: F401
 from .explain import ExplainLogic, ExplainRequest, ProgressCallback
@@ -104,8 +106,16 @@ class AnalysisLogic(ExplainLogic):
             if request.kind == EVALUATION:
                 table.SetName(scene.GenerateUniqueName("%s evaluation" % volume.GetName()))
                 fill_table(table, *result.table(), text=("method", "layer"))
+                verdicts = {"%s @ %s" % (row["method"], row["layer"]): panel_text.evaluationVerdict(
+                    result.rows, row["method"], row["layer"]) for row in result.rows}
+                verdicts.pop("%s @ -" % panel_text.RANDOM_ORDER, None)
                 mrml.set_attributes(table, dict(role=EVALUATION, steps=request.steps, cropVoxels=request.cropVoxels,
+                                                verdicts=provenance.dumps(verdicts, indent=None),
                                                 metadata=provenance.dumps(result.metadata, indent=None), **common))
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):  # its heatmaps' summaries
+                    node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                    if node.GetAttribute(mrml.ATTRIBUTE_PREFIX + "role") == "heatmap":
+                        self.updateSummary(node)
             else:
                 self._applySA(scene, volume, table, result, common, show)
         return table
@@ -143,6 +153,20 @@ class AnalysisLogic(ExplainLogic):
         if show and plots is not None:  # the application: show the chart in a plot view
             plots.logic().ShowChartInLayout(chart)
 
+    def evaluationVerdict(self, heatmap) -> str:
+        """The verdict (:func:`.panel_text.evaluationVerdict`) of the latest evaluation of the same input volume,
+        target and class that has a row for the heatmap's method and layer; "" when there is none."""
+        values, scene = mrml.get_attributes(heatmap), mrml.scene_of(heatmap)
+        key = "%s @ %s" % (values.get("method"), values.get("layer"))
+        for i in reversed(range(scene.GetNumberOfNodesByClass("vtkMRMLTableNode"))):
+            table = mrml.get_attributes(scene.GetNthNodeByClass(i, "vtkMRMLTableNode"))
+            if table.get("role") == EVALUATION and all(table.get(name) == values.get(name) for name in
+                                                       ("inputVolumeID", "target", "classIndex")):
+                verdict = json.loads(table.get("verdicts") or "{}").get(key)
+                if verdict:
+                    return verdict
+        return ""
+
     @staticmethod
     def summary(table) -> str:
         """One line for the panel's status label."""
@@ -151,7 +175,9 @@ class AnalysisLogic(ExplainLogic):
             mean = float(values["meanSA"])
             return "Mean SA score %s (%d layers, SA map of %s)" % (
                 "n/a" if math.isnan(mean) else "%.3f" % mean, table.GetNumberOfRows(), values.get("mapLayer") or "-")
-        return "Evaluation: %d rows in table %r" % (table.GetNumberOfRows(), table.GetName())
+        verdicts = json.loads(values.get("verdicts") or "{}")
+        return "Evaluation: %d rows in table %r%s" % (table.GetNumberOfRows(), table.GetName(), "".join(
+            "; %s: %s" % (key, text[len("evaluation: "):]) for key, text in verdicts.items() if text))
 
     # ------------------------------------------------------------------ all three steps
     def evaluate(self, inputVolume, methods: Optional[Sequence[str]] = None, steps: int = 5, cropVoxels: int = 0,

@@ -246,7 +246,8 @@ def show_heatmap(heat_node, background_volume=None, opacity: float = 0.5, lower_
     """Show a 0..1 heatmap over its scan in every slice view.
 
     Foreground layer at ``opacity``, heat colour table (:func:`heat_color_node`), window 0..1, and values below
-    ``lower_threshold`` transparent (the display node's threshold), so the scan shows where the map is cold.
+    ``lower_threshold`` transparent (the display node's threshold), so the scan shows where the map is cold; a
+    colour legend of the scale (:func:`show_color_legend`).
     """
     scene = scene_of(heat_node)
     if heat_node.GetDisplayNode() is None:
@@ -267,6 +268,29 @@ def show_heatmap(heat_node, background_volume=None, opacity: float = 0.5, lower_
             composite.SetBackgroundVolumeID(background_volume.GetID())
         composite.SetForegroundVolumeID(heat_node.GetID())
         composite.SetForegroundOpacity(float(opacity))
+    show_color_legend(heat_node)
+
+
+def show_color_legend(heat_node):
+    """The colour legend of the heatmap's scale (0..1, the heat colour table) in the views: the
+    ``vtkMRMLColorLegendDisplayNode`` of Slicer's Colors module, made once per heatmap and reused by a rerun.
+
+    Returns the legend node, or ``None`` where the scene cannot make one: the Colors module of the application
+    registers the node class; a bare ``slicer-core`` scene has the class but does not register it.
+    """
+    scene = scene_of(heat_node)
+    colors = getattr(slicer, "vtkSlicerColorLogic", None)
+    if colors is None or not hasattr(slicer, "vtkMRMLColorLegendDisplayNode") \
+            or not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+        return None
+    legend = colors.GetColorLegendDisplayNode(heat_node) or colors.AddDefaultColorLegendDisplayNode(heat_node)
+    if legend is not None:
+        modified = legend.StartModify()
+        legend.SetTitleText("heat (0-1)")
+        legend.SetLabelFormat("%.1f")
+        legend.SetVisibility(True)
+        legend.EndModify(modified)
+    return legend
 
 
 def set_attributes(node, values: Dict[str, object]) -> None:

@@ -14,11 +14,12 @@ model loading, never when this module is imported, so Slicer loads the module be
 
 import importlib.util
 import os
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .. import __version__, catalog
 from ..analysis import provenance
 from . import bridge as mrml
+from . import panel_text
 from ..errors import InputError, ModelError
 from .compute import ComputeLogic, ExplainRequest, ExplainResult, ProgressCallback
 
@@ -59,6 +60,31 @@ def missingPackages(model: object = BUNDLED_MODEL) -> List[Tuple[str, str]]:
     needed = _PACKAGES.get(_modelKind(model), [_TORCH]) if isinstance(model, str) else []
     importlib.invalidate_caches()  # see packages installed since the last call
     return [(name, requirement) for name, requirement in needed if importlib.util.find_spec(name) is None]
+
+
+def installMissingPackages(model: object, confirm: Callable[[str], bool]) -> bool:
+    """Install what ``model`` needs (:func:`missingPackages`) once ``confirm(names)`` says yes (``names``: the pip
+    requirements, comma-separated): torch through Slicer's PyTorch extension (it picks the build that fits the
+    GPU) when that is installed, the rest with ``slicer.util.pip_install``. True when nothing is missing afterwards.
+    The panel passes its (translated) question dialog as ``confirm``; this module shows none."""
+    import slicer.util
+    missing = missingPackages(model)
+    if not missing:
+        return True
+    if not confirm(", ".join(requirement for _module, requirement in missing)):
+        return False
+    for module, requirement in missing:
+        if module == "torch":
+            try:
+                import PyTorchUtils
+            except ImportError:
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    return False
+                continue
+        slicer.util.pip_install(requirement)
+    return not missingPackages(model)
 
 
 def _isModelSpec(spec: str) -> bool:
@@ -240,9 +266,29 @@ class ExplainLogic(ComputeLogic):
                 heatmap.SetNodeReferenceID("SegHiResCAMPrediction", segmentation.GetID())
             else:  # a rerun without the prediction: the heatmap no longer goes with the earlier one
                 heatmap.RemoveNodeReferenceIDs("SegHiResCAMPrediction")
+            self.updateSummary(heatmap)
             if show:
                 mrml.show_heatmap(heatmap, inputVolume)
         return heatmap
+
+    # ------------------------------------------------------------------ what am I looking at
+    def evaluationVerdict(self, heatmap) -> str:
+        """The verdict of the latest evaluation of this heatmap's method, layer and target ("" when none):
+        :class:`~.analysis.AnalysisLogic` looks it up; this logic runs no evaluations."""
+        return ""
+
+    def updateSummary(self, heatmap) -> str:
+        """Build the heatmap's one-line summary (:func:`.panel_text.resultSummary` of its provenance and the
+        evaluation verdict), store it as the attribute ``SegHiResCAM.summary`` and return it."""
+        values = mrml.get_attributes(heatmap)
+        values["verdict"] = self.evaluationVerdict(heatmap)
+        mrml.set_attributes(heatmap, {"verdict": values["verdict"], "summary": panel_text.resultSummary(values)})
+        return heatmap.GetAttribute(mrml.ATTRIBUTE_PREFIX + "summary")
+
+    @staticmethod
+    def summaryOf(node) -> str:
+        """The summary line stored on a heatmap node ("" for no node, or one without a summary)."""
+        return (node.GetAttribute(mrml.ATTRIBUTE_PREFIX + "summary") or "") if node is not None else ""
 
     # ------------------------------------------------------------------ all three
     def process(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,

@@ -1,7 +1,8 @@
 """Run the slow engine step off Slicer's main thread while the main thread polls it (no Qt, no MRML here).
 
 The module panel hands a job -- a method of :class:`~.compute.ComputeLogic` and its plain-data arguments -- to a
-:class:`JobRunner` and polls the returned job from a ``QTimer`` on the main thread, where it also applies the
+:class:`JobRunner` and polls the returned job on the main thread -- at its ``QTimer`` ticks, and at once when the
+job's socket (:meth:`ProcessJob.fileno`) turns readable, through a ``QSocketNotifier`` -- where it also applies the
 result to the scene (MRML is not thread-safe). Two runners:
 
 - :class:`ProcessRunner` (the panel's): the persistent worker process of :mod:`.worker`. PythonQt holds the GIL
@@ -213,7 +214,8 @@ class WorkerProcess:
         self.started = time.perf_counter()
         LIVE_WORKERS.add(self)
         threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 0
-        self.outbox.insert(0, wire.encode(("setup", {"path": list(sys.path), "threads": threads})))
+        self.outbox.insert(0, wire.encode(("setup", {"path": list(sys.path), "threads": threads,
+                                                     "logLevel": logging.getLogger().getEffectiveLevel()})))
         return self
 
     @property
@@ -253,6 +255,13 @@ class WorkerProcess:
             return []
         self.flush()
         return self.reader.read()
+
+    def fileno(self) -> Optional[int]:
+        """The socket that turns readable when something arrives from the child (its connection, or before it has
+        connected the listening socket): what an event loop watches to :meth:`pump` at once instead of at its next
+        timer tick (the panel's ``QSocketNotifier``); ``None`` when there is none."""
+        sock = self.connection if self.connection is not None else self.listener
+        return sock.fileno() if sock is not None else None
 
     def lastOutput(self, lines: int = 15) -> str:
         """The end of the child's own output (stdout/stderr), for error messages."""
@@ -297,6 +306,18 @@ class WorkerProcess:
                else "exited with code %s" % code if code is not None else "closed its connection")
         return ("The computation process stopped unexpectedly: it %s. Nothing was added to the scene; the next run "
                 "starts a new process.%s" % (how, self.lastOutput()))
+
+
+def reemitLog(message) -> None:
+    """A ``("log", level, logger name, text, origin)`` message of the worker as a record of this process's
+    ``logging``: the worker's logger name, level and text (marked ``[worker]``), where it was logged (file, line,
+    function, time, process id); Slicer shows it in its Python console and log like any record of the module."""
+    levelno, name, text = message[1:4]
+    logger = logging.getLogger(name or "SegHiResCAM")
+    if logger.isEnabledFor(levelno):
+        origin = message[4] if len(message) > 4 else {}
+        logger.handle(logging.makeLogRecord(dict(origin, name=logger.name, levelno=levelno, args=None,
+                                                 levelname=logging.getLevelName(levelno), msg="[worker] %s" % text)))
 
 
 class RemoteTraceback(Exception):
@@ -345,7 +366,7 @@ class ProcessJob:
         for message in messages:
             kind = message[0]
             if kind == "log":
-                logging.getLogger(message[2] or "SegHiResCAM").log(message[1], "[worker] %s", message[3])
+                reemitLog(message)
             elif message[1] != self.id:
                 continue
             elif kind == "progress":
@@ -365,6 +386,11 @@ class ProcessJob:
             self.worker.close()
             self._finish(error=died)
         return self._status
+
+    def fileno(self) -> Optional[int]:
+        """:meth:`WorkerProcess.fileno` while the job runs (watch it to poll as soon as a message is readable; the
+        socket changes once, when the starting worker connects); ``None`` once the job has finished."""
+        return None if self._status.finished else self.worker.fileno()
 
     def cancel(self) -> None:
         """Kill the worker now: the job ends as cancelled, nothing is returned; the next job starts a new worker."""

@@ -144,6 +144,10 @@ def checkHeatmap(test, heatmap, volume, sliceComposites=(), targetKind="predicti
         test.assertTrue(attributes.get(key), "attribute SegHiResCAM.%s is missing" % key)
     test.assertEqual(attributes["targetKind"], targetKind)
     test.assertEqual(attributes["inputVolumeID"], volume.GetID())
+    test.assertIn("%s at layer %s" % (attributes["method"], attributes["layer"]), attributes.get("summary", ""))
+    if heatmap.GetScene().IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):  # the application: a legend
+        legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(heatmap)
+        test.assertTrue(legend is not None and legend.GetVisibility(), "the heatmap has no colour legend")
 
 
 def runPredictionTarget(test, logic, model):

@@ -8,14 +8,15 @@ never imports ``slicer``, ``qt`` or ``vtk``: MRML stays in Slicer's main thread.
 
 The main process side is :class:`SegHiResCAMLib.slicer_logic.job.WorkerProcess`; this module holds the child's
 loop and the wire format both sides share. The child connects back to a localhost socket that the main process
-listens on (non-blocking there, read in the panel's timer ticks), proves it was started by the panel with a
-random token (given in the environment, never on the command line), then serves jobs one at a time::
+listens on (non-blocking there, read when the panel's socket notifier or timer fires), proves it was started by
+the panel with a random token (given in the environment, never on the command line), then serves jobs one at a
+time::
 
     child -> main   ("hello", token, pid)
-    main  -> child  ("setup", {"path": sys.path of Slicer, "threads": torch threads or 0})
+    main  -> child  ("setup", {"path": sys.path of Slicer, "threads": torch threads or 0, "logLevel": level})
     main  -> child  ("run", job id, request file)       # the file: pickle of (method, args), arrays included
     child -> main   ("progress", job id, fraction, message)    # at most ~10 a second, and at every new stage
-    child -> main   ("log", level, logger name, text)
+    child -> main   ("log", level, logger name, text, origin)   # every record at >= the main's log level
     child -> main   ("done", job id, result file)     # or ("error", job id, exception, traceback text)
     main  -> child  ("stop",)                          # or the main process kills the child: that is Cancel
 
@@ -40,6 +41,9 @@ TOKEN_VARIABLE = "SEGHIRESCAM_WORKER_TOKEN"
 HEADER = struct.Struct("!Q")
 #: pickle protocol of messages and files (both ends run the same interpreter)
 PROTOCOL = 4
+#: the attributes of a child's log record that travel with it (where it was logged, when, by which process)
+LOG_ORIGIN = ("pathname", "filename", "module", "lineno", "funcName", "created", "msecs", "process", "processName",
+              "thread", "threadName")
 #: the child sends a progress report at most this often (seconds), plus one at every new stage message
 PROGRESS_INTERVAL_S = 0.1
 
@@ -125,15 +129,18 @@ class Connection:
 
 
 class ForwardLogs(logging.Handler):
-    """Every log record of the child, as a ``("log", ...)`` message to the main process."""
+    """Every log record of the child (and every warning, through ``logging.captureWarnings``) as a
+    ``("log", level, logger name, text, origin)`` message; the main process re-emits it through its own
+    ``logging`` (:func:`~.job.reemitLog`), where Slicer shows it in its Python console and log."""
 
-    def __init__(self, connection: Connection):
-        super().__init__(logging.INFO)
+    def __init__(self, connection: Connection, level: int = logging.INFO):
+        super().__init__(level)
         self.connection = connection
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.connection.send(("log", record.levelno, record.name, self.format(record)))
+            origin = {key: getattr(record, key) for key in LOG_ORIGIN}
+            self.connection.send(("log", record.levelno, record.name, self.format(record), origin))
         except Exception:  # noqa: BLE001 - a log line never breaks the computation
             pass
 
@@ -176,10 +183,11 @@ def main(argv=None) -> int:
     connection.send(("hello", token, os.getpid()))
     kind, setup = receive(sock)
     sys.path.extend(entry for entry in setup.get("path", []) if entry not in sys.path)  # factory models of Slicer
-    handler = ForwardLogs(connection)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = int(setup.get("logLevel", logging.INFO))  # what the main process would show: DEBUG if Slicer logs it
+    handler = ForwardLogs(connection, level)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the traceback of an exception record is appended
     logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger().setLevel(level)
     logging.captureWarnings(True)
     from .compute import ComputeLogic  # numpy; torch comes with the first job
     if setup.get("threads"):
