@@ -34,3 +34,71 @@ class WithAuxBranch(TinyUNet):
 
 def unet3d_aux():
     return WithAuxBranch()
+
+
+class TinyUNetSigmoidModule(TinyUNet):
+    """TinyUNet whose forward ends in an ``nn.Sigmoid`` module (same parameters and layer names as TinyUNet)."""
+
+    def __init__(self, nd=3, classes=1):
+        super().__init__(nd=nd, classes=classes)
+        import torch.nn as nn
+        self.final = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.final(super().forward(x))
+
+
+class TinyUNetSoftmaxModule(TinyUNetSigmoidModule):
+    def __init__(self, nd=3, classes=3):
+        super().__init__(nd=nd, classes=classes)
+        import torch.nn as nn
+        self.final = nn.Softmax(dim=1)
+
+
+class TinyUNetSigmoidFunction(TinyUNet):
+    def forward(self, x):
+        import torch
+        return torch.sigmoid(super().forward(x))
+
+
+class TinyUNetSoftmaxFunction(TinyUNet):
+    def forward(self, x):
+        import torch.nn.functional as F
+        return F.softmax(super().forward(x), dim=1)
+
+
+class TinyUNetManualSoftmax(TinyUNet):
+    """Probabilities computed by hand (exp / sum): no sigmoid/softmax op to bypass, only the values tell."""
+
+    def forward(self, x):
+        e = super().forward(x).exp()
+        return e / e.sum(1, keepdim=True)
+
+
+class TinyUNetManualSigmoid(TinyUNet):
+    def forward(self, x):
+        return 1.0 / (1.0 + (-super().forward(x)).exp())
+
+
+def unet3d_sigmoid_module(classes=1):
+    return TinyUNetSigmoidModule(classes=classes)
+
+
+def unet3d_sigmoid_function(classes=1):
+    return TinyUNetSigmoidFunction(nd=3, classes=classes)
+
+
+def unet3d_softmax_module(classes=3):
+    return TinyUNetSoftmaxModule(classes=classes)
+
+
+def unet3d_softmax_function(classes=3):
+    return TinyUNetSoftmaxFunction(nd=3, classes=classes)
+
+
+def unet3d_manual_softmax(classes=3):
+    return TinyUNetManualSoftmax(nd=3, classes=classes)
+
+
+def unet3d_manual_sigmoid(classes=1):
+    return TinyUNetManualSigmoid(nd=3, classes=classes)

@@ -208,6 +208,8 @@ def test_session_cache_reuses_the_forward_pass(case, roi):
     from SegHiResCAMLib.models import load_model
     from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image
     model = load_model("toy_models:unet3d", weights=case["weights"])
+    # declared, so that no probe resolves divisible_by/output "auto" (they would add forward passes to the count)
+    model.preprocessing.divisible_by, model.output = 2, "logits"
     calls = {"n": 0}
     handle = model.network.register_forward_pre_hook(lambda m, i: calls.__setitem__("n", calls["n"] + 1))
     cache = {}

@@ -26,6 +26,8 @@ from ..engine.windows import WindowedCAM
 from ..errors import InputError, TargetError
 from ..geometry import Geometry
 from ..models.base import SegModel
+from ..models.card import apply_card, as_card
+from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
 
 ProgressCallback = Callable[[float, str], None]
@@ -107,7 +109,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> SegmentTarget:
-    """A model-space :class:`SegmentTarget` from an image-space description."""
+    """A model-space :class:`SegmentTarget` from an image-space description. A model whose probabilities
+    cannot be bypassed (``model.resolved["output"]["explained"] == "probabilities"``) is explained on them."""
     if spec.empty:
         region = EmptyRegion()
     elif spec.whole:
@@ -140,8 +143,14 @@ def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> Segmen
         region = ComponentRegion(region, spec.component)
     name = spec.name or "%s-%s" % (model.class_names[spec.class_index] if 0 <= spec.class_index < model.num_classes
                                    else "class%d" % spec.class_index, spec.kind().replace(" ", "-"))
-    return SegmentTarget(spec.class_index, region, score=spec.score, reduction=spec.reduction,
-                         activation=model.activation, name=name)
+    return SegmentTarget(spec.class_index, region, score=explained_score(model, spec.score),
+                         reduction=spec.reduction, activation=model.activation, name=name)
+
+
+def explained_score(model: SegModel, score: str) -> str:
+    """``probabilities`` for a model whose final sigmoid/softmax could not be bypassed, else ``score``."""
+    return "probabilities" if model.resolved.get("output", {}).get("explained") == "probabilities" else score
+
 
 
 def _fingerprint(array: np.ndarray) -> str:
@@ -179,10 +188,13 @@ def model_input(model: SegModel, image: np.ndarray, geometry: Geometry,
                 device: str = "auto") -> Tuple[torch.Tensor, ModelSpace, torch.device]:
     """The network input ``[1, C, *S_model]`` on the chosen device (the network is moved there too), and the
     :class:`ModelSpace` that maps results back onto the image grid."""
-    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
     dev = resolve_device(device)
     model.network.to(dev)
-    return _to_tensor(x_np, dev, model), space, dev
+    resolve_divisible_by(model)
+    x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
+    x = _to_tensor(x_np, dev, model)
+    resolve_output(model, x)
+    return x, space, dev
 
 
 def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, targets: Sequence[TargetSpec],
@@ -191,7 +203,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   device: str = "auto", relu: bool = True, normalization: str = "max",
                   progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
                   overlap: float = 0.25, blend: str = "constant", amp: bool = False,
-                  session_cache: Optional[dict] = None, **method_options) -> ImageExplanation:
+                  session_cache: Optional[dict] = None, model_card=None, **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
     ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
@@ -202,7 +214,14 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     with windows, the blended prediction) is kept there and reused by the next call on the same image, model,
     layers and device, so a new target costs only the target-dependent work. The cache holds one entry, and
     its memory, until the next call with other inputs or until the caller clears it.
+
+    ``model_card``: a :class:`~SegHiResCAMLib.models.card.ModelCard`, card file or its JSON data applied to (a copy
+    of) ``model`` first (``docs/model_card.md``); its ``patch_size`` is the default ``roi_size``.
     """
+    if model_card is not None:
+        model = apply_card(model, as_card(model_card))
+    if roi_size is None and model.roi_size is not None:
+        roi_size = model.roi_size
     report = progress or (lambda f, m: None)
     timings = {}
     started = time.perf_counter()
@@ -259,13 +278,17 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     metadata = {
         "seghirescam_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": str(dev), "model": model.describe(), "model_space": space.describe(), "timings": timings,
+        "model_output": dict(model.resolved.get("output", {})),
     }
     return ImageExplanation(heatmaps, prediction, space, metadata)
 
 
 def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
-                  progress: Optional[ProgressCallback] = None) -> Tuple[np.ndarray, dict]:
-    """The model's label map on the image grid, and metadata (one forward pass, no gradients)."""
+                  progress: Optional[ProgressCallback] = None, model_card=None) -> Tuple[np.ndarray, dict]:
+    """The model's label map on the image grid, and metadata (one forward pass, no gradients);
+    ``model_card`` as in :func:`explain_image`."""
+    if model_card is not None:
+        model = apply_card(model, as_card(model_card))
     report = progress or (lambda f, m: None)
     started = time.perf_counter()
     report(0.0, "preparing the image")
@@ -277,5 +300,6 @@ def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device
     labels = space.to_image(label_map(output, model), "nearest")
     report(1.0, "done")
     meta = {"seghirescam_version": __version__, "device": str(dev), "model": model.describe(),
-            "model_space": space.describe(), "timings": {"total_s": time.perf_counter() - started}}
+            "model_space": space.describe(), "timings": {"total_s": time.perf_counter() - started},
+            "model_output": dict(model.resolved.get("output", {}))}
     return labels, meta

@@ -43,6 +43,109 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow weight files that hold pickled Python objects (they can run code: trusted files only)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+    add_card_args(p)
+
+
+#: the flags that override one field of a model card: (card field, flag, help); ``intensity.X`` for the fields
+#: of ``intensity``. Values are JSON (``'[1,1,2]'``), or comma-separated (``1,1,2``), ``none``/``null``, or text.
+CARD_FLAGS = (
+    ("dims", "--card-dims", "2 or 3"),
+    ("input_channels", "--card-input-channels", "input channels of the model"),
+    ("orientation", "--card-orientation", "RAS, LPS, ... or none (as stored)"),
+    ("spacing", "--card-spacing", "model voxel size in mm, x,y,z, or none (as stored)"),
+    ("resize_to", "--card-resize-to", "fixed model grid, voxels x,y,z, or none"),
+    ("resize_mode", "--card-resize-mode", "nearest or linear (interpolation of --card-resize-to)"),
+    ("divisible_by", "--card-divisible-by", "pad to a multiple: an integer, auto (probe the model) or none"),
+    ("intensity.clip_percentiles", "--card-clip-percentiles", "clip intensities to these percentiles, e.g. 1,99"),
+    ("intensity.normalize", "--card-normalize", "normalisations applied in order: minmax, zscore, zscore-nonzero, none"),
+    ("intensity.ct_window", "--card-ct-window", "CT window level,width in HU (scaled to [0, 1])"),
+    ("intensity.scale", "--card-scale", "multiply intensities by this after normalising"),
+    ("intensity.shift", "--card-shift", "then add this"),
+    ("output", "--card-output", "what the model returns: logits, sigmoid, softmax or auto (detect)"),
+    ("classes", "--card-classes", "class names: '{\"1\": \"brain\"}' or 1=brain,2=tumour"),
+    ("patch_size", "--card-patch-size", "default --roi-size (z,y,x model voxels)"),
+    ("slice_axis", "--card-slice-axis", "axial, coronal or sagittal (for 2D models)"),
+)
+
+
+def add_card_args(p: argparse.ArgumentParser) -> None:
+    """``--model-card`` and one ``--card-*`` flag per card field (docs/model_card.md), overriding the card."""
+    group = p.add_argument_group("model card", "what the model expects (docs/model_card.md); <model>.card.json next "
+                                 "to a model file is used by itself; each --card-* flag overrides one field")
+    group.add_argument("--model-card", help="model card (JSON) of the model")
+    for _, flag, text in CARD_FLAGS:
+        group.add_argument(flag, help=text)
+
+
+def _card_value(text: str):
+    """A flag's text as card data: JSON, ``none``/``null``, comma-separated numbers or names, or the text."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    parts = [part.strip() for part in text.split(",")]
+    if all("=" in part for part in parts):  # 1=brain,2=tumour
+        return dict(part.split("=", 1) for part in parts)
+    values = []
+    for part in parts:
+        try:
+            values.append(json.loads(part))
+        except ValueError:
+            values.append(part)
+    return values if len(values) > 1 or "," in text else values[0]
+
+
+def card_overrides(args: argparse.Namespace) -> dict:
+    """The card fields given as ``--card-*`` flags (``intensity`` as a dict of its given fields)."""
+    out: dict = {}
+    for name, flag, _ in CARD_FLAGS:
+        text = getattr(args, flag[2:].replace("-", "_"), None)
+        if text is None:
+            continue
+        value = _card_value(text)
+        if name == "intensity.normalize" and isinstance(value, str):
+            value = [value]
+        if name.startswith("intensity."):
+            out.setdefault("intensity", {})[name.split(".", 1)[1]] = value
+        else:
+            out[name] = value
+    return out
+
+
+def model_card(args: argparse.Namespace):
+    """The card of ``--model-card`` (or ``<model>.card.json`` next to the model) with the ``--card-*`` flags
+    applied; ``False`` where there is none (no card file, no flag)."""
+    from ..models.card import card_from_dict, find_card
+    path = getattr(args, "model_card", None) or find_card(args.model)
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise InputError("model card %r does not exist; check the path" % path)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except ValueError as exc:
+            raise InputError("model card %r is not valid JSON: %s" % (path, exc)) from exc
+        if not isinstance(data, dict):
+            raise InputError("model card %r must hold a JSON object, got %s" % (path, type(data).__name__))
+    overrides = card_overrides(args)
+    if not path and not overrides:
+        return False
+    if "intensity" in overrides:  # the flags change fields of the card's intensity, not the whole block
+        base = dict(data.get("intensity")) if isinstance(data.get("intensity"), dict) else {}
+        if "ct_window" in overrides["intensity"] and "normalize" not in overrides["intensity"]:
+            base.pop("normalize", None)  # a CT window replaces the card's normalisation
+        if "normalize" in overrides["intensity"] and "ct_window" not in overrides["intensity"]:
+            base.pop("ct_window", None)
+        overrides["intensity"] = dict(base, **overrides["intensity"])
+    data = dict(data, **overrides)
+    card = card_from_dict(data, source=os.path.abspath(path) if path else None)
+    if overrides:
+        card.source = "%s + %s" % (card.source or "no card file", " ".join(
+            flag for name, flag, _ in CARD_FLAGS if getattr(args, flag[2:].replace("-", "_"), None) is not None))
+    return card
 
 
 IMAGE_HELP = "input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder"
@@ -107,8 +210,15 @@ class Progress:
 def load_model(args: argparse.Namespace):
     """The model of ``--model`` / ``--weights`` / ``--model-args`` / ``--trust-model``."""
     from ..models import load_model as load
-    return load(args.model, weights=args.weights, trust_model=args.trust_model,
+    return load(args.model, weights=args.weights, trust_model=args.trust_model, model_card=model_card(args),
                 **({"model_args": json.loads(args.model_args)} if args.model_args else {}))
+
+
+def warn_model_output(model) -> None:
+    """The one warning line about a final sigmoid/softmax the model was found to end in (if it does)."""
+    message = model.resolved.get("output", {}).get("message")
+    if message:
+        print("seghirescam: warning: %s" % message, file=sys.stderr)
 
 
 def parse_model_args(args: argparse.Namespace) -> None:

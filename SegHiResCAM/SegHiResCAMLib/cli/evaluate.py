@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         write_text(args.out_md, evaluation_markdown(evaluation, "Heatmap faithfulness: %s on %s"
                                                     % (model.name, os.path.basename(args.image)), plot))
     print(evaluation_tsv(evaluation))
+    common.warn_model_output(model)
     for warning in sorted({w for r in evaluation.rows for w in r.get("warnings", [])}):
         print("seghirescam: warning: %s" % warning, file=sys.stderr)
     return 0

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     io.write_image(args.out, heat.array, geometry, protect=protect)
     if args.prediction:
         io.write_image(args.prediction, result.prediction, geometry, protect=protect)
+    if result.metadata.get("model_output", {}).get("message"):
+        print("seghirescam: warning: %s" % result.metadata["model_output"]["message"], file=sys.stderr)
     for warning in heat.info.get("warnings", []):
         print("seghirescam: warning: %s" % warning, file=sys.stderr)
     if heat.info.get("flat"):

@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..imaging import files as io
     from ..imaging.model_space import prepare
+    from ..models.output import resolve_divisible_by
     image, geometry = io.read_image(args.image)
+    resolve_divisible_by(model)
     x, _ = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
     infos, head, out_shape = trace_layers(model.network, torch.from_numpy(x)[None], model.output_key)
     auto = model.default_layer

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 
 from . import common
 
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     io.write_image(args.out, labels, geometry, protect=[args.image])
+    if meta.get("model_output", {}).get("message"):
+        print("seghirescam: warning: %s" % meta["model_output"]["message"], file=sys.stderr)
     if args.json:
         meta.update({"command": COMMAND, "image": os.path.abspath(args.image), "output": os.path.abspath(args.out)})
         write_json(args.json, meta, [args.image])

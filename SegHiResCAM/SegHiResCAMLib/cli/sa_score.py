@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if result.dice is not None:
         print("Dice of the prediction against the reference: %.4f" % result.dice)
     print("tables: %s, %s" % (args.out_csv, units_csv))
+    common.warn_model_output(model)
     for note in notes:
         print("seghirescam: note: %s" % note, file=sys.stderr)
     return 0

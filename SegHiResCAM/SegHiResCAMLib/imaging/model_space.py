@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, InternalError
 from ..geometry import Geometry
 from .conversion import from_sitk, to_sitk
 from .resample import resample_to_grid
@@ -84,6 +84,16 @@ class ModelSpace:
                 "padding": [list(p) for p in self.pad], "steps": list(self.steps)}
 
 
+def _resized_grid(geom: Geometry, size: Sequence[int]) -> Geometry:
+    """Same direction and field of view (outer voxel edges aligned), ``size`` voxels (ITK order)."""
+    old = np.asarray(geom.spacing)
+    new = old * np.asarray(geom.size, dtype=float) / np.asarray(size, dtype=float)
+    direction = np.asarray(geom.direction).reshape(geom.ndim, -1)
+    origin = np.asarray(geom.origin) + direction @ ((new - old) / 2.0)
+    return Geometry(size=tuple(int(s) for s in size), spacing=tuple(new), origin=tuple(origin),
+                    direction=geom.direction)
+
+
 def _resampled_grid(geom: Geometry, spacing: Sequence[float]) -> Geometry:
     """Same direction and field of view (outer voxel edges aligned), new spacing."""
     old = np.asarray(geom.spacing)
@@ -95,6 +105,8 @@ def _resampled_grid(geom: Geometry, spacing: Sequence[float]) -> Geometry:
 
 
 def normalize_intensities(values: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The intensity steps of ``prep``: percentile clipping, ``normalization``, the ``then`` normalisations,
+    ``scale``/``shift`` (the last three are a model card's; only the first step of ``channels`` schemes)."""
     values = values.astype(np.float32, copy=False)
     if prep.channels is not None:  # one scheme per channel; a single channel has no channel axis here
         if len(prep.channels) == 1:
@@ -103,7 +115,18 @@ def normalize_intensities(values: np.ndarray, prep: Preprocessing) -> np.ndarray
             raise InputError("the model normalises %d channels separately but the image has %d"
                              % (len(prep.channels), values.shape[-1]))
         return np.stack([normalize_intensities(values[..., c], scheme) for c, scheme in enumerate(prep.channels)], axis=-1)
-    how = prep.normalization
+    if prep.clip_percentiles is not None:
+        low, high = np.percentile(values, prep.clip_percentiles)
+        values = np.clip(values, np.float32(low), np.float32(high))
+    values = _normalize(values, prep.normalization, prep)
+    for how in prep.then:
+        values = _normalize(values, how, prep)
+    if (prep.scale, prep.shift) != (1.0, 0.0):
+        values = values * np.float32(prep.scale) + np.float32(prep.shift)
+    return values.astype(np.float32, copy=False)
+
+
+def _normalize(values: np.ndarray, how: str, prep: Preprocessing) -> np.ndarray:
     if how == "none":
         return values
     if how == "zscore":
@@ -176,14 +199,31 @@ def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_
             steps.append("resampled from %s mm to %s mm (linear)" % (
                 tuple(round(s, 4) for s in grid.spacing), prep.spacing))
             grid = target
+    if prep.resize_to is not None:
+        if len(prep.resize_to) != grid.ndim:
+            raise InputError("the model grid resize_to %s has %d entries for a %dD image"
+                             % (prep.resize_to, len(prep.resize_to), grid.ndim))
+        if tuple(grid.size) != prep.resize_to:
+            target = _resized_grid(grid, prep.resize_to)
+            values = _resample_extrapolate(values, grid, target, prep.resize_mode)
+            steps.append("resized from %s to %s voxels (%s)" % (tuple(grid.size), prep.resize_to, prep.resize_mode))
+            grid = target
     if channels == 1 and values.ndim == grid.ndim + 1:
         values = values[..., 0]
     values = normalize_intensities(values, prep)
+    if prep.clip_percentiles is not None:
+        steps.append("intensity clipped to percentiles %g-%g" % prep.clip_percentiles)
     if prep.normalization != "none":
         steps.append("intensity %s" % prep.normalization)
+    steps.extend("intensity %s" % how for how in prep.then if how != "none")
+    if (prep.scale, prep.shift) != (1.0, 0.0):
+        steps.append("intensity x %g + %g" % (prep.scale, prep.shift))
     shape = grid.array_shape
     minimum = prep.min_size or (1,) * len(shape)
     k = prep.divisible_by
+    if k == "auto":
+        raise InternalError("divisible_by 'auto' reached prepare(); resolve it first "
+                            "(SegHiResCAMLib.models.output.resolve_divisible_by)")
     pad = []
     for size, low in zip(shape, minimum):
         want = max(size, int(low))
@@ -204,14 +244,15 @@ def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_
     return np.ascontiguousarray(x, dtype=np.float32), ModelSpace(geometry, grid, pad, steps)
 
 
-def _resample_extrapolate(values: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
-    """Linear resampling that extends edge values instead of padding with 0 (no dark rim at the border)."""
+def _resample_extrapolate(values: np.ndarray, src: Geometry, dst: Geometry, mode: str = "linear") -> np.ndarray:
+    """Linear (or nearest) resampling that extends edge values instead of padding with 0 (no dark rim at the
+    border)."""
     image = to_sitk(values, src)
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize(dst.size)
     resampler.SetOutputSpacing(dst.spacing)
     resampler.SetOutputOrigin(dst.origin)
     resampler.SetOutputDirection(dst.direction)
-    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetInterpolator(sitk.sitkNearestNeighbor if mode == "nearest" else sitk.sitkLinear)
     resampler.SetUseNearestNeighborExtrapolator(True)
     return sitk.GetArrayFromImage(resampler.Execute(image)).astype(np.float32, copy=False)

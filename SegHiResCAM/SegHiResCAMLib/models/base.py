@@ -6,13 +6,15 @@ declared here, explicitly, instead of being guessed per call.
 
 import itertools
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from ..errors import InputError
 
 NORMALIZATIONS = ("none", "zscore", "zscore-nonzero", "minmax", "ct", "range", "clip-zscore")
+#: what a network returns: logits, probabilities of a final sigmoid/softmax, or ``auto`` (detected)
+OUTPUTS = ("auto", "logits", "sigmoid", "softmax")
 
 
 def _orientation_codes() -> Tuple[str, ...]:
@@ -41,7 +43,8 @@ class Preprocessing:
             zero voxels stay 0, as brain MRI models expect); ``minmax`` to [0, 1]; ``ct`` (clip to
             ``ct_window`` then scale to [0, 1]).
         ct_window: ``(low, high)`` HU window for ``ct``.
-        divisible_by: pad every spatial axis to a multiple of this.
+        divisible_by: pad every spatial axis to a multiple of this; ``"auto"``: the smallest multiple the network
+            accepts, found by a cheap probe before the first run (:func:`SegHiResCAMLib.models.output.probe_divisible_by`).
         pad_side: ``end`` (pad after the last voxel of each axis, as HD-BET does) or ``both`` (split the
             padding between both ends, as nnU-Net and MONAI do).
         pad_value: value of padded voxels, in normalised units.
@@ -55,13 +58,20 @@ class Preprocessing:
         channels: one :class:`Preprocessing` per input channel whose intensity fields (``normalization`` and
             the fields above) normalise that channel alone (nnU-Net normalises every channel by its own scheme);
             ``None``: ``normalization`` applies to all channels together.
+        resize_to: resample onto a fixed grid of this many voxels (ITK order ``(x, y, z)``, like ``spacing``),
+            same field of view, after ``spacing``; undone by resampling back onto the image grid.
+        resize_mode: ``linear`` or ``nearest``: the interpolation of ``resize_to``.
+        clip_percentiles: ``(low, high)`` percentiles (0-100) of the image the intensities are clipped to before
+            ``normalization``.
+        then: further normalisations (names of :data:`NORMALIZATIONS`) applied in order after ``normalization``.
+        scale, shift: ``x * scale + shift`` after every normalisation.
     """
 
     orientation: Optional[str] = None
     spacing: Optional[Tuple[float, ...]] = None
     normalization: str = "none"
     ct_window: Tuple[float, float] = (-1000.0, 1000.0)
-    divisible_by: int = 1
+    divisible_by: Union[int, str] = 1
     pad_side: str = "end"
     pad_value: float = 0.0
     min_size: Optional[Tuple[int, ...]] = None
@@ -70,6 +80,12 @@ class Preprocessing:
     clip: bool = True
     mean_std: Optional[Tuple[float, float]] = None
     channels: Optional[Tuple["Preprocessing", ...]] = None
+    resize_to: Optional[Tuple[int, ...]] = None
+    resize_mode: str = "linear"
+    clip_percentiles: Optional[Tuple[float, float]] = None
+    then: Tuple[str, ...] = ()
+    scale: float = 1.0
+    shift: float = 0.0
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -101,15 +117,49 @@ class Preprocessing:
                 raise InputError("spacing must be positive, got %s" % (self.spacing,))
         if self.pad_side not in ("end", "both"):
             raise InputError("pad_side must be 'end' or 'both', got %r" % (self.pad_side,))
-        if int(self.divisible_by) < 1:
-            raise InputError("divisible_by must be >= 1, got %r" % (self.divisible_by,))
-        self.divisible_by = int(self.divisible_by)
+        if self.divisible_by != "auto":
+            if isinstance(self.divisible_by, bool) or not isinstance(self.divisible_by, (int, float)) \
+                    or int(self.divisible_by) != self.divisible_by or int(self.divisible_by) < 1:
+                raise InputError("divisible_by must be an integer >= 1 or 'auto', got %r" % (self.divisible_by,))
+            self.divisible_by = int(self.divisible_by)
+        if self.resize_to is not None:
+            self.resize_to = tuple(int(s) for s in self.resize_to)
+            if any(s < 1 for s in self.resize_to):
+                raise InputError("resize_to must be positive voxel counts, got %s" % (self.resize_to,))
+        if self.resize_mode not in ("linear", "nearest"):
+            raise InputError("resize_mode must be 'linear' or 'nearest', got %r" % (self.resize_mode,))
+        if self.clip_percentiles is not None:
+            low, high = (float(v) for v in self.clip_percentiles)
+            if not 0.0 <= low < high <= 100.0:
+                raise InputError("clip_percentiles must be (low, high) with 0 <= low < high <= 100, got %r"
+                                 % (self.clip_percentiles,))
+            self.clip_percentiles = (low, high)
+        self.then = tuple(self.then)
+        for name in self.then:
+            if name not in NORMALIZATIONS or name in ("range", "clip-zscore", "ct"):
+                raise InputError("a further normalisation must be one of none, zscore, zscore-nonzero, minmax, "
+                                 "got %r" % (name,))
+        self.scale, self.shift = float(self.scale), float(self.shift)
 
     def describe(self) -> dict:
         return {"orientation": self.orientation, "spacing": list(self.spacing) if self.spacing else None,
                 "normalization": self.normalization, "ct_window": list(self.ct_window),
                 "divisible_by": self.divisible_by, "pad_side": self.pad_side, "pad_value": self.pad_value,
-                "min_size": list(self.min_size) if self.min_size else None, **self._describe_intensity()}
+                "min_size": list(self.min_size) if self.min_size else None, **self._describe_intensity(),
+                **self._describe_card_steps()}
+
+    def _describe_card_steps(self) -> dict:
+        """The model-card steps, only where they are used (older descriptions unchanged)."""
+        extra = {}
+        if self.resize_to is not None:
+            extra.update(resize_to=list(self.resize_to), resize_mode=self.resize_mode)
+        if self.clip_percentiles is not None:
+            extra["clip_percentiles"] = list(self.clip_percentiles)
+        if self.then:
+            extra["then"] = list(self.then)
+        if (self.scale, self.shift) != (1.0, 0.0):
+            extra.update(scale=self.scale, shift=self.shift)
+        return extra
 
     def _describe_intensity(self) -> dict:
         """The intensity fields beyond ``ct_window``, only where they are used (older descriptions unchanged)."""
@@ -144,6 +194,11 @@ class SegModel:
         source: where the model came from (spec, files), for provenance.
         file_hashes: ``{path: sha256}`` of the files loaded.
         patch_size: the window the network was trained on (array order), if any; used by windowed inference.
+        output: what the network returns: ``logits``, ``sigmoid`` or ``softmax`` (probabilities), or ``auto``
+            (found before the first run, :func:`SegHiResCAMLib.models.output.resolve_output`).
+        card: the model card applied to this model (its JSON form), for provenance.
+        resolved: what ``auto`` settings were resolved to (``divisible_by``, ``output``), for provenance.
+        roi_size: the default window of windowed inference (the card's ``patch_size``), array order.
     """
 
     network: nn.Module
@@ -158,12 +213,18 @@ class SegModel:
     source: str = ""
     file_hashes: dict = field(default_factory=dict)
     patch_size: Optional[Tuple[int, ...]] = None
+    output: str = "auto"
+    card: Optional[dict] = None
+    resolved: dict = field(default_factory=dict)
+    roi_size: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
             raise InputError("spatial_dims must be 2 or 3, got %r" % (self.spatial_dims,))
         if self.activation not in ("softmax", "sigmoid"):
             raise InputError("activation must be 'softmax' or 'sigmoid', got %r" % (self.activation,))
+        if self.output not in OUTPUTS:
+            raise InputError("output must be one of %s, got %r" % (", ".join(OUTPUTS), self.output))
 
     @property
     def num_classes(self) -> int:
@@ -187,8 +248,10 @@ class SegModel:
         return {"name": self.name, "source": self.source, "file_hashes": dict(self.file_hashes),
                 "spatial_dims": self.spatial_dims, "in_channels": self.in_channels, "activation": self.activation,
                 "class_names": list(self.class_names), "preprocessing": self.preprocessing.describe(),
-                "default_layer": self.default_layer,
-                "parameters": int(sum(p.numel() for p in self.network.parameters()))}
+                "default_layer": self.default_layer, "output": self.output,
+                "parameters": int(sum(p.numel() for p in self.network.parameters())),
+                **({"card": self.card} if self.card is not None else {}),
+                **({"resolved": dict(self.resolved)} if self.resolved else {})}
 
 
 def default_class_names(count: int) -> List[str]:

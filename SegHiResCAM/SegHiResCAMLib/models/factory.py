@@ -83,6 +83,6 @@ def load_factory_model(spec: str, weights: Optional[str] = None, model_args: Opt
     return SegModel(
         network=network, name=name or spec, spatial_dims=meta.pop("spatial_dims", infer_spatial_dims(network) or 3),
         in_channels=meta.pop("in_channels", infer_in_channels(network) or 1), activation=activation,
-        class_names=class_names, preprocessing=meta.pop("preprocessing", Preprocessing()),
+        class_names=class_names, preprocessing=meta.pop("preprocessing", Preprocessing(divisible_by="auto")),
         source="factory %s%s" % (spec, " + %s" % weights if weights else " (no weights: random initialisation)"),
         file_hashes=maybe_hash(weights), **meta)

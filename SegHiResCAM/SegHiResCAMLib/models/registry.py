@@ -15,6 +15,7 @@ from typing import Callable, List, NamedTuple, Optional
 from ..errors import ModelError
 from . import factory, hdbet
 from .base import SegModel
+from .card import apply_card, as_card, find_card
 from .monai import bundle as monai_bundle
 from .monai import networks as monai_networks
 from .nnunet import loader as nnunet
@@ -42,12 +43,19 @@ KINDS: List[ModelKind] = [
 ]
 
 
+#: kinds whose loaders build a network that returns logits (HD-BET's softmax is switched off, nnU-Net and MONAI
+#: bundles apply their activation in post-processing): their ``output`` is ``logits``, not probed (a card may say
+#: otherwise)
+LOGIT_KINDS = ("hd-bet", "monai-bundle", "nnunet")
+
+
 def kind_names() -> List[str]:
     """The names of the model kinds, in the order they are tried."""
     return [kind.name for kind in KINDS]
 
 
-def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = False, **options) -> SegModel:
+def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = False, model_card=None,
+               **options) -> SegModel:
     """Load a model from a spec string with the first kind of :data:`KINDS` that accepts it.
 
     Args:
@@ -55,6 +63,9 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
             trained-model folder, or ``package.module:factory`` / ``file.py:factory``.
         weights: a state-dict file for the kinds that take one.
         trust_model: allow files that can run code (pickled objects, MONAI ``$`` expressions).
+        model_card: a :class:`~.card.ModelCard`, a card file or its JSON data (``docs/model_card.md``); ``None``
+            uses ``<model>.card.json`` next to the model file when there is one (:func:`~.card.find_card`);
+            ``False``: no card.
         options: kind-specific options (``fold``, ``configuration``, ``model_args``, ...).
 
     Returns:
@@ -62,8 +73,14 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
     """
     if not spec:
         raise ModelError("no model given; pass a model spec (e.g. package.module:factory --weights FILE)")
+    if model_card is None:
+        model_card = find_card(spec)
+    card = as_card(model_card) if model_card is not False else None  # checked before the (slow) load
     for kind in KINDS:
         if kind.accepts(spec):
-            return kind.load(spec, weights=weights, trust_model=trust_model, **options)
+            model = kind.load(spec, weights=weights, trust_model=trust_model, **options)
+            if kind.name in LOGIT_KINDS and model.output == "auto":
+                model.output = "logits"
+            return apply_card(model, card) if card is not None else model
     hint = ", ".join(kind_names()[:-1] + ["package.module:factory --weights FILE"])
     raise ModelError("unknown model %r; give one of: %s" % (spec, hint))

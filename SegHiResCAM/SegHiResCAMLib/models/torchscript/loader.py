@@ -127,7 +127,7 @@ def _segmodel(network: nn.Module, path: str, name: Optional[str], source: str, h
     class_names = meta.pop("class_names", ["background", "foreground"] if classes == 1 else default_class_names(classes))
     return SegModel(network=network, name=name or path, spatial_dims=meta.pop("spatial_dims", dims or 3),
                     in_channels=meta.pop("in_channels", channels or 1), activation=activation, class_names=class_names,
-                    preprocessing=meta.pop("preprocessing", Preprocessing()), source=source, file_hashes=hashes,
+                    preprocessing=meta.pop("preprocessing", Preprocessing(divisible_by="auto")), source=source, file_hashes=hashes,
                     **meta)
 
 

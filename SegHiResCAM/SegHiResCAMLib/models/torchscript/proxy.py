@@ -423,3 +423,34 @@ def torchscript_layers(network: nn.Module) -> List[Dict[str, Any]]:
 
     visit(network, "", "")
     return rows
+
+
+_GRAPH_ACTIVATIONS = {"aten::sigmoid": "sigmoid", "aten::softmax": "softmax", "aten::_softmax": "softmax"}
+
+
+def graph_final_activation(script: torch.jit.ScriptModule, depth: int = 8):
+    """``(kind, operator)`` when the scripted ``forward`` returns the result of a sigmoid/softmax (directly, in a
+    returned tuple/list, or as the return of a sub-module it calls last), else ``None``: the static view of what
+    an opaque proxy computes (its graph is not replayed, so :mod:`SegHiResCAMLib.engine.activation` cannot see
+    it run)."""
+    try:
+        graph = script.graph
+    except (AttributeError, RuntimeError):
+        return None
+    values = list(graph.return_node().inputs())
+    while values and depth > 0:
+        node = values.pop(0).node()
+        kind = node.kind()
+        if kind in _GRAPH_ACTIVATIONS:
+            return _GRAPH_ACTIVATIONS[kind], kind
+        if kind in ("prim::TupleConstruct", "prim::ListConstruct"):
+            values = list(node.inputs())[:1] + values  # the first output: the full-resolution head by convention
+        elif kind == "prim::CallMethod" and node.s("name") == "forward":
+            owner = next(iter(node.inputs())).node()
+            if owner.kind() == "prim::GetAttr":
+                child = getattr(script, owner.s("name"), None)
+                if isinstance(child, torch.jit.ScriptModule):
+                    return graph_final_activation(child, depth - 1)
+            return None
+        depth -= 1
+    return None
