@@ -117,19 +117,9 @@ def card_overrides(args: argparse.Namespace) -> dict:
 def model_card(args: argparse.Namespace):
     """The card of ``--model-card`` (or ``<model>.card.json`` next to the model) with the ``--card-*`` flags
     applied; ``False`` where there is none (no card file, no flag)."""
-    from ..models.card import card_from_dict, find_card
+    from ..models.card import card_from_dict, find_card, read_card_file
     path = getattr(args, "model_card", None) or find_card(args.model)
-    data: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise InputError("model card %r does not exist; check the path" % path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except ValueError as exc:
-            raise InputError("model card %r is not valid JSON: %s" % (path, exc)) from exc
-        if not isinstance(data, dict):
-            raise InputError("model card %r must hold a JSON object, got %s" % (path, type(data).__name__))
+    data: dict = read_card_file(path) if path else {}
     overrides = card_overrides(args)
     if not path and not overrides:
         return False

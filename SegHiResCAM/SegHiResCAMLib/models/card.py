@@ -241,6 +241,11 @@ def card_from_dict(data: Dict[str, Any], source: Optional[str] = None) -> ModelC
 def load_card(path: str) -> ModelCard:
     """Read and check a card file (JSON)."""
     path = os.fspath(path)
+    return card_from_dict(read_card_file(path), source=os.path.abspath(path))
+
+
+def read_card_file(path: str) -> dict:
+    """The JSON object of a card file, unchecked (one clear error for a missing, unreadable or non-JSON file)."""
     if not os.path.isfile(path):
         raise InputError("model card %r does not exist; check the path" % path)
     try:
@@ -250,7 +255,9 @@ def load_card(path: str) -> ModelCard:
         raise InputError("model card %r is not valid JSON: %s" % (path, exc)) from exc
     except OSError as exc:
         raise InputError("cannot read the model card %r: %s" % (path, exc)) from exc
-    return card_from_dict(data, source=os.path.abspath(path))
+    if not isinstance(data, dict):
+        raise InputError("model card %r must hold a JSON object, got %s" % (path, type(data).__name__))
+    return data
 
 
 def find_card(spec: str) -> Optional[str]:
