@@ -7,6 +7,8 @@ import torch
 
 # keep runs reproducible and within CI's 2 cores
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# subnormals as zero on every torch thread, as the command line does (threads inherit it: set before any op)
+torch.set_flush_denormal(True)
 
 
 @pytest.fixture(autouse=True)

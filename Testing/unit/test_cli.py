@@ -292,3 +292,14 @@ def test_method_options_come_from_the_catalog():
     args = argparse.Namespace(pool_size=3)
     assert common.method_options(args, ["seg-xres-cam", "seg-grad-cam"]) == {"pool_size": 3}
     assert common.method_options(args, [catalog.DEFAULT_METHOD]) == {}
+
+
+def test_the_command_line_computes_subnormals_as_zero():
+    """HD-BET feeds subnormal activations to its convolutions, 30x slower on some processors: the command line
+    flushes them to zero (on every torch thread) before it runs anything. A fresh process shows it."""
+    code = ("import torch, sys; from SegHiResCAMLib.cli import main; "
+            "before = float(torch.tensor([1e-39]) * 1.5); main(['layers', '--model', 'hd-bet-unknown-spec']); "
+            "print(before, float(torch.tensor([1e-39]) * 1.5))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    before, after = map(float, done.stdout.split())
+    assert before > 0 and after == 0.0, done.stdout + done.stderr

@@ -34,6 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run ``seghirescam`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..engine.outputs import flush_denormals  # before torch starts its threads: they inherit it
+    flush_denormals()
     if not args.command:
         parser.print_help(sys.stderr)
         return 2

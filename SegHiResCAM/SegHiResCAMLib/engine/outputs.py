@@ -49,6 +49,18 @@ def main_output(raw: Any, key: Optional[str] = None) -> torch.Tensor:
     return best
 
 
+def flush_denormals() -> bool:
+    """Treat subnormal floats as zero (FTZ/DAZ) on this thread and on every torch thread started after it.
+
+    Networks with near-dead units (HD-BET has channels with activations around 1e-37) feed subnormal values
+    to the convolutions, which some processors compute 30x slower (measured here: HD-BET at 32^3 on one
+    thread, 12.3 s without, 0.40 s with). Threads inherit the setting when they are created, so call this
+    before the first parallel torch operation (the command line, the Slicer worker and the test suite do).
+    Values below 1.2e-38 become 0; nothing a heatmap shows depends on them. Returns whether it is supported.
+    """
+    return bool(torch.set_flush_denormal(True))
+
+
 def run_model(model: nn.Module, x: torch.Tensor):
     """``model(x)`` with failures turned into one clear error: ModelError, or InternalError for memory."""
     try:

@@ -190,6 +190,8 @@ def main(argv=None) -> int:
     logging.getLogger().setLevel(level)
     logging.captureWarnings(True)
     from .compute import ComputeLogic  # numpy; torch comes with the first job
+    from ..engine.outputs import flush_denormals  # imports torch, before it starts its threads (they inherit it)
+    flush_denormals()
     if setup.get("threads"):
         import torch
         torch.set_num_threads(int(setup["threads"]))
