@@ -293,15 +293,8 @@ def as_card(value) -> Optional[ModelCard]:
 
 def card_preprocessing(card: ModelCard, prep: Preprocessing) -> Preprocessing:
     """``prep`` with the card's fields in place of the model's own (the fields the card leaves out are kept)."""
-    changes: Dict[str, Any] = {}
-    if "orientation" in card.given:
-        changes["orientation"] = card.orientation
-    if "spacing" in card.given:
-        changes["spacing"] = card.spacing
-    if "resize_to" in card.given:
-        changes["resize_to"] = card.resize_to
-    if "resize_mode" in card.given:
-        changes["resize_mode"] = card.resize_mode
+    changes: Dict[str, Any] = {field: getattr(card, field) for field in ("orientation", "spacing", "resize_to",
+                                                                       "resize_mode") if field in card.given}
     if "divisible_by" in card.given:
         changes["divisible_by"] = 1 if card.divisible_by is None else card.divisible_by
     if "intensity" in card.given:
@@ -322,12 +315,9 @@ def apply_card(model: SegModel, card: ModelCard) -> SegModel:
     """A copy of ``model`` (same network) that follows ``card``; the card is recorded in ``model.card``."""
     changes: Dict[str, Any] = {"preprocessing": card_preprocessing(card, model.preprocessing),
                                "card": card.describe(), "resolved": dict(model.resolved)}
-    if "dims" in card.given:
-        changes["spatial_dims"] = card.dims
-    if "input_channels" in card.given:
-        changes["in_channels"] = card.input_channels
-    if "output" in card.given:
-        changes["output"] = card.output
+    changes.update({model_field: getattr(card, field) for field, model_field in
+                    (("dims", "spatial_dims"), ("input_channels", "in_channels"), ("output", "output"))
+                    if field in card.given})
     if card.classes:
         size = max(max(card.classes) + 1, model.num_classes)
         names = list(model.class_names) + ["class%d" % i for i in range(model.num_classes, size)]
