@@ -102,3 +102,9 @@ def unet3d_manual_softmax(classes=3):
 
 def unet3d_manual_sigmoid(classes=1):
     return TinyUNetManualSigmoid(nd=3, classes=classes)
+
+
+def error_net():
+    """:class:`nets.ErrorToyNet`: fixed weights (no weights file needed), for the error-target tests."""
+    from nets import ErrorToyNet
+    return ErrorToyNet()

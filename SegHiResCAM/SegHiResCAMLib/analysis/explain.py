@@ -19,6 +19,7 @@ from ..engine import (CAMSession, ComponentRegion, EmptyRegion, MaskRegion, Pred
                      VoxelRegion, WholeRegion, main_output)
 from ..engine.outputs import run_model
 from ..engine.cam import check_input
+from ..engine.error_targets import SuppressionTarget
 from ..engine.hooks import model_guard
 from ..engine.layers import auto_layer
 from ..engine.targets import output_slabs
@@ -29,6 +30,7 @@ from ..models.base import SegModel
 from ..models.card import apply_card, as_card
 from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
+from .errors import check_error_spec, error_region, error_tables
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -47,6 +49,11 @@ class TargetSpec:
         threshold: EIECS threshold target: voxels with ``p_c > threshold`` (instead of the arg-max).
         whole: explain the class over the whole image.
         empty: the sanity-check target (map must be zero).
+        error: ``"fp"`` (false positives: predicted as the class, not in ``reference``) or ``"fn"`` (false
+            negatives: in ``reference``, not predicted; the negative class logit is explained, i.e. what
+            suppressed the class there); see :mod:`.errors`. ``component`` picks one connected component.
+        reference: the reference segmentation of the class on the image grid (mask or label map), for ``error``.
+        reference_label: the label value of ``reference`` to use (default: all non-zero voxels).
         score: ``logits`` or ``probabilities``.
         reduction: ``sum`` or ``mean``.
         name: label for outputs.
@@ -61,6 +68,9 @@ class TargetSpec:
     threshold: Optional[float] = None
     whole: bool = False
     empty: bool = False
+    error: Optional[str] = None
+    reference: Optional[np.ndarray] = None
+    reference_label: Optional[float] = None
     score: str = "logits"
     reduction: str = "sum"
     name: Optional[str] = None
@@ -68,6 +78,8 @@ class TargetSpec:
     def kind(self) -> str:
         if self.empty:
             return "empty"
+        if self.error is not None:
+            return {"fp": "false positives", "fn": "false negatives"}.get(self.error, "errors")
         if self.whole:
             return "whole image"
         if self.voxel is not None:
@@ -111,7 +123,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> SegmentTarget:
     """A model-space :class:`SegmentTarget` from an image-space description. A model whose probabilities
     cannot be bypassed (``model.resolved["output"]["explained"] == "probabilities"``) is explained on them."""
-    if spec.empty:
+    check_error_spec(spec)
+    if spec.error is not None:
+        region = error_region(spec, space)
+    elif spec.empty:
         region = EmptyRegion()
     elif spec.whole:
         region = WholeRegion()
@@ -143,8 +158,9 @@ def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> Segmen
         region = ComponentRegion(region, spec.component)
     name = spec.name or "%s-%s" % (model.class_names[spec.class_index] if 0 <= spec.class_index < model.num_classes
                                    else "class%d" % spec.class_index, spec.kind().replace(" ", "-"))
-    return SegmentTarget(spec.class_index, region, score=explained_score(model, spec.score),
-                         reduction=spec.reduction, activation=model.activation, name=name)
+    kind = SuppressionTarget if spec.error == "fn" else SegmentTarget
+    return kind(spec.class_index, region, score=explained_score(model, spec.score),
+                reduction=spec.reduction, activation=model.activation, name=name)
 
 
 def explained_score(model: SegModel, score: str) -> str:
@@ -272,6 +288,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         info["flat"] = bool(res.flat[0])
         info["warnings"] = list(res.warnings)
         heatmaps.append(Heatmap(array.astype(np.float32, copy=False), res.layer, res.method, spec, info))
+    error_tables(results[0].output, cam_targets, targets, space, heatmaps)
     timings["postprocess_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")

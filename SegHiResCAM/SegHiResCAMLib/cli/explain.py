@@ -30,6 +30,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--voxel", help="explain one voxel, 'z,y,x' index in the image (numpy order)")
     p.add_argument("--radius", type=float, default=0.0, help="radius in mm around --voxel (default 0)")
     p.add_argument("--whole", action="store_true", help="explain the class over the whole image")
+    p.add_argument("--target", choices=["fp", "fn"], help="explain the model's errors against --reference: fp, the "
+                   "false positives (why did it segment this?); fn, the false negatives (what suppressed the class "
+                   "there?); --component K picks one (0 = largest); the JSON lists every component")
+    p.add_argument("--reference", help="reference segmentation (mask or label map) of the class, for --target")
+    p.add_argument("--reference-label", type=float, help="label value in --reference (default: every non-zero voxel)")
     common.add_method_args(p)
     p.add_argument("--no-relu", action="store_true", help="keep negative values (signed map)")
     p.add_argument("--normalize", default="max", choices=["max", "minmax", "none"], help="default: max")
@@ -63,18 +68,32 @@ def _roi_size(text: str, ndim: int):
     return roi
 
 
+def error_reference(args: argparse.Namespace, geometry):
+    """``--reference`` on the image grid (0/1, ``--reference-label`` applied) and its notes; checks ``--target``."""
+    from ..imaging.resample import read_mask_on_grid
+    if bool(args.target) != bool(args.reference):
+        raise InputError("--target %s needs --reference ref.nii.gz (the reference segmentation of the class)"
+                         % args.target if args.target else
+                         "--reference is used by --target fp or --target fn; add one of them")
+    if not args.reference:
+        return None, []
+    return read_mask_on_grid(args.reference, geometry, label=args.reference_label, what="reference", binary=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``seghirescam explain``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
     from ..analysis.explain import TargetSpec, explain_image
     from ..imaging import files as io
     from ..imaging.resample import read_mask_on_grid
     from ..reporting.writers import write_json
-    protect = [args.image] + ([args.segment] if args.segment else [])
+    protect = [args.image] + [path for path in (args.segment, args.reference) if path]
     common.check_outputs([args.out, args.json, args.prediction], protect)
     image, geometry = io.read_image(args.image)
     model = common.load_model(args)
     class_index = model.class_index(args.class_)
     mask, notes = read_mask_on_grid(args.segment, geometry) if args.segment else (None, [])
+    reference, reference_notes = error_reference(args, geometry)
+    notes = notes + reference_notes
     voxel = None
     if args.voxel:
         try:
@@ -86,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         component = "largest" if args.component == "largest" else _int(args.component, "--component")
     spec = TargetSpec(class_index=class_index, mask=mask, label=args.label, component=component, voxel=voxel,
                       radius_mm=args.radius, threshold=args.threshold, whole=args.whole, score=args.score,
-                      reduction=args.reduction)
+                      reduction=args.reduction, error=args.target, reference=reference)
     roi = _roi_size(args.roi_size, geometry.ndim) if args.roi_size else None
     progress = common.Progress(args.quiet)
     try:
@@ -113,8 +132,15 @@ def run(args: argparse.Namespace) -> int:
                      "segment": os.path.abspath(args.segment) if args.segment else None, "label": args.label,
                      "method": heat.method, "layer": heat.layer, "target": heat.info["target"],
                      "target_kind": spec.kind(), "cam": heat.info, "notes": notes,
+                     "reference": os.path.abspath(args.reference) if args.reference else None,
+                     "reference_label": args.reference_label, "components": heat.info.get("components"),
                      "mask_resampled": bool(notes)})
         write_json(args.json, meta, protect)
     for note in notes:
         print("seghirescam: note: %s" % note, file=sys.stderr)
+    table = heat.info.get("components")
+    if table:
+        print("seghirescam: note: %d connected component(s) of %s (%s); the table is in --json"
+              % (table["components_total"], spec.kind(), "all explained" if spec.component is None
+                 else "component %s explained" % spec.component), file=sys.stderr)
     return 0
