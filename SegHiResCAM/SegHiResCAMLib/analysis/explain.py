@@ -98,6 +98,7 @@ class Heatmap:
     method: str
     target: TargetSpec
     info: dict
+    spread: Optional[np.ndarray] = None  # ensembles and TTA (analysis/ensemble.py): std / mean of the members
 
 
 @dataclass

@@ -25,6 +25,8 @@ EPILOG = """model SPEC, one of:
 examples:
   seghirescam explain --model mypkg.nets:unet --weights unet.pt --image ct.nii.gz --out heat.nii.gz --class 1
   seghirescam explain ... --segment liver.nii.gz --label 1 --method seg-grad-cam --layer decoder.3
+  seghirescam explain ... --weights fold0.pt --weights fold1.pt --tta --spread spread.nii.gz --json run.json
+  seghirescam explain ... --target fp --reference ref.nii.gz --component 0 --json errors.json
   seghirescam layers --model mypkg.nets:unet --weights unet.pt --image ct.nii.gz
 """
 
@@ -37,7 +39,8 @@ METHOD_OPTION_FLAGS = {
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a model."""
     p.add_argument("--model", required=True, help="model spec (see below)")
-    p.add_argument("--weights", help="state-dict file for a package.module:factory model")
+    p.add_argument("--weights", action="append", help="state-dict file for a package.module:factory model (explain: "
+                   "give it again for each member of an ensemble, e.g. the folds)")
     p.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the factory")
     p.add_argument("--trust-model", action="store_true",
                    help="allow weight files that hold pickled Python objects (they can run code: trusted files only)")
@@ -197,11 +200,22 @@ class Progress:
             self.bar.close()
 
 
-def load_model(args: argparse.Namespace):
-    """The model of ``--model`` / ``--weights`` / ``--model-args`` / ``--trust-model``."""
+def load_model(args: argparse.Namespace, weights: Optional[str] = None):
+    """The model of ``--model`` / ``--weights`` / ``--model-args`` / ``--trust-model`` (``weights``: this file
+    instead of ``--weights``, which may then be given once at most)."""
     from ..models import load_model as load
-    return load(args.model, weights=args.weights, trust_model=args.trust_model, model_card=model_card(args),
-                **({"model_args": json.loads(args.model_args)} if args.model_args else {}))
+    given = args.weights if isinstance(args.weights, list) else [args.weights] if args.weights else []
+    if weights is None and len(given) > 1:
+        raise InputError("--weights was given %d times; only `seghirescam explain` takes several (an ensemble): "
+                         "give one weights file" % len(given))
+    return load(args.model, weights=weights or (given[0] if given else None), trust_model=args.trust_model,
+                model_card=model_card(args), **({"model_args": json.loads(args.model_args)} if args.model_args else {}))
+
+
+def load_models(args: argparse.Namespace) -> list:
+    """One model per ``--weights`` file (an ensemble; one model without ``--weights``)."""
+    given = args.weights if isinstance(args.weights, list) else [args.weights] if args.weights else []
+    return [load_model(args, path) for path in given] if len(given) > 1 else [load_model(args)]
 
 
 def warn_model_output(model) -> None:

@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+from functools import partial
 
 from .. import catalog
 from ..errors import InputError
@@ -44,6 +45,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--blend", default="constant", choices=["constant", "gaussian"], help="window blending")
     p.add_argument("--amp", action="store_true", help="mixed precision forward pass: float16 on CUDA, bfloat16 on a "
                    "CPU with native bfloat16 (AVX512-BF16/AMX); maps combined in float32")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation: explain the scan flipped "
+                   "along every combination of its axes, flip the maps back; --out is their mean")
+    p.add_argument("--spread", help="with several --weights or --tta: write the voxel-wise spread map (std / mean of "
+                   "the members' maps) here; the JSON records their agreement")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,14 +87,19 @@ def error_reference(args: argparse.Namespace, geometry):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``seghirescam explain``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
+    from ..analysis.ensemble import explain_ensemble
     from ..analysis.explain import TargetSpec, explain_image
     from ..imaging import files as io
     from ..imaging.resample import read_mask_on_grid
     from ..reporting.writers import write_json
     protect = [args.image] + [path for path in (args.segment, args.reference) if path]
-    common.check_outputs([args.out, args.json, args.prediction], protect)
+    common.check_outputs([args.out, args.json, args.prediction, args.spread], protect)
     image, geometry = io.read_image(args.image)
-    model = common.load_model(args)
+    models = common.load_models(args)
+    model = models[0]
+    ensemble = len(models) > 1 or args.tta
+    if args.spread and not ensemble:
+        raise InputError("--spread needs several members: give --weights once per member (2 or more), or --tta")
     class_index = model.class_index(args.class_)
     mask, notes = read_mask_on_grid(args.segment, geometry) if args.segment else (None, [])
     reference, reference_notes = error_reference(args, geometry)
@@ -109,16 +119,19 @@ def run(args: argparse.Namespace) -> int:
     roi = _roi_size(args.roi_size, geometry.ndim) if args.roi_size else None
     progress = common.Progress(args.quiet)
     try:
-        result = explain_image(model, image, geometry, [spec], layers=args.layer, method=args.method,
-                               device=args.device, relu=not args.no_relu, normalization=args.normalize,
-                               progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
-                               amp=args.amp, **common.method_options(args, [args.method]))
+        run_explain = partial(explain_ensemble, models, tta=args.tta) if ensemble else partial(explain_image, model)
+        result = run_explain(image, geometry, [spec], layers=args.layer, method=args.method,
+                             device=args.device, relu=not args.no_relu, normalization=args.normalize,
+                             progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
+                             amp=args.amp, **common.method_options(args, [args.method]))
     finally:
         progress.close()
     heat = result.heatmaps[0]
     io.write_image(args.out, heat.array, geometry, protect=protect)
     if args.prediction:
         io.write_image(args.prediction, result.prediction, geometry, protect=protect)
+    if args.spread:
+        io.write_image(args.spread, heat.spread, geometry, protect=protect)
     if result.metadata.get("model_output", {}).get("message"):
         print("seghirescam: warning: %s" % result.metadata["model_output"]["message"], file=sys.stderr)
     for warning in heat.info.get("warnings", []):
@@ -133,11 +146,15 @@ def run(args: argparse.Namespace) -> int:
                      "method": heat.method, "layer": heat.layer, "target": heat.info["target"],
                      "target_kind": spec.kind(), "cam": heat.info, "notes": notes,
                      "reference": os.path.abspath(args.reference) if args.reference else None,
-                     "reference_label": args.reference_label, "components": heat.info.get("components"),
+                     "reference_label": args.reference_label, "spread": os.path.abspath(args.spread) if args.spread
+                     else None, "components": heat.info.get("components"),
                      "mask_resampled": bool(notes)})
         write_json(args.json, meta, protect)
     for note in notes:
         print("seghirescam: note: %s" % note, file=sys.stderr)
+    if ensemble:
+        print("seghirescam: note: agreement of the %d members' maps: %.3f (mean pairwise Pearson correlation)"
+              % (heat.info["ensemble"]["members"], heat.info["ensemble"]["agreement"]), file=sys.stderr)
     table = heat.info.get("components")
     if table:
         print("seghirescam: note: %d connected component(s) of %s (%s); the table is in --json"

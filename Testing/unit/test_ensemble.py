@@ -1,0 +1,154 @@
+"""Ensembles and mirroring TTA (analysis/ensemble.py): mean map, spread map, agreement."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from SegHiResCAMLib.analysis.ensemble import combine_maps, explain_ensemble, mirror_flips
+from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image, predict_image
+from SegHiResCAMLib.cli import main
+from SegHiResCAMLib.geometry import Geometry
+from SegHiResCAMLib.imaging import files as io
+from SegHiResCAMLib.models.base import SegModel
+
+import toy_models
+from nets import ErrorToyNet
+
+SHAPE = (24, 24, 24)
+CPU = dict(layers="detect", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scans():
+    geometry = Geometry.identity(SHAPE)
+    symmetric = np.zeros(SHAPE, np.float32)
+    symmetric[8:16, 8:16, 8:16] = 1.0  # mirror-symmetric about the centre along every axis
+    lopsided = np.zeros(SHAPE, np.float32)
+    lopsided[4:12, 4:12, 4:12] = 1.0
+    lopsided[15:21, 15:21, 16:22] = 1.0
+    lopsided[3:9, 14:20, 2:5] = -1.0
+    return geometry, symmetric, lopsided
+
+
+def mirror_net():
+    """ErrorToyNet: 1x1 and box kernels with centred padding, so it commutes with every axis flip."""
+    return SegModel(network=ErrorToyNet().eval(), name="mirror-symmetric")
+
+
+def test_mirror_flips():
+    assert mirror_flips(3, False) == [()]
+    assert mirror_flips(3, True) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert mirror_flips(3, [2]) == [(), (2,)]
+
+
+def test_identical_members_spread_zero_agreement_one(scans):
+    geometry, _, image = scans
+    model = mirror_net()
+    single = explain_image(model, image, geometry, [TargetSpec(1)], **CPU).heatmaps[0].array
+    result = explain_ensemble([model, mirror_net()], image, geometry, [TargetSpec(1)], **CPU)
+    heat = result.heatmaps[0]
+    np.testing.assert_allclose(heat.array, single, atol=1e-7)
+    assert heat.spread.shape == image.shape and float(np.abs(heat.spread).max()) < 1e-6
+    assert heat.info["ensemble"]["agreement"] == pytest.approx(1.0, abs=1e-9)
+    assert result.metadata["agreement"] == heat.info["ensemble"]["agreement"]
+    assert len(result.metadata["ensemble"]["members"]) == 2
+
+
+@pytest.mark.parametrize("which", ["symmetric", "lopsided"])
+@pytest.mark.parametrize("kind", ["prediction", "voxel", "fp"])
+def test_tta_with_a_mirror_symmetric_net_gives_the_plain_map(scans, which, kind):
+    geometry, symmetric, lopsided = scans
+    image = symmetric if which == "symmetric" else lopsided
+    model = mirror_net()
+    spec = TargetSpec(1)
+    if kind == "voxel":
+        spec = TargetSpec(1, voxel=(10, 9, 6), radius_mm=2.0)
+    if kind == "fp":
+        reference, _ = predict_image(model, np.where(image > 0, image, 0) * (np.indices(SHAPE)[2] < 14), geometry,
+                                     device="cpu")
+        spec = TargetSpec(1, error="fp", reference=reference)
+    plain = explain_image(model, image, geometry, [spec], **CPU).heatmaps[0].array
+    result = explain_ensemble(model, image, geometry, [spec], tta=True, **CPU)
+    heat = result.heatmaps[0]
+    assert heat.info["ensemble"]["members"] == 8 and plain.max() > 0
+    np.testing.assert_allclose(heat.array, plain, atol=1e-5)
+    assert float(heat.spread.max()) < 1e-4 and heat.info["ensemble"]["agreement"] > 1 - 1e-6
+
+
+def test_tta_flips_the_scan_and_the_map_back(scans):
+    """A net that is not mirror-symmetric: the TTA mean is the plain map and the flipped run's map flipped back."""
+    geometry, _, image = scans
+    torch.manual_seed(3)
+    model = SegModel(network=toy_models.unet3d().eval(), name="unet")
+    opts = dict(layers="dec", device="cpu")
+    plain = explain_image(model, image, geometry, [TargetSpec(1, whole=True)], **opts).heatmaps[0].array
+    flipped = explain_image(model, np.ascontiguousarray(image[:, :, ::-1]), geometry, [TargetSpec(1, whole=True)],
+                            **opts).heatmaps[0].array[:, :, ::-1]
+    heat = explain_ensemble(model, image, geometry, [TargetSpec(1, whole=True)], tta=[2], **opts).heatmaps[0]
+    np.testing.assert_allclose(heat.array, (plain + flipped) / 2, atol=1e-6)
+    assert heat.info["ensemble"]["agreement"] < 0.999 and float(heat.spread.max()) > 0.01
+
+
+def test_two_different_members_agree_less_than_one(scans):
+    geometry, _, image = scans
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(SegModel(network=toy_models.unet3d().eval(), name="unet%d" % seed))
+    heat = explain_ensemble(nets, image, geometry, [TargetSpec(1, whole=True)], layers="dec", device="cpu").heatmaps[0]
+    assert -1.0 <= heat.info["ensemble"]["agreement"] < 0.99
+    assert len(heat.info["ensemble"]["pairwise"]) == 1 and float(heat.spread.max()) > 0.01
+
+
+def test_combine_maps_definitions():
+    a = np.array([[0.0, 1.0], [0.5, 0.0]])
+    b = np.array([[0.0, 0.5], [1.0, 0.0]])
+    mean, spread, agreement, pairs = combine_maps([a, b])
+    np.testing.assert_allclose(mean, (a + b) / 2)
+    eps = 0.01 * 0.75
+    np.testing.assert_allclose(spread, np.where(mean > 0, 0.25 / (mean + eps), 0.0), rtol=1e-6)
+    # the correlation is taken over the two voxels where a map is non-zero: (1, 0.5) against (0.5, 1)
+    assert pairs == [pytest.approx(-1.0)] and agreement == pytest.approx(-1.0)
+
+
+def test_command_line_ensemble_writes_mean_spread_and_agreement(tmp_path, capsys):
+    geometry = Geometry(size=(12, 10, 8), spacing=(1.1, 0.9, 2.0), origin=(5.0, -3.0, 7.0),
+                        direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = np.random.RandomState(0).randn(*geometry.array_shape).astype(np.float32)
+    path = str(tmp_path / "scan.nii.gz")
+    io.write_image(path, image, geometry)
+    weights = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        weights += ["--weights", str(tmp_path / ("w%d.pt" % seed))]
+        torch.save(toy_models.unet3d().state_dict(), weights[-1])
+    out, spread, meta = (str(tmp_path / name) for name in ("mean.nii.gz", "spread.nii.gz", "run.json"))
+    base = ["explain", "--model", "toy_models:unet3d", "--image", path, "--layer", "dec", "--whole", "--device", "cpu",
+            "--quiet"]
+    code = main(base + weights + ["--out", out, "--spread", spread, "--json", meta])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    heat, heat_geometry = io.read_image(out)
+    spread_map, spread_geometry = io.read_image(spread)
+    assert spread_geometry.same_grid(geometry) and heat_geometry.same_grid(geometry)
+    assert spread_map.shape == image.shape and float(spread_map.max()) > 0
+    record = json.load(open(meta))
+    assert -1 <= record["agreement"] < 0.99 and len(record["ensemble"]["members"]) == 2
+    assert "agreement of the 2 members' maps" in err
+    # the mean of the members run one by one
+    singles = []
+    for seed in (0, 1):
+        single = str(tmp_path / ("single%d.nii.gz" % seed))
+        assert main(base + ["--weights", str(tmp_path / ("w%d.pt" % seed)), "--out", single]) == 0
+        singles.append(io.read_image(single)[0])
+    np.testing.assert_allclose(heat, (singles[0] + singles[1]) / 2, atol=1e-6)
+    capsys.readouterr()
+    # one-line errors: --spread without members; several --weights for a command that takes one
+    bad = str(tmp_path / "bad.nii.gz")
+    assert main(base + weights[:2] + ["--out", bad, "--spread", str(tmp_path / "s2.nii.gz")]) == 2
+    assert "--spread needs several members" in capsys.readouterr().err
+    assert main(["predict", "--model", "toy_models:unet3d", "--image", path, "--out", bad] + weights) == 2
+    assert "--weights was given 2 times" in capsys.readouterr().err
+    assert not (tmp_path / "bad.nii.gz").exists()
