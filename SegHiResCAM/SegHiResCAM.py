@@ -23,7 +23,7 @@ from slicer.util import VTKObservationMixin
 from SegHiResCAMLib.slicer_logic import selftest
 from SegHiResCAMLib.errors import SegHiResCAMError
 from SegHiResCAMLib.slicer_logic.analysis import EVALUATION, SEGMENTATION_ABILITY, AnalysisLogic
-from SegHiResCAMLib.catalog import DEFAULT_METHOD, DEVICES, SCORES, TARGET_KINDS, method_names
+from SegHiResCAMLib.catalog import DEFAULT_METHOD, DEVICES, ERROR_KINDS, SCORES, TARGET_KINDS, method_names
 from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, installMissingPackages
 from SegHiResCAMLib.slicer_logic.job import ProcessRunner
 from SegHiResCAMLib.slicer_logic.panel_text import progressText
@@ -45,7 +45,7 @@ class SegHiResCAM(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Explains a segmentation model's prediction with class-activation heatmaps layered over the scan
 (Seg-HiRes-Grad CAM, Seg-Grad-CAM and more): pick a scan, a model and what to explain (the model's prediction of a
-class, a segment, or a clicked point), then Apply. See the
+class, a segment, a clicked point, or its errors against a reference segment), then Apply. See the
 <a href="https://github.com/seghirescam/SlicerSegHiResCAM">project page</a> for documentation.
 """)
         self.parent.acknowledgementText = _("""
@@ -65,7 +65,8 @@ class SegHiResCAMParameterNode:
 
     modelSource: the bundled HD-BET model, or a model file or folder (``modelPath``: TorchScript/ONNX file, MONAI
     bundle or nnU-Net folder). targetKind: the model's ``prediction`` of ``classIndex`` (optionally thresholded),
-    a ``segment`` of a segmentation (any grid), or a clicked ``point`` with a ball of ``radiusMm`` around it.
+    a ``segment`` of a segmentation (any grid), a clicked ``point`` with a ball of ``radiusMm`` around it, or the
+    ``errors`` against the segment as reference (``errorKind`` fp/fn, ``errorComponent`` -1: all, K: K-th largest).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -75,6 +76,8 @@ class SegHiResCAMParameterNode:
     classIndex: Annotated[int, WithinRange(0, 255)] = 1
     segmentationNode: vtkMRMLSegmentationNode
     segmentId: str = ""
+    errorKind: Annotated[str, Choice(ERROR_KINDS)] = "fp"
+    errorComponent: Annotated[int, WithinRange(-1, 999)] = -1
     pointNode: vtkMRMLMarkupsFiducialNode
     radiusMm: Annotated[float, WithinRange(0.0, 50.0)] = 5.0
     method: Annotated[str, Choice(method_names())] = DEFAULT_METHOD
@@ -222,8 +225,9 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.modelPathLineEdit.currentPath != path:
             self.ui.modelPathLineEdit.currentPath = path
         self.ui.modelPathLineEdit.enabled = p.modelSource != BUNDLED_MODEL
-        for widget, kind in ((self.ui.segmentGroup, "segment"), (self.ui.pointGroup, "point")):
-            widget.visible = p.targetKind == kind
+        for widget, kinds in ((self.ui.segmentGroup, ("segment", "errors")), (self.ui.pointGroup, ("point",)),
+                              (self.ui.errorGroup, ("errors",))):
+            widget.visible = p.targetKind in kinds
         self.ui.thresholdSpinBox.enabled = p.useThreshold
         self.ui.summaryLabel.text = self.logic.summaryOf(p.outputVolume)  # what am I looking at
         if self.ui.segmentSelector.currentNode() != p.segmentationNode:
@@ -356,14 +360,10 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SegHiResCAMLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
-    """Headless logic (no Qt, no dialogs), usable from Slicer's Python console::
-
-        logic = slicer.util.getModuleLogic("SegHiResCAM")
-        heatmap = logic.process(volume, model="hd-bet", classIndex=1)
-
-    ``process`` and its three steps (``prepare`` / ``compute`` / ``apply``) are documented in
-    ``SegHiResCAMLib.slicer_logic.explain.ExplainLogic``; ``evaluate`` and ``segmentationAbility`` in ``slicer_analysis``.
-    """
+    """Headless logic (no Qt, no dialogs), usable from Slicer's Python console:
+    ``slicer.util.getModuleLogic("SegHiResCAM").process(volume, model="hd-bet", classIndex=1)``. ``process`` and its
+    three steps (``prepare`` / ``compute`` / ``apply``) are documented in ``SegHiResCAMLib.slicer_logic.explain``
+    (``ExplainLogic``); ``evaluate`` and ``segmentationAbility`` in ``SegHiResCAMLib.slicer_logic.analysis``."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)

@@ -54,8 +54,10 @@ NORMALIZATIONS = ("max", "minmax", "none")
 BLENDS = ("constant", "gaussian")
 #: compute devices
 DEVICES = ("auto", "cpu", "cuda")
-#: what the Slicer module can explain
-TARGET_KINDS = ("prediction", "segment", "point")
+#: what the Slicer module can explain ("errors": the prediction's errors against a reference segment)
+TARGET_KINDS = ("prediction", "segment", "point", "errors")
+#: the model's errors against a reference: false positives, false negatives (docs/algorithms.md, "Error targets")
+ERROR_KINDS = ("fp", "fn")
 #: the model's own choice of layer
 AUTO_LAYER = "auto"
 

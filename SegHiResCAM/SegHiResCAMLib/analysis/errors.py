@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..engine.error_targets import ERROR_KINDS, ErrorRegion
+from ..catalog import ERROR_KINDS
+from ..engine.error_targets import ErrorRegion
 from ..engine.regions import ClassView, connected_components
 from ..engine.targets import class_logit, class_probability, predicted_mask
 from ..errors import TargetError

@@ -31,9 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--voxel", help="explain one voxel, 'z,y,x' index in the image (numpy order)")
     p.add_argument("--radius", type=float, default=0.0, help="radius in mm around --voxel (default 0)")
     p.add_argument("--whole", action="store_true", help="explain the class over the whole image")
-    p.add_argument("--target", choices=["fp", "fn"], help="explain the model's errors against --reference: fp, the "
-                   "false positives (why did it segment this?); fn, the false negatives (what suppressed the class "
-                   "there?); --component K picks one (0 = largest); the JSON lists every component")
+    p.add_argument("--target", choices=list(catalog.ERROR_KINDS), help="explain the model's errors against "
+                   "--reference: fp, the false positives (why did it segment this?); fn, the false negatives (what "
+                   "suppressed the class there?); --component K picks one (0 = largest); the JSON lists them all")
     p.add_argument("--reference", help="reference segmentation (mask or label map) of the class, for --target")
     p.add_argument("--reference-label", type=float, help="label value in --reference (default: every non-zero voxel)")
     common.add_method_args(p)

@@ -17,12 +17,11 @@ from typing import Optional
 
 import torch
 
+from ..catalog import ERROR_KINDS
 from ..errors import TargetError
 from .regions import ClassView, Region
 from .targets import SegmentTarget
 
-#: the error kinds: false positives, false negatives
-ERROR_KINDS = ("fp", "fn")
 _WORDS = {"fp": "false positives", "fn": "false negatives"}
 
 

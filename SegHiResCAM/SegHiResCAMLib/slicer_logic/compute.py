@@ -84,11 +84,12 @@ def cropRequest(request: AnalysisRequest):
         return r.image, r.geometry, target
     from ..analysis.evaluate import crop_image  # imports torch
     center = target.get("voxel")
-    if center is None and "mask" in target:
-        center = [int(round(c)) for c in np.argwhere(target["mask"]).mean(axis=0)]
+    masks = [name for name in ("mask", "reference") if target.get(name) is not None]
+    if center is None and masks:
+        center = [int(round(c)) for c in np.argwhere(target[masks[0]]).mean(axis=0)]
     image, geometry, box = crop_image(r.image, r.geometry, [request.cropVoxels] * r.image.ndim, center)
-    if "mask" in target:
-        target["mask"] = target["mask"][box]
+    for name in masks:
+        target[name] = target[name][box]
     if "voxel" in target:
         target["voxel"] = tuple(int(v) - b.start for v, b in zip(target["voxel"], box))
     return image, geometry, target

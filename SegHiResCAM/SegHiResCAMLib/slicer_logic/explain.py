@@ -147,6 +147,8 @@ class ExplainLogic(ComputeLogic):
             return "The model file or folder %s does not exist." % spec
         if parameters.targetKind == "segment" and (parameters.segmentationNode is None or not parameters.segmentId):
             return "Select a segmentation and the segment to explain."
+        if parameters.targetKind == "errors" and (parameters.segmentationNode is None or not parameters.segmentId):
+            return "Select the reference segment (the truth the prediction is compared with)."
         if parameters.targetKind == "point" and (parameters.pointNode is None
                                                  or parameters.pointNode.GetNumberOfControlPoints() == 0):
             return "Place a point on the scan (the voxel to explain)."
@@ -159,23 +161,27 @@ class ExplainLogic(ComputeLogic):
             raise InputError(reason)
         kind = parameters.targetKind
         self.dropOutputsOfOtherInputs(parameters)
+        errors, segment = kind == "errors", kind in ("segment", "errors")  # errors: the segment is the reference
         return self.prepare(
             parameters.inputVolume, model=self.modelSpec(parameters),
-            segmentationNode=parameters.segmentationNode if kind == "segment" else None,
-            segmentId=parameters.segmentId if kind == "segment" else None, classIndex=parameters.classIndex,
+            segmentationNode=parameters.segmentationNode if segment else None,
+            segmentId=parameters.segmentId if segment else None, classIndex=parameters.classIndex,
             method=parameters.method, layer=parameters.layer,
             outputVolume=parameters.outputVolume, pointNode=parameters.pointNode if kind == "point" else None,
             radiusMm=parameters.radiusMm,
             threshold=parameters.threshold if parameters.useThreshold and kind == "prediction" else None,
             score=parameters.score, device=parameters.device, addPrediction=parameters.addPrediction,
-            predictionSegmentation=parameters.predictionSegmentation if parameters.addPrediction else None)
+            predictionSegmentation=parameters.predictionSegmentation if parameters.addPrediction else None,
+            errorKind=parameters.errorKind if errors else None,
+            component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None)
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
                 classIndex: int = 1, method: str = catalog.DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
-                predictionSegmentation=None, weights: Optional[str] = None) -> ExplainRequest:
+                predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
+                component: Optional[int] = None) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         if isinstance(model, str):
@@ -192,6 +198,13 @@ class ExplainLogic(ComputeLogic):
             raise InputError("threshold must lie strictly between 0 and 1, got %r" % (threshold,))
         if radiusMm < 0:
             raise InputError("radiusMm must be >= 0, got %r" % (radiusMm,))
+        if errorKind is not None:
+            _choice("errorKind", errorKind, catalog.ERROR_KINDS)
+            if segmentationNode is None:
+                raise InputError("the %s target needs a reference segment: give segmentationNode and segmentId"
+                                 % errorKind)
+        if component is not None and (isinstance(component, bool) or int(component) != component or component < 0):
+            raise InputError("component must be a rank >= 0 (0 = largest) or None for all, got %r" % (component,))
         if outputVolume is not None and outputVolume.GetID() == inputVolume.GetID():
             raise InputError("the output volume must differ from the input volume (inputs are never overwritten)")
         target = {"class_index": int(classIndex), "score": score}
@@ -203,6 +216,9 @@ class ExplainLogic(ComputeLogic):
                                  % (segmentId, name))
             segment = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
             kind, description = "segment", "segment %r of %r" % (segment, segmentationNode.GetName())
+            if errorKind is not None:  # the segment is the reference: explain the prediction's errors against it
+                target.update(error=errorKind, reference=target.pop("mask"), component=component)
+                kind, description = "errors", errorDescription(errorKind, component, description)
         elif pointNode is not None:
             target["voxel"] = mrml.point_voxel(pointNode, pointIndex, inputVolume)
             target["radius_mm"] = float(radiusMm)
@@ -219,7 +235,8 @@ class ExplainLogic(ComputeLogic):
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
-            extra={"segmentationNodeID": segmentationNode.GetID() if segmentationNode else "",
+            extra={"errorKind": errorKind or "",
+                   "segmentationNodeID": segmentationNode.GetID() if segmentationNode else "",
                    "segmentId": segmentId or "", "pointNodeID": pointNode.GetID() if pointNode else ""})
 
     # step 2, compute(request, progress): inherited from ComputeLogic (any thread or the worker process)
@@ -244,7 +261,7 @@ class ExplainLogic(ComputeLogic):
             hashes = model.get("file_hashes", {})
             mrml.set_attributes(heatmap, dict(
                 role="heatmap", inputVolumeID=request.inputVolumeID, method=result.method, layer=result.layer,
-                targetKind=request.targetKind, target=request.targetDescription,
+                targetKind=request.targetKind, target=request.targetDescription + componentCount(result.info),
                 classIndex=request.target["class_index"],
                 className=_className(result.classNames, request.target["class_index"]),
                 score=request.target["score"], model=model.get("name", ""), modelSource=model.get("source", ""),
@@ -296,7 +313,8 @@ class ExplainLogic(ComputeLogic):
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None,
-                progress: Optional[ProgressCallback] = None, show: bool = True):
+                progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
+                component: Optional[int] = None):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -313,6 +331,9 @@ class ExplainLogic(ComputeLogic):
             score: ``logits`` (default) or ``probabilities``. device: ``auto``, ``cpu`` or ``cuda``.
             addPrediction, predictionSegmentation: also store the model's prediction as segments (in that node).
             weights: weights file of a ``package.module:factory`` model.
+            errorKind: ``"fp"`` or ``"fn"``: ``segmentationNode``/``segmentId`` is then the *reference* and the
+                prediction's false positives (why was this segmented?) or false negatives (what suppressed the class
+                there?) against it are explained; ``component``: one connected component of them (0 = largest).
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
 
@@ -322,9 +343,21 @@ class ExplainLogic(ComputeLogic):
         """
         request = self.prepare(inputVolume, model, segmentationNode, segmentId, classIndex, method, layer,
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
-                               predictionSegmentation, weights)
+                               predictionSegmentation, weights, errorKind=errorKind, component=component)
         return self.apply(request, self.compute(request, progress), show=show)
 
 
 def _className(names: List[str], index: int) -> str:
     return names[index] if 0 <= index < len(names) else "class %d" % index
+
+
+def errorDescription(errorKind: str, component: Optional[int], reference: str) -> str:
+    """``"false positives (component 0) against segment 'liver' of 'Truth'"``."""
+    words = {"fp": "false positives", "fn": "false negatives"}[errorKind]
+    return "%s%s against %s" % (words, "" if component is None else " (component %d)" % component, reference)
+
+
+def componentCount(info: dict) -> str:
+    """``"; 3 components"`` for an error target's heatmap (its component table), else ``""``."""
+    table = info.get("components") or {}
+    return "; %d components" % table["components_total"] if "components_total" in table else ""
