@@ -12,10 +12,10 @@ from typing import List, Optional
 
 from .. import __version__
 from ..errors import CancelledError, InputError, SegHiResCAMError
-from . import common, demo, evaluate, explain, layers, predict, sa_score
+from . import cohort, common, demo, evaluate, explain, layers, predict, sa_score
 
 #: the commands, in the order of ``seghirescam --help``
-COMMANDS = (explain, predict, demo, layers, evaluate, sa_score)
+COMMANDS = (explain, predict, demo, layers, evaluate, sa_score, cohort)
 
 
 def build_parser() -> argparse.ArgumentParser:
