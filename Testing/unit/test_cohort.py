@@ -1,0 +1,255 @@
+"""Cohort audit (issue 19): a synthetic cohort (Testing/cohort_model.py: small ball scans with references, one file
+that is not an image, one noisy case with a low Dice) through the plain loop, a killed and restarted run, and a real
+``distributed.LocalCluster`` of two worker processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cohort_model
+import SegHiResCAMLib
+from SegHiResCAMLib.analysis import cohort
+from SegHiResCAMLib.analysis.cohort import CohortOptions, ModelSpec, read_manifest, run_cohort
+from SegHiResCAMLib.analysis.cohort_cluster import local_layout, run_on_dask
+from SegHiResCAMLib.cli import main
+from SegHiResCAMLib.errors import InputError
+from SegHiResCAMLib.imaging.files import read_image
+
+OPTIONS = CohortOptions(device="cpu", threads=1)
+MODEL = ModelSpec(cohort_model.SPEC)
+CASES = ["clean0", "clean1", "broken", "clean2", "clean3", "degraded"]
+
+
+def results(frame):
+    """The table without the columns that change from run to run."""
+    return frame.drop(columns=list(cohort.RUN_COLUMNS)).reset_index(drop=True)
+
+
+class Counter:
+    """Wraps cohort.compute_case: counts the cases computed in this process."""
+
+    def __init__(self, monkeypatch, fail_at=None):
+        self.calls, self.fail_at, self.real = [], fail_at, cohort.compute_case
+        monkeypatch.setattr(cohort, "compute_case", self)
+
+    def __call__(self, case, model, options):
+        self.calls.append(case.case_id)
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt
+        return self.real(case, model, options)
+
+
+def folder_state(out):
+    """(name, mtime_ns, inode) of every file under cases/: what a rerun must not touch."""
+    found = []
+    for folder, _, files in os.walk(os.path.join(out, cohort.CASES_DIR)):
+        for name in files:
+            info = os.stat(os.path.join(folder, name))
+            found.append((os.path.relpath(os.path.join(folder, name), out), info.st_mtime_ns, info.st_ino))
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return cohort_model.write_cohort(str(tmp_path_factory.mktemp("cohort-inputs")))
+
+
+@pytest.fixture(scope="module")
+def first_run(manifest, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cohort-out"))
+    return out, run_cohort(manifest, out, MODEL, OPTIONS, scheduler="none", progress=False)
+
+
+def test_table_has_every_case_the_failure_and_the_degraded_case_ranked_worst(manifest, first_run):
+    out, frame = first_run
+    assert list(frame["case_id"]) == CASES
+    assert list(frame.columns) == list(cohort.COLUMNS)
+    rows = frame.set_index("case_id")
+    assert rows.loc["broken", "status"] == "failed"
+    assert rows.loc["broken", "error"].startswith("InputError: Could not read image")
+    assert "broken.nii.gz" in rows.loc["broken", "error"] and bool(rows.loc["broken", "flagged"])
+    done = rows[rows["status"] == "done"]
+    assert len(done) == 5 and (done["error"] == "").all()
+    clean = done.drop(index="degraded")
+    assert (clean["dice"] > 0.95).all() and rows.loc["degraded", "dice"] < 0.8
+    # the ground-truth-free score finds the bad case: lowest mean SA score, flagged
+    assert rows.loc["degraded", "sa_rank"] == 1 and bool(rows.loc["degraded", "flagged"])
+    assert rows.loc["degraded", "mean_sa"] < clean["mean_sa"].min() - 0.1
+    assert ((done["heat_in_target"] >= 0) & (done["heat_in_target"] <= 1)).all()
+    assert np.allclose(done["heat_in_target"] + done["heat_out_target"], 1.0)
+    # the table on disk is the one returned
+    on_disk = pd.read_csv(os.path.join(out, cohort.TABLE_FILE), keep_default_na=False, na_values=[""])
+    assert list(on_disk["case_id"]) == CASES
+    assert np.allclose(on_disk["mean_sa"].astype(float), frame["mean_sa"], equal_nan=True)
+    assert list(on_disk["status"]) == list(frame["status"])
+
+
+def test_case_outputs_lie_on_the_case_grid_with_provenance(manifest, first_run):
+    out, frame = first_run
+    case = read_manifest(manifest)[-1]
+    image, geometry = read_image(case.images[0])
+    folder = cohort.case_folder(out, "degraded")
+    heat, heat_geometry = read_image(os.path.join(folder, cohort.HEATMAP_FILE))
+    prediction, prediction_geometry = read_image(os.path.join(folder, cohort.PREDICTION_FILE))
+    assert heat.dtype == np.float32 and heat.shape == image.shape and heat.max() == pytest.approx(1.0)
+    assert heat_geometry.same_grid(geometry) and prediction_geometry.same_grid(geometry)
+    assert int((prediction == 1).sum()) == frame.set_index("case_id").loc["degraded", "prediction_voxels"]
+    record = json.load(open(os.path.join(folder, cohort.RESULT_FILE)))
+    assert record["key"] == frame.set_index("case_id").loc["degraded", "key"]
+    assert record["provenance"]["explain"]["method"] == OPTIONS.method
+    assert record["provenance"]["sa_score"]["feature_layers"] == ["features", "mix"]
+    failed = json.load(open(os.path.join(cohort.case_folder(out, "broken"), cohort.RESULT_FILE)))
+    assert "Traceback" in failed["provenance"]["traceback"] and failed["files"]["heatmap"] is None
+    assert not os.path.exists(os.path.join(cohort.case_folder(out, "broken"), cohort.HEATMAP_FILE))
+    assert not [n for n in os.listdir(os.path.join(out, cohort.CASES_DIR)) if n.startswith(".")]
+
+
+def test_a_second_run_does_no_work(manifest, first_run, monkeypatch):
+    out, frame = first_run
+    before = folder_state(out)
+    counter = Counter(monkeypatch)
+    loads = cohort.MODEL_LOADS[0]
+    again = run_cohort(manifest, out, MODEL, OPTIONS, scheduler="none", progress=False)
+    assert counter.calls == [] and cohort.MODEL_LOADS[0] == loads  # not even the model is loaded
+    assert folder_state(out) == before
+    assert again["reused"].all() and not frame["reused"].any()
+    pd.testing.assert_frame_equal(results(again), results(frame))
+
+
+def test_changed_inputs_or_options_are_computed_again(manifest, first_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    shutil.copytree(first_run[0], out)
+    inputs = str(tmp_path / "inputs")
+    shutil.copytree(os.path.dirname(manifest), inputs)
+    changed = os.path.join(inputs, "scans", "clean1.nii.gz")
+    image, geometry = read_image(changed)
+    from SegHiResCAMLib.imaging.files import write_image
+    write_image(changed, image * 1.01, geometry)  # same paths would not do: the contents count
+    counter = Counter(monkeypatch)
+    frame = run_cohort(os.path.join(inputs, "manifest.csv"), out, MODEL, OPTIONS, scheduler="none", progress=False)
+    assert counter.calls == ["clean1"]
+    assert list(frame["reused"]) == [True, False, True, True, True, True]
+    counter.calls.clear()
+    frame = run_cohort(os.path.join(inputs, "manifest.csv"), out, MODEL, CohortOptions(device="cpu", sa_score=False),
+                       scheduler="none", progress=False)
+    assert counter.calls == CASES  # other options: every case again
+    assert frame["mean_sa"].isna().all() and frame.set_index("case_id").loc["clean0", "dice"] == 1.0
+
+
+def test_failed_cases_are_kept_and_retried_on_request(manifest, first_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    shutil.copytree(first_run[0], out)
+    counter = Counter(monkeypatch)
+    frame = run_cohort(manifest, out, MODEL, OPTIONS, scheduler="none", progress=False, retry_failed=True)
+    assert counter.calls == ["broken"]
+    assert frame.set_index("case_id").loc["broken", "status"] == "failed"
+
+
+def test_an_interrupted_case_writes_nothing_and_the_rerun_finishes(manifest, first_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    counter = Counter(monkeypatch, fail_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(manifest, out, MODEL, OPTIONS, scheduler="none", progress=False)
+    assert sorted(os.listdir(os.path.join(out, cohort.CASES_DIR))) == ["broken", "clean0", "clean1"]
+    assert not os.path.exists(os.path.join(out, cohort.TABLE_FILE))
+    counter = Counter(monkeypatch)
+    frame = run_cohort(manifest, out, MODEL, OPTIONS, scheduler="none", progress=False)
+    assert counter.calls == ["clean2", "clean3", "degraded"]
+    pd.testing.assert_frame_equal(results(frame), results(first_run[1]))
+
+
+def test_a_killed_run_restarted_computes_only_the_unfinished_cases(manifest, first_run, tmp_path, monkeypatch):
+    """A ``seghirescam cohort`` process killed with SIGKILL after two cases; the rerun (command line, in this
+    process) computes the others only, leaves the finished folders untouched and writes the full table."""
+    out = str(tmp_path / "out")
+    slow = ["--model", cohort_model.SPEC, "--model-args", '{"delay": 0.4}', "--device", "cpu", "--threads", "1",
+            "--scheduler", "none"]
+    source = os.path.dirname(os.path.dirname(os.path.abspath(SegHiResCAMLib.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([source] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from SegHiResCAMLib.cli import main; "
+                                "sys.exit(main())", "cohort", manifest, "--out", out, "--quiet", "--no-report"] + slow,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cases = os.path.join(out, cohort.CASES_DIR)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and process.poll() is None:
+            finished = [n for n in os.listdir(cases) if not n.startswith(".")] if os.path.isdir(cases) else []
+            if len(finished) >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = sorted(n for n in os.listdir(cases) if not n.startswith("."))
+    assert 2 <= len(finished) < len(CASES), process.stderr.read().decode()
+    before = folder_state(out)
+    counter = Counter(monkeypatch)
+    assert main(["cohort", manifest, "--out", out, "--quiet"] + slow) == 0
+    assert sorted(counter.calls) == sorted(set(CASES) - set(finished))
+    assert [entry for entry in folder_state(out) if entry[0].split(os.sep)[1] in finished] == before
+    frame = pd.read_csv(os.path.join(out, cohort.TABLE_FILE), keep_default_na=False, na_values=[""])
+    assert list(frame["case_id"]) == CASES and list(frame["reused"]) == [c in finished for c in CASES]
+    assert np.allclose(frame["mean_sa"], first_run[1]["mean_sa"], equal_nan=True)
+    assert not [n for n in os.listdir(cases) if n.startswith(".")]  # the killed run's temporary folder is gone
+    for name in ("cohort.md", "sa_vs_dice.png", "ranking.png", "gallery.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    report = open(os.path.join(out, "cohort.md")).read()
+    assert "| 1 | degraded |" in report and "broken" in report.split("## Failed cases")[1]
+
+
+def test_a_local_cluster_of_two_worker_processes_gives_the_identical_table(manifest, first_run, tmp_path):
+    from distributed import Client, LocalCluster
+    out = str(tmp_path / "out")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        frame = run_cohort(manifest, out, MODEL, CohortOptions(device="cpu"), scheduler=cluster.scheduler_address,
+                           progress=False)
+        with Client(cluster) as client:
+            loads = client.run(lambda: __import__("SegHiResCAMLib.analysis.cohort", fromlist=["x"]).MODEL_LOADS[0])
+            pids = client.run(os.getpid)
+    pd.testing.assert_frame_equal(results(frame), results(first_run[1]))
+    records = [cohort.read_result(out, c) for c in CASES]
+    workers = {r["worker"]["pid"] for r in records}
+    assert workers <= set(pids.values()) and os.getpid() not in workers
+    assert sorted(loads.values()) in ([0, 1], [1, 1])  # one model load per worker that ran a case
+    cores = len(os.sched_getaffinity(0))
+    assert {r["worker"]["threads"] for r in records} == {max(1, cores // 2)}
+
+
+def test_manifest_errors_are_one_clear_line(tmp_path, capsys):
+    def manifest(text):
+        path = tmp_path / "m.csv"
+        path.write_text(text)
+        return str(path)
+
+    for text, message in [("id,image\na,x.nii\n", "it needs case_id and image"),
+                          ("case_id,image\na,x.nii\na,y.nii\n", "occurs twice"),
+                          ("case_id,image\n../a,x.nii\n", "not a folder name"),
+                          ("case_id,image,image_2\na,x.nii,\n", "an image column (image, image_2) is empty"),
+                          ("case_id,image,label\na,x.nii,liver\n", "label must be a number"),
+                          ("case_id,image\n", "lists no cases")]:
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            read_manifest(manifest(text))
+    assert main(["cohort", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"), "--model", MODEL.spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert not os.path.exists(tmp_path / "o")
+    cases = read_manifest(manifest("case_id,image_2,image_1,reference,class\nc,b.nii,a.nii,r.nii,liver\n"))
+    assert cases[0].images == (str(tmp_path / "a.nii"), str(tmp_path / "b.nii")) and cases[0].class_ == "liver"
+
+
+def test_cluster_choices_fail_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # as if not installed
+    with pytest.raises(InputError, match="needs dask-jobqueue"):
+        run_on_dask(len, [("x",)], print, cluster="slurm")
+    with pytest.raises(InputError, match="--scheduler must be local, none or a scheduler address"):
+        run_on_dask(len, [("x",)], print, scheduler="my-cluster")
+    assert local_layout(cores=8, memory=64 * 2 ** 30, worker_memory=16 * 2 ** 30)[:2] == (3, 2)
+    assert local_layout(workers=3, cores=8, memory=30 * 2 ** 30)[:2] == (3, 2)
