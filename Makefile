@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml Makefile
 		monai einops hypothesis matplotlib tqdm pytest nilearn nibabel
 	$(PIP) install --quiet --no-deps dynamic-network-architectures onnx2torch
 	$(PIP) install --quiet onnx
+	# the cohort command (issue 19): Dask for its workers, pandas for its table
+	$(PIP) install --quiet dask==2026.8.0 distributed==2026.8.0 pandas
 	$(PIP) install --quiet --no-deps -e .
 	$(PY) -c "import torch, SegHiResCAMLib; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	# every test's dependency (no test skips for a missing package; onnx2torch is imported by the loader only)
 	$(PY) -c "import monai.transforms, dynamic_network_architectures, onnx, nilearn, nibabel, captum, hypothesis, slicer"
+	$(PY) -c "import dask, distributed, pandas"
 	touch $(STAMP)
 
 demo: install

@@ -253,3 +253,17 @@ def test_cluster_choices_fail_clearly(monkeypatch):
         run_on_dask(len, [("x",)], print, scheduler="my-cluster")
     assert local_layout(cores=8, memory=64 * 2 ** 30, worker_memory=16 * 2 ** 30)[:2] == (3, 2)
     assert local_layout(workers=3, cores=8, memory=30 * 2 ** 30)[:2] == (3, 2)
+
+
+def test_report_correlations_equal_scipy():
+    from scipy import stats
+    from SegHiResCAMLib.reporting.cohort import correlations
+    rng = np.random.RandomState(3)
+    x = np.round(rng.rand(20), 1)  # ties
+    y = x + 0.3 * rng.rand(20)
+    x[4] = np.nan
+    keep = np.isfinite(x)
+    n, r, rho = correlations(x, y)
+    assert n == 19
+    assert r == pytest.approx(stats.pearsonr(x[keep], y[keep])[0], abs=1e-12)
+    assert rho == pytest.approx(stats.spearmanr(x[keep], y[keep])[0], abs=1e-12)
