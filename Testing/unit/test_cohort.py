@@ -267,3 +267,16 @@ def test_report_correlations_equal_scipy():
     assert n == 19
     assert r == pytest.approx(stats.pearsonr(x[keep], y[keep])[0], abs=1e-12)
     assert rho == pytest.approx(stats.spearmanr(x[keep], y[keep])[0], abs=1e-12)
+
+
+def test_model_files_are_sent_to_workers_by_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "net.py").write_text("def make():\n    pass\n")
+    (tmp_path / "w.pt").write_bytes(b"0")
+    monkeypatch.chdir(tmp_path)
+    spec = ModelSpec("net.py:make", weights="w.pt").absolute()
+    assert spec.spec == str(tmp_path / "net.py") + ":make" and spec.weights == str(tmp_path / "w.pt")
+    assert ModelSpec("hd-bet").absolute().spec == "hd-bet"
+    # the files' contents are part of the model's identity
+    before = ModelSpec("net.py:make", weights="w.pt").fingerprint()
+    (tmp_path / "w.pt").write_bytes(b"1")
+    assert ModelSpec("net.py:make", weights="w.pt").fingerprint() != before

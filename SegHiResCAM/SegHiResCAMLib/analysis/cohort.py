@@ -209,6 +209,16 @@ class ModelSpec:
         return {"spec": self.spec, "files": files, "model_args": json.loads(self.model_args or "{}"),
                 "card": card.describe() if card is not None else None}
 
+    def absolute(self) -> "ModelSpec":
+        """The same model with its files named by absolute paths (workers may run in another folder)."""
+        import dataclasses
+        spec = self.spec
+        if os.path.exists(spec):
+            spec = os.path.abspath(spec)
+        elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py") and os.path.isfile(spec.rsplit(":", 1)[0]):
+            spec = "%s:%s" % (os.path.abspath(spec.rsplit(":", 1)[0]), spec.rsplit(":", 1)[1])
+        return dataclasses.replace(self, spec=spec, weights=os.path.abspath(self.weights) if self.weights else None)
+
     def load(self):
         from ..models import load_model
         return load_model(self.spec, weights=self.weights, trust_model=self.trust_model, model_card=self.card,
@@ -559,7 +569,7 @@ def run_cohort(manifest, out: str, model, options: Optional[CohortOptions] = Non
     """
     options = options or CohortOptions()
     options.check()
-    model = model if isinstance(model, ModelSpec) else ModelSpec(str(model))
+    model = (model if isinstance(model, ModelSpec) else ModelSpec(str(model))).absolute()
     say = log or (lambda text: print(text, file=sys.stderr))
     cases = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
     out = os.path.abspath(os.fspath(out))

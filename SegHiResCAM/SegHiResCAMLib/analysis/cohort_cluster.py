@@ -12,6 +12,7 @@ Each worker process loads the model once and keeps it for every case it runs
 module knows nothing of cohorts, and imports Dask only when called.
 """
 
+import logging
 import os
 import re
 from typing import Callable, List, Optional, Tuple
@@ -135,8 +136,10 @@ def run_on_dask(function: Callable[..., dict], jobs: List[tuple], done: Callable
     elif scheduler in (None, "local"):
         n, per_threads, limit = local_layout(workers, memory)
         threads = threads or per_threads
+        # a free port for the scheduler's web server (the dashboard, where bokeh is installed): several cohorts
+        # (or a running cluster on 8787) may share the machine; worker shutdown notes are not errors
         owned = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=limit,
-                             dashboard_address=":0" if _has_bokeh() else None)
+                             dashboard_address=":0", silence_logs=logging.ERROR)
         address = owned
         log("seghirescam: local Dask cluster: %d worker process%s, %d torch thread%s each, %.1f GiB memory limit "
             "each" % (n, "es" if n != 1 else "", threads, "s" if threads != 1 else "", limit / 2 ** 30))
@@ -167,11 +170,6 @@ def run_on_dask(function: Callable[..., dict], jobs: List[tuple], done: Callable
     finally:
         if owned is not None:
             owned.close()
-
-
-def _has_bokeh() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("bokeh") is not None
 
 
 def _case_id(job: tuple) -> str:
