@@ -280,3 +280,43 @@ def test_model_files_are_sent_to_workers_by_absolute_path(tmp_path, monkeypatch)
     before = ModelSpec("net.py:make", weights="w.pt").fingerprint()
     (tmp_path / "w.pt").write_bytes(b"1")
     assert ModelSpec("net.py:make", weights="w.pt").fingerprint() != before
+
+
+def _fails_on_two(value, options):
+    if value == 2:
+        raise RuntimeError("task %d lost" % value)
+    return {"value": value, "threads": options.threads}
+
+
+def test_a_task_that_fails_on_dask_is_recorded_and_the_others_go_on():
+    from distributed import LocalCluster
+    got, errors = [], []
+
+    def on_error(job, exc):
+        errors.append((job[0], str(exc)))
+        return {"value": job[0], "failed": True}
+
+    jobs = [(1, CohortOptions()), (2, CohortOptions()), (3, CohortOptions())]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        run_on_dask(_fails_on_two, jobs, got.append, scheduler=cluster.scheduler_address, threads=1,
+                    on_error=on_error, log=lambda text: None)
+        with pytest.raises(RuntimeError, match="task 2 lost"):
+            run_on_dask(_fails_on_two, jobs, lambda row: None, scheduler=cluster.scheduler_address, threads=1,
+                        log=lambda text: None)
+    assert sorted(r["value"] for r in got) == [1, 2, 3] and errors == [(2, "task 2 lost")]
+    assert [r["threads"] for r in got if "threads" in r] == [1, 1]
+
+
+def test_record_failure_writes_a_failed_case_folder(manifest, tmp_path):
+    case = read_manifest(manifest)[0]
+    row = cohort.record_failure((case, MODEL, OPTIONS, str(tmp_path), "k1"), RuntimeError("worker died"))
+    assert row["status"] == "failed" and row["error"] == "RuntimeError: worker died"
+    record = cohort.read_result(str(tmp_path), case.case_id)
+    assert record["key"] == "k1" and record["row"]["error"] == "RuntimeError: worker died"
+    assert os.listdir(cohort.case_folder(str(tmp_path), case.case_id)) == [cohort.RESULT_FILE]
+
+
+def test_a_bad_scheduler_fails_before_any_output(manifest, tmp_path):
+    with pytest.raises(InputError, match="--scheduler must be local, none or a scheduler address"):
+        run_cohort(manifest, str(tmp_path / "out"), MODEL, OPTIONS, scheduler="my-cluster", progress=False)
+    assert not os.path.exists(tmp_path / "out")

@@ -404,6 +404,46 @@ def _publish(tmp: str, folder: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def error_text(exc: BaseException) -> str:
+    """The one-line error of a failed case: the exception's type and message."""
+    return "%s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
+
+
+def _write_case(case: Case, model: ModelSpec, options: CohortOptions, out: str, key: str, row: dict, meta: dict,
+                arrays: Dict[str, np.ndarray], geometry: Optional[Geometry], error: str, started: float) -> dict:
+    """Write the case folder (images and ``result.json``) under a temporary name, then rename it into place."""
+    import torch
+    from ..imaging.files import write_image
+    folder = case_folder(out, case.case_id)
+    tmp = os.path.join(os.path.dirname(folder), ".tmp-%s-%s" % (uuid.uuid4().hex[:8], case.case_id))
+    os.makedirs(tmp)
+    try:
+        if not error:
+            try:
+                for name, array in arrays.items():
+                    write_image(os.path.join(tmp, HEATMAP_FILE if name == "heatmap" else PREDICTION_FILE), array,
+                                geometry, protect=list(case.inputs().values()))
+            except Exception as exc:  # noqa: BLE001 - a failed write fails this case only
+                row, meta, error = {"class": row.get("class")}, {"traceback": traceback.format_exc()}, error_text(exc)
+                for name in os.listdir(tmp):
+                    os.remove(os.path.join(tmp, name))
+        status = "failed" if error else "done"
+        row = dict(row, case_id=case.case_id, status=status, error=error, key=key,
+                   total_s=time.perf_counter() - started)
+        record = {"format": CASE_FORMAT, "key": key, "row": row, "case": asdict(case),
+                  "files": {"prediction": PREDICTION_FILE if status == "done" else None,
+                            "heatmap": HEATMAP_FILE if status == "done" and "heatmap" in arrays else None},
+                  "options": options.describe(), "model": model.spec, "seghirescam_version": __version__,
+                  "worker": {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()},
+                  "provenance": meta}
+        with open(os.path.join(tmp, RESULT_FILE), "w") as handle:
+            handle.write(dumps(record))
+        _publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return row
+
+
 def run_case(case: Case, model: ModelSpec, options: CohortOptions, out: str, key: str) -> dict:
     """Compute one case and write its folder atomically; returns its row. A failure is recorded (status
     ``failed`` and its one-line error) instead of raised; ``KeyboardInterrupt`` stops the run and writes
@@ -414,35 +454,22 @@ def run_case(case: Case, model: ModelSpec, options: CohortOptions, out: str, key
     if options.threads:
         torch.set_num_threads(options.threads)
     started = time.perf_counter()
-    folder = case_folder(out, case.case_id)
-    tmp = os.path.join(os.path.dirname(folder), ".tmp-%s-%s" % (uuid.uuid4().hex[:8], case.case_id))
-    os.makedirs(tmp)
-    from ..imaging.files import write_image
     try:
-        try:
-            loaded = cached_model(model)
-            row, arrays, geometry, meta = compute_case(case, loaded, options)
-            status, error = "done", ""
-            for name, array in arrays.items():
-                write_image(os.path.join(tmp, HEATMAP_FILE if name == "heatmap" else PREDICTION_FILE), array,
-                            geometry, protect=list(case.inputs().values()))
-        except Exception as exc:  # noqa: BLE001 - any failure of one case is recorded; the others go on
-            row, meta = {"class": case.class_ or options.class_}, {"traceback": traceback.format_exc()}
-            status, error = "failed", "%s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
-        row.update(case_id=case.case_id, status=status, error=error, key=key,
-                   total_s=time.perf_counter() - started)
-        record = {"format": CASE_FORMAT, "key": key, "row": row, "case": asdict(case),
-                  "files": {"prediction": PREDICTION_FILE if status == "done" else None,
-                            "heatmap": HEATMAP_FILE if status == "done" and options.explain else None},
-                  "options": options.describe(), "model": model.spec, "seghirescam_version": __version__,
-                  "worker": {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()},
-                  "provenance": meta}
-        with open(os.path.join(tmp, RESULT_FILE), "w") as handle:
-            handle.write(dumps(record))
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dict(row)
+        row, arrays, geometry, meta = compute_case(case, cached_model(model), options)
+        error = ""
+    except Exception as exc:  # noqa: BLE001 - any failure of one case is recorded; the others go on
+        row, arrays, geometry = {"class": case.class_ or options.class_}, {}, None
+        meta, error = {"traceback": traceback.format_exc()}, error_text(exc)
+    return _write_case(case, model, options, out, key, row, meta, arrays, geometry, error, started)
+
+
+def record_failure(job: tuple, exc: BaseException) -> dict:
+    """Record a case whose task failed outside :func:`run_case` (e.g. its Dask worker died); ``job`` holds
+    :func:`run_case`'s arguments. Returns its row."""
+    case, model, options, out, key = job
+    meta = {"traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+    return _write_case(case, model, options, out, key, {"class": case.class_ or options.class_}, meta, {}, None,
+                       error_text(exc), time.perf_counter())
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -486,9 +513,8 @@ def write_table(frame, out: str) -> List[str]:
     from ..imaging.files import atomic_write
     written = [os.path.join(out, TABLE_FILE)]
     atomic_write(written[0], lambda tmp: frame.to_csv(tmp, index=False))
-    try:
-        import pyarrow  # noqa: F401 - optional
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("pyarrow") is None:  # optional: no Parquet copy without it
         return written
     written.append(os.path.join(out, PARQUET_FILE))
     atomic_write(written[1], lambda tmp: frame.to_parquet(tmp, index=False))
@@ -539,9 +565,6 @@ def clean_temporary(out: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-Runner = Callable[[Callable[..., dict], List[tuple], Callable[[dict], None]], None]
-
-
 def run_loop(function: Callable[..., dict], jobs: List[tuple], done: Callable[[dict], None]) -> None:
     """Run the jobs one after the other in this process (``scheduler="none"``)."""
     for args in jobs:
@@ -569,6 +592,9 @@ def run_cohort(manifest, out: str, model, options: Optional[CohortOptions] = Non
     """
     options = options or CohortOptions()
     options.check()
+    if not (scheduler in (None, "none", "local") or (isinstance(scheduler, str) and "://" in scheduler)):
+        raise InputError("--scheduler must be local, none or a scheduler address such as tcp://host:8786, got %r"
+                         % (scheduler,))
     model = (model if isinstance(model, ModelSpec) else ModelSpec(str(model))).absolute()
     say = log or (lambda text: print(text, file=sys.stderr))
     cases = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
@@ -580,7 +606,7 @@ def run_cohort(manifest, out: str, model, options: Optional[CohortOptions] = Non
         say("seghirescam: %d of %d cases already done with the same inputs, model and options: reused"
             % (len(plan.reused), len(cases)))
     jobs = [(case, model, options, out, key) for case, key in plan.todo]
-    bar = _progress_bar(len(jobs), progress)
+    bar = CaseProgress(len(jobs), progress)
     try:
         if jobs:
             if scheduler in (None, "none") or workers == 0:
@@ -588,7 +614,7 @@ def run_cohort(manifest, out: str, model, options: Optional[CohortOptions] = Non
             else:
                 from .cohort_cluster import run_on_dask
                 run_on_dask(run_case, jobs, bar, scheduler=scheduler, workers=workers, cluster=cluster,
-                            worker_memory=worker_memory, threads=options.threads, log=say)
+                            worker_memory=worker_memory, threads=options.threads, log=say, on_error=record_failure)
     finally:
         bar.close()
     frame = cohort_table(cases, out, plan.reused)
@@ -596,7 +622,7 @@ def run_cohort(manifest, out: str, model, options: Optional[CohortOptions] = Non
     return frame
 
 
-class _progress_bar:
+class CaseProgress:
     """tqdm over cases (ETA from the finished ones); called with each finished row."""
 
     def __init__(self, total: int, enabled: bool):

@@ -115,8 +115,12 @@ def _remote_threads(client) -> int:
 def run_on_dask(function: Callable[..., dict], jobs: List[tuple], done: Callable[[dict], None],
                 scheduler: str = "local", workers: Optional[int] = None, cluster: Optional[str] = None,
                 worker_memory: Optional[str] = None, threads: Optional[int] = None,
-                log: Callable[[str], None] = print) -> None:
+                log: Callable[[str], None] = print,
+                on_error: Optional[Callable[[tuple, BaseException], dict]] = None) -> None:
     """Run ``function(*job)`` for every job on Dask, calling ``done(result)`` as each finishes.
+
+    ``on_error(job, exception)``: the result of a job whose task failed on Dask (its worker died, or ``function``
+    raised); without it the exception stops the run.
 
     ``threads``: torch threads per task (``None``: from :func:`local_layout`, or the running cluster's cores per
     Dask thread); it is set inside the task through the job's options (the last-but-one tuple entries are left
@@ -161,10 +165,16 @@ def run_on_dask(function: Callable[..., dict], jobs: List[tuple], done: Callable
             if threads is None:
                 threads = _remote_threads(client)
             jobs = [_with_threads(job, threads) for job in jobs]
-            futures = [client.submit(function, *job, pure=False, key="case-%s" % _case_id(job))
-                       for job in jobs]
+            futures = {client.submit(function, *job, pure=False, key="case-%s" % _case_id(job)): job
+                       for job in jobs}
             for future in as_completed(futures):
-                done(future.result())
+                try:
+                    result = future.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: recorded, the others go on
+                    if on_error is None:
+                        raise
+                    result = on_error(futures[future], exc)
+                done(result)
         finally:
             client.close()
     finally:
