@@ -196,6 +196,14 @@ def label_map(output: torch.Tensor, model: SegModel) -> np.ndarray:
     return labels
 
 
+def labels_on_image(output: torch.Tensor, model: SegModel, space: ModelSpace) -> np.ndarray:
+    """The label map of batch element 0 on the image grid: the logits resampled onto it class by class, then the
+    arg-max (:meth:`ModelSpace.labels_to_image`; nnU-Net's order), not the model grid's labels resampled."""
+    out = output[0].detach()
+    activation = "sigmoid" if model.activation == "sigmoid" else "softmax"
+    return space.labels_to_image(lambda c: out[c].float().cpu().numpy(), int(out.shape[0]), activation)
+
+
 def _to_tensor(x: np.ndarray, device: torch.device, model: SegModel) -> torch.Tensor:
     dtype = next((p.dtype for p in model.network.parameters()), torch.float32)
     return torch.from_numpy(x)[None].to(device=device, dtype=dtype)
@@ -279,7 +287,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     timings["cam_s"] = time.perf_counter() - t0
     report(0.92, "mapping back to the image grid")
     t0 = time.perf_counter()
-    prediction = space.to_image(label_map(results[0].output, model), "nearest")
+    prediction = labels_on_image(results[0].output, model, space)
     heatmaps = []
     per_target = len(results) // len(cam_targets)  # results are target-major
     for i, res in enumerate(results):
@@ -315,7 +323,7 @@ def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device
     report(0.1, "forward pass")
     with model_guard(model.network, freeze_parameters=False), torch.no_grad():
         output = main_output(run_model(model.network, x), model.output_key)
-    labels = space.to_image(label_map(output, model), "nearest")
+    labels = labels_on_image(output, model, space)
     report(1.0, "done")
     meta = {"seghirescam_version": __version__, "device": str(dev), "model": model.describe(),
             "model_space": space.describe(), "timings": {"total_s": time.perf_counter() - started},

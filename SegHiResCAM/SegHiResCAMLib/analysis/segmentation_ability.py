@@ -24,7 +24,7 @@ from ..engine.protoseg import LAST_FEATURE, SAReport, segmentation_ability
 from ..errors import InputError
 from ..geometry import Geometry
 from ..models.base import SegModel
-from .explain import ProgressCallback, label_map, model_input
+from .explain import ProgressCallback, labels_on_image, model_input
 from .measures import dice
 from ..imaging.model_space import ModelSpace
 
@@ -95,7 +95,7 @@ def sa_score_image(model: SegModel, image: np.ndarray, geometry: Geometry, refer
         raise InputError("the model output grid %s differs from its input grid %s; sa-score needs a model whose "
                          "output is on its input grid" % (tuple(result.prediction.shape[1:]), space.grid.array_shape))
     report_progress(0.92, "mapping back to the image grid")
-    prediction = space.to_image(label_map(result.output, model), "nearest")
+    prediction = labels_on_image(result.output, model, space)
     sa_map, chosen = None, None
     if map_layer is not None:
         chosen = result.feature_layers[-1] if map_layer == LAST_FEATURE else map_layer

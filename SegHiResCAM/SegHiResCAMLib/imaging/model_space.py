@@ -3,12 +3,19 @@
 :func:`prepare` applies a model's :class:`~SegHiResCAMLib.models.base.Preprocessing` (reorientation, resampling
 to the model's spacing, intensity normalisation, symmetric padding to a multiple of ``divisible_by``) and
 returns a :class:`ModelSpace` that remembers both grids. Because every step is a change of the *physical grid*,
-the inverse is one resampling from the model grid onto the image grid (linear for heatmaps, nearest for labels);
-when the grids coincide the arrays are passed through (or cropped) exactly, with no interpolation at all.
+the inverse is one resampling from the model grid onto the image grid (linear for heatmaps, nearest for label
+masks); when the grids coincide the arrays are passed through (or cropped) exactly, with no interpolation at all.
+
+The model's *prediction* goes back as nnU-Net takes it back (``export_prediction.py``): the per-class **logits**
+are resampled (linear) onto the image grid and the label is their arg-max there (softmax: the arg-max of the
+probabilities is that of the logits; sigmoid: logit > 0 is probability > 0.5), never an arg-max on the model grid
+followed by nearest-neighbour label resampling, which moves boundaries by up to half a model voxel
+(:meth:`ModelSpace.labels_to_image`, :meth:`ModelSpace.scores_to_image`). Memory stays bounded on a whole CT: one
+class at a time, one image slab at a time.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,6 +27,10 @@ from .resample import resample_to_grid
 from ..models.base import Preprocessing
 
 _EPS = 1e-6
+#: voxels of one image slab when class scores are resampled onto the image grid (bounded memory on a whole CT)
+SLAB_VOXELS = 1 << 24
+#: edge voxels repeated around the model grid before resampling scores onto the image grid
+EDGE = 2
 
 
 @dataclass
@@ -69,6 +80,88 @@ class ModelSpace:
             out[crop] = array
             return out
         return resample_to_grid(array, self.image, self.grid, interpolator)
+
+    def _slabs(self, voxels: Optional[int] = None) -> List[Tuple[slice, Geometry]]:
+        """The image grid cut along its first array axis into slabs of about ``voxels`` (default
+        :data:`SLAB_VOXELS`): ``(slice, geometry)``."""
+        voxels = SLAB_VOXELS if voxels is None else voxels
+        shape = self.image.array_shape
+        step = max(1, voxels // max(1, int(np.prod(shape[1:]))))
+        direction = np.asarray(self.image.direction).reshape(self.image.ndim, -1)
+        out = []
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            offset = direction[:, -1] * (start * self.image.spacing[-1])
+            size = tuple(self.image.size[:-1]) + (stop - start,)
+            out.append((slice(start, stop), Geometry(size=size, spacing=self.image.spacing,
+                                                      origin=tuple(np.asarray(self.image.origin) + offset),
+                                                      direction=self.image.direction)))
+        return out
+
+    def channel_to_image(self, channel: np.ndarray) -> Iterator[Tuple[slice, np.ndarray]]:
+        """One class's scores on the model grid -> ``(slab, float32 values)`` over the image grid, slab by slab.
+
+        Linear interpolation from the unpadded model grid; beyond its outermost voxel centres the coordinates are
+        clamped to them (as nnU-Net's resizing does), never the padding's values."""
+        channel = np.asarray(channel, dtype=np.float32)
+        if channel.shape != self.grid.array_shape:
+            raise InputError("array shape %s does not match the model grid %s" % (channel.shape, self.grid.array_shape))
+        inner, crop = self._unpadded()
+        cropped = channel[crop]
+        if inner.same_grid(self.image, atol=1e-6):
+            yield slice(None), np.ascontiguousarray(cropped)
+            return
+        # edge values repeated two voxels beyond each side: linear interpolation there is the clamped one of
+        # nnU-Net's resizing (SimpleITK's own extrapolator takes the nearest voxel along every axis instead)
+        extended = np.pad(cropped, EDGE, mode="edge")
+        direction = np.asarray(inner.direction).reshape(inner.ndim, -1)
+        origin = np.asarray(inner.origin) - direction @ (EDGE * np.asarray(inner.spacing))
+        source = to_sitk(extended, Geometry(size=extended.shape[::-1], spacing=inner.spacing, origin=tuple(origin),
+                                            direction=inner.direction))
+        identity = sitk.Transform(inner.ndim, sitk.sitkIdentity)
+        for part, slab in self._slabs():
+            yield part, sitk.GetArrayFromImage(sitk.Resample(
+                source, slab.size, identity, sitk.sitkLinear, slab.origin, slab.spacing, slab.direction, 0.0,
+                sitk.sitkFloat32, True))
+
+    def scores_to_image(self, scores: Callable[[int], np.ndarray], channels: int,
+                        activation: str = "softmax") -> np.ndarray:
+        """Probabilities ``[C, *image]`` (float32) from logits on the model grid: each class's logits resampled
+        onto the image grid, then softmax over the classes (or sigmoid), as nnU-Net does. ``scores(c)``: the
+        logits of class ``c`` on the model grid. Holds ``C`` image-grid arrays: for a whole CT prefer
+        :meth:`labels_to_image`."""
+        out = np.empty((channels,) + tuple(self.image.array_shape), dtype=np.float32)
+        for c in range(channels):
+            for part, values in self.channel_to_image(scores(c)):
+                out[(c, part)] = values
+        if activation == "sigmoid":
+            return (1.0 / (1.0 + np.exp(-out))).astype(np.float32)
+        out -= out.max(axis=0, keepdims=True)
+        np.exp(out, out=out)
+        out /= out.sum(axis=0, keepdims=True)
+        return out
+
+    def labels_to_image(self, scores: Callable[[int], np.ndarray], channels: int,
+                        activation: str = "softmax") -> np.ndarray:
+        """The label map on the image grid from per-class logits on the model grid (``scores(c)``): the logits
+        resampled onto the image grid, then the arg-max (softmax), ``logit > 0`` (one sigmoid channel), or the
+        highest class above 0 else background (several sigmoid channels). Ties go to the lower class, as
+        ``argmax``. Memory: the label map and one float32 image-grid array, whatever the number of classes."""
+        dtype = np.uint8 if channels < 256 else np.uint16
+        labels = np.zeros(self.image.array_shape, dtype=dtype)
+        if activation == "sigmoid" and channels == 1:
+            for part, values in self.channel_to_image(scores(0)):
+                labels[part] = values > 0
+            return labels
+        best = np.full(self.image.array_shape, -np.inf, dtype=np.float32)
+        for c in range(channels):
+            for part, values in self.channel_to_image(scores(c)):
+                better = values > best[part]
+                labels[part][better] = c + 1 if activation == "sigmoid" else c
+                np.maximum(best[part], values, out=best[part])
+        if activation == "sigmoid":
+            labels[best <= 0] = 0
+        return labels
 
     def image_index_to_model(self, index: Sequence[int]) -> Tuple[int, ...]:
         """A voxel index of the image grid (array order) -> the nearest voxel of the model grid (array order)."""
