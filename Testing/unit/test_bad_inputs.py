@@ -54,7 +54,8 @@ def test_2d_image_for_3d_model_and_4d_image(env, capsys):
     assert "model is 3D but the image is 2D" in one_line_error(capsys, explain_args(env, flat))
     four = str(env["folder"] / "four.nii.gz")
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 4, 5, 6), np.float32), isVector=False), four)
-    assert "model is 3D but the image is 4D" in one_line_error(capsys, explain_args(env, four))
+    # a 4D file holds input channels along its 4th axis (issue 16): two channels for a one-channel model
+    assert "expects 1 input channel(s) but the image has 2" in one_line_error(capsys, explain_args(env, four))
 
 
 def test_rgb_image_for_one_channel_model(env, capsys):

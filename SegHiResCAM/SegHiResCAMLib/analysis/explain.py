@@ -31,6 +31,8 @@ from ..models.card import apply_card, as_card
 from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
 from .errors import check_error_spec, error_region, error_tables
+from ..imaging.channels import stack_channels
+from .channels import channel_attribution
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -107,6 +109,7 @@ class ImageExplanation:
     prediction: np.ndarray  # uint8/uint16 label map on the image grid
     space: ModelSpace
     metadata: dict = field(default_factory=dict)
+    channels: list = field(default_factory=list)  # per target, a ChannelAttribution (per_channel=True)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -228,7 +231,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   device: str = "auto", relu: bool = True, normalization: str = "max",
                   progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
                   overlap: float = 0.25, blend: str = "constant", amp: bool = False,
-                  session_cache: Optional[dict] = None, model_card=None, **method_options) -> ImageExplanation:
+                  session_cache: Optional[dict] = None, model_card=None, per_channel: bool = False,
+                  **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
     ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
@@ -242,9 +246,20 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
 
     ``model_card``: a :class:`~SegHiResCAMLib.models.card.ModelCard`, card file or its JSON data applied to (a copy
     of) ``model`` first (``docs/model_card.md``); its ``patch_size`` is the default ``roi_size``.
+
+    Several input channels: ``image`` may also be a channel-first array, a list of channels (arrays on
+    ``geometry``, or ``(array, Geometry)`` pairs resampled onto the first one's grid) or a dict by the card's
+    channel names (:func:`~SegHiResCAMLib.imaging.channels.stack_channels`). ``per_channel=True`` also returns,
+    per target, the gradient x input map of every input channel on the image grid and the channel shares
+    (``ImageExplanation.channels``, ``metadata["channel_shares"]``; :mod:`.channels`).
     """
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
+    channels = stack_channels(image, geometry, (model.card or {}).get("channels"), model.in_channels)
+    image = channels.array
+    if per_channel and (roi_size is not None or model.roi_size is not None):
+        raise InputError("per-channel maps run the whole image in one pass; they cannot be combined with windows "
+                         "(--roi-size or the card's patch_size): leave per_channel off, or run without windows")
     if roi_size is None and model.roi_size is not None:
         roi_size = model.roi_size
     report = progress or (lambda f, m: None)
@@ -298,6 +313,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         info["warnings"] = list(res.warnings)
         heatmaps.append(Heatmap(array.astype(np.float32, copy=False), res.layer, res.method, spec, info))
     error_tables(results[0].output, cam_targets, targets, space, heatmaps)
+    attributions = [channel_attribution(model, x, space, t, channels.names) for t in cam_targets] if per_channel else []
     timings["postprocess_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")
@@ -306,7 +322,12 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         "device": str(dev), "model": model.describe(), "model_space": space.describe(), "timings": timings,
         "model_output": dict(model.resolved.get("output", {})),
     }
-    return ImageExplanation(heatmaps, prediction, space, metadata)
+    if channels.channels > 1:
+        metadata["channels"] = channels.describe()
+    if attributions:
+        shares = [a.describe() for a in attributions]
+        metadata["channel_shares"] = shares[0] if len(shares) == 1 else shares
+    return ImageExplanation(heatmaps, prediction, space, metadata, attributions)
 
 
 def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
@@ -315,6 +336,7 @@ def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device
     ``model_card`` as in :func:`explain_image`."""
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
+    image = stack_channels(image, geometry, (model.card or {}).get("channels"), model.in_channels).array
     report = progress or (lambda f, m: None)
     started = time.perf_counter()
     report(0.0, "preparing the image")

@@ -54,6 +54,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 CARD_FLAGS = (
     ("dims", "--card-dims", "2 or 3"),
     ("input_channels", "--card-input-channels", "input channels of the model"),
+    ("channels", "--card-channels", "channel names in the model's order, e.g. T1,T1c,T2,FLAIR (for --image NAME=path)"),
     ("orientation", "--card-orientation", "RAS, LPS, ... or none (as stored)"),
     ("spacing", "--card-spacing", "model voxel size in mm, x,y,z, or none (as stored)"),
     ("resize_to", "--card-resize-to", "fixed model grid, voxels x,y,z, or none"),
@@ -144,9 +145,23 @@ def model_card(args: argparse.Namespace):
 IMAGE_HELP = "input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder"
 
 
-def add_image_arg(p: argparse.ArgumentParser, help: str = IMAGE_HELP) -> None:
-    """``--image``, required."""
-    p.add_argument("--image", required=True, help=help)
+def add_image_arg(p: argparse.ArgumentParser, help: str = IMAGE_HELP, channels: bool = False) -> None:
+    """``--image``, required; with ``channels`` repeatable (one per input channel, ``NAME=path`` binds by name)."""
+    if channels:
+        p.add_argument("--image", required=True, action="append", help=help + "; repeat it for a model with several "
+                       "input channels (or give one 4D file), NAME=path binds an image to the card's channel NAME; "
+                       "the first image's grid is the output's (docs/model_card.md)")
+    else:
+        p.add_argument("--image", required=True, help=help)
+
+
+def read_channels(args: argparse.Namespace, model):
+    """The ``--image`` images as one image on the first one's grid, in the model card's channel order
+    (:func:`~SegHiResCAMLib.imaging.channels.read_channel_images`); one image of one channel is read as is."""
+    from ..imaging.channels import read_channel_images
+    images = [args.image] if isinstance(args.image, str) else args.image
+    return read_channel_images(images, (model.card or {}).get("channels"),
+                               model.in_channels if len(images) > 1 else None)  # one file: checked as before
 
 
 def add_mask_args(p: argparse.ArgumentParser, flag: str, help: str) -> None:

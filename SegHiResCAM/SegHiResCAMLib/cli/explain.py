@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(COMMAND, help="write a heatmap on the input image's grid", epilog=common.EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
-    common.add_image_arg(p)
+    common.add_image_arg(p, channels=True)
     p.add_argument("--out", required=True, help="heatmap file to write (float32, same grid as --image)")
     common.add_mask_args(p, "--segment", "mask or label map whose voxels are explained (default: the model's prediction)")
     common.add_class_arg(p)
@@ -49,6 +49,8 @@ def add_parser(subparsers) -> None:
                    "along every combination of its axes, flip the maps back; --out is their mean")
     p.add_argument("--spread", help="with several --weights or --tta: write the voxel-wise spread map (std / mean of "
                    "the members' maps) here; the JSON records their agreement")
+    p.add_argument("--per-channel", action="store_true", help="also write one gradient x input map per input "
+                   "channel next to --out (<out>_channel-<name>.nii.gz) and the channel shares in --json")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -91,15 +93,22 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.explain import TargetSpec, explain_image
     from ..imaging import files as io
     from ..imaging.resample import read_mask_on_grid
+    from ..imaging.channels import channel_file_name, parse_image_arg
     from ..reporting.writers import write_json
-    protect = [args.image] + [path for path in (args.segment, args.reference) if path]
+    paths = [parse_image_arg(text)[1] for text in args.image]
+    protect = paths + [path for path in (args.segment, args.reference) if path]
     common.check_outputs([args.out, args.json, args.prediction, args.spread], protect)
-    image, geometry = io.read_image(args.image)
     models = common.load_models(args)
     model = models[0]
     ensemble = len(models) > 1 or args.tta
     if args.spread and not ensemble:
         raise InputError("--spread needs several members: give --weights once per member (2 or more), or --tta")
+    if args.per_channel and ensemble:
+        raise InputError("--per-channel explains one model: leave out --tta and give --weights once")
+    channels = common.read_channels(args, model)
+    image, geometry = channels.array, channels.geometry
+    channel_outs = [channel_file_name(args.out, name) for name in channels.names] if args.per_channel else []
+    common.check_outputs(channel_outs, protect)
     class_index = model.class_index(args.class_)
     mask, notes = read_mask_on_grid(args.segment, geometry) if args.segment else (None, [])
     reference, reference_notes = error_reference(args, geometry)
@@ -119,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     roi = _roi_size(args.roi_size, geometry.ndim) if args.roi_size else None
     progress = common.Progress(args.quiet)
     try:
-        run_explain = partial(explain_ensemble, models, tta=args.tta) if ensemble else partial(explain_image, model)
+        run_explain = (partial(explain_ensemble, models, tta=args.tta) if ensemble
+                       else partial(explain_image, model, per_channel=args.per_channel))
         result = run_explain(image, geometry, [spec], layers=args.layer, method=args.method,
                              device=args.device, relu=not args.no_relu, normalization=args.normalize,
                              progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
@@ -132,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         io.write_image(args.prediction, result.prediction, geometry, protect=protect)
     if args.spread:
         io.write_image(args.spread, heat.spread, geometry, protect=protect)
+    for path, array in zip(channel_outs, result.channels[0].maps if result.channels else []):
+        io.write_image(path, array, geometry, protect=protect)
     if result.metadata.get("model_output", {}).get("message"):
         print("seghirescam: warning: %s" % result.metadata["model_output"]["message"], file=sys.stderr)
     for warning in heat.info.get("warnings", []):
@@ -141,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
               "method" % heat.layer, file=sys.stderr)
     if args.json:
         meta = dict(result.metadata)
-        meta.update({"command": COMMAND, "image": os.path.abspath(args.image), "output": os.path.abspath(args.out),
+        meta.update({"command": COMMAND, "image": os.path.abspath(paths[0]), "output": os.path.abspath(args.out),
                      "segment": os.path.abspath(args.segment) if args.segment else None, "label": args.label,
                      "method": heat.method, "layer": heat.layer, "target": heat.info["target"],
                      "target_kind": spec.kind(), "cam": heat.info, "notes": notes,
@@ -149,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
                      "reference_label": args.reference_label, "spread": os.path.abspath(args.spread) if args.spread
                      else None, "components": heat.info.get("components"),
                      "mask_resampled": bool(notes)})
+        if channel_outs:
+            meta["channel_maps"] = {n: os.path.abspath(p) for n, p in zip(channels.names, channel_outs)}
         write_json(args.json, meta, protect)
-    for note in notes:
+    for note in channels.notes() + notes:
         print("seghirescam: note: %s" % note, file=sys.stderr)
     if ensemble:
         print("seghirescam: note: agreement of the %d members' maps: %.3f (mean pairwise Pearson correlation)"

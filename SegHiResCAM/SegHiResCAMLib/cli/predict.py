@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     """Register ``predict`` on the ``seghirescam`` sub-command parser."""
     p = subparsers.add_parser(COMMAND, help="write the model's segmentation (label map) on the input grid")
     common.add_model_args(p)
-    p.add_argument("--image", required=True)
+    common.add_image_arg(p, channels=True)
     p.add_argument("--out", required=True, help="label map file to write")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--quiet", action="store_true")
@@ -24,18 +24,23 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.explain import predict_image
     from ..imaging import files as io
     from ..reporting.writers import write_json
-    common.check_outputs([args.out], [args.image])
-    image, geometry = io.read_image(args.image)
+    from ..imaging.channels import parse_image_arg
+    protect = [parse_image_arg(text)[1] for text in args.image]
+    common.check_outputs([args.out], protect)
     model = common.load_model(args)
+    channels = common.read_channels(args, model)
+    image, geometry = channels.array, channels.geometry
     progress = common.Progress(args.quiet)
     try:
         labels, meta = predict_image(model, image, geometry, device=args.device, progress=progress)
     finally:
         progress.close()
-    io.write_image(args.out, labels, geometry, protect=[args.image])
+    io.write_image(args.out, labels, geometry, protect=protect)
     if meta.get("model_output", {}).get("message"):
         print("seghirescam: warning: %s" % meta["model_output"]["message"], file=sys.stderr)
     if args.json:
-        meta.update({"command": COMMAND, "image": os.path.abspath(args.image), "output": os.path.abspath(args.out)})
-        write_json(args.json, meta, [args.image])
+        meta.update({"command": COMMAND, "image": os.path.abspath(protect[0]), "output": os.path.abspath(args.out)})
+        if channels.channels > 1:
+            meta["channels"] = channels.describe()
+        write_json(args.json, meta, protect)
     return 0

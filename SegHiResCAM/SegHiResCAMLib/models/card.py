@@ -3,7 +3,7 @@
 HD-BET, MONAI bundles and nnU-Net folders carry their own preprocessing; any other model (a TorchScript file, a
 ``package.module:factory``) does not. A card declares it::
 
-    {"dims": 3, "input_channels": 1, "orientation": "RAS", "spacing": [1.0, 1.0, 1.0],
+    {"dims": 3, "input_channels": 1, "channels": ["T1"], "orientation": "RAS", "spacing": [1.0, 1.0, 1.0],
      "resize_to": null, "resize_mode": "linear", "divisible_by": "auto",
      "intensity": {"clip_percentiles": [1, 99], "normalize": ["minmax"], "scale": 2.0, "shift": -1.0},
      "output": "auto", "classes": {"1": "brain"}, "patch_size": null, "slice_axis": "axial"}
@@ -36,7 +36,7 @@ from .base import ORIENTATIONS, OUTPUTS, Preprocessing, SegModel
 #: the suffix of a card found next to a model file (``unet.pt`` -> ``unet.card.json`` or ``unet.pt.card.json``)
 CARD_SUFFIX = ".card.json"
 #: every field of a card, in the order of the documentation
-FIELDS = ("dims", "input_channels", "orientation", "spacing", "resize_to", "resize_mode", "divisible_by",
+FIELDS = ("dims", "input_channels", "channels", "orientation", "spacing", "resize_to", "resize_mode", "divisible_by",
           "intensity", "output", "classes", "patch_size", "slice_axis")
 #: the fields of ``intensity``
 INTENSITY_FIELDS = ("clip_percentiles", "normalize", "ct_window", "scale", "shift")
@@ -99,6 +99,7 @@ class ModelCard:
 
     dims: Optional[int] = None
     input_channels: Optional[int] = None
+    channels: Optional[Tuple[str, ...]] = None
     orientation: Optional[str] = None
     spacing: Optional[Tuple[float, ...]] = None
     resize_to: Optional[Tuple[int, ...]] = None
@@ -187,6 +188,20 @@ def _classes(value) -> Dict[int, str]:
     return out
 
 
+def _channel_names(value) -> Tuple[str, ...]:
+    """The ``channels`` field: distinct non-empty names (case-insensitive), one per input channel, in order."""
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() and "=" not in v
+                                                             for v in value)):
+        raise _fail("channels", "must be a list of channel names in the order the model takes them, e.g. "
+                    "[\"T1\", \"T1c\", \"T2\", \"FLAIR\"] (non-empty, without '=')", value)
+    names = tuple(v.strip() for v in value)
+    if len({n.lower() for n in names}) != len(names):
+        raise _fail("channels", "must name each channel once (names are compared without case)", list(value))
+    return names
+
+
 def card_from_dict(data: Dict[str, Any], source: Optional[str] = None) -> ModelCard:
     """A checked :class:`ModelCard` from JSON data; one :class:`InputError` naming the first bad field."""
     if not isinstance(data, dict):
@@ -202,6 +217,8 @@ def card_from_dict(data: Dict[str, Any], source: Optional[str] = None) -> ModelC
             card.dims = _choice(name, value, (2, 3))
         elif name == "input_channels":
             card.input_channels = _number(name, value, integer=True, positive=True)
+        elif name == "channels":
+            card.channels = None if value is None else _channel_names(value)
         elif name == "orientation":
             if value is not None and value not in CARD_ORIENTATIONS:
                 raise _fail(name, "must be null (as stored), RAS, LPS, LAS, RAI or another 3-letter code with one "
@@ -229,6 +246,9 @@ def card_from_dict(data: Dict[str, Any], source: Optional[str] = None) -> ModelC
             card.patch_size = None if value is None else _numbers(name, value, integer=True, allow_scalar=True)
         elif name == "slice_axis":
             card.slice_axis = _choice(name, value, SLICE_AXES)
+    if card.channels is not None and card.input_channels is not None and len(card.channels) != card.input_channels:
+        raise _fail("channels", "must name input_channels (%d) channels, in the order the model takes them"
+                    % card.input_channels, list(card.channels))
     if card.dims is not None:
         for name in ("spacing", "resize_to", "patch_size"):
             value = getattr(card, name)
@@ -318,6 +338,12 @@ def apply_card(model: SegModel, card: ModelCard) -> SegModel:
     changes.update({model_field: getattr(card, field) for field, model_field in
                     (("dims", "spatial_dims"), ("input_channels", "in_channels"), ("output", "output"))
                     if field in card.given})
+    if card.channels and "input_channels" not in card.given:  # the names say how many channels there are
+        changes["in_channels"] = len(card.channels)
+    channels = changes.get("in_channels", model.in_channels)
+    if "intensity" in card.given and channels > 1:  # each channel (T1, T2, ...) is scaled on its own
+        scheme = changes["preprocessing"]
+        changes["preprocessing"] = dataclasses.replace(scheme, channels=(scheme,) * channels)
     if card.classes:
         size = max(max(card.classes) + 1, model.num_classes)
         names = list(model.class_names) + ["class%d" % i for i in range(model.num_classes, size)]
