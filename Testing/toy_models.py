@@ -108,3 +108,27 @@ def error_net():
     """:class:`nets.ErrorToyNet`: fixed weights (no weights file needed), for the error-target tests."""
     from nets import ErrorToyNet
     return ErrorToyNet()
+
+
+class ChannelSplitNet(TinyUNet):
+    """Two classes from separate input channels: class 0's logits see input channel 0 only, class 1's logits see
+    input channel 1 only. The first convolution takes both channels (groups=2: one half of its features per
+    channel); class 1 comes from a TinyUNet on the channel-1 half (``unet.dec``), class 0 from ``other``. The
+    gradient of a class-1 score is exactly 0 on input channel 0, and the reverse."""
+
+    def __init__(self, width=4):
+        import torch.nn as nn
+        nn.Module.__init__(self)
+        self.stem = nn.Conv3d(2, 2 * width, 3, padding=1, groups=2)
+        self.other = nn.Sequential(nn.ReLU(), nn.Conv3d(width, 1, 1))
+        self.unet = TinyUNet(nd=3, in_channels=width, classes=2)
+
+    def forward(self, x):
+        import torch
+        features = self.stem(x)
+        half = features.shape[1] // 2
+        return torch.cat([self.other(features[:, :half]), self.unet(features[:, half:])[:, 1:]], 1)
+
+
+def channel_split():
+    return ChannelSplitNet()

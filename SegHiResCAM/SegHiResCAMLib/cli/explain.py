@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                      "reference_label": args.reference_label, "spread": os.path.abspath(args.spread) if args.spread
                      else None, "components": heat.info.get("components"),
                      "mask_resampled": bool(notes)})
+        if channels.channels > 1:  # the files each channel came from
+            meta["channels"] = channels.describe()
         if channel_outs:
             meta["channel_maps"] = {n: os.path.abspath(p) for n, p in zip(channels.names, channel_outs)}
         write_json(args.json, meta, protect)

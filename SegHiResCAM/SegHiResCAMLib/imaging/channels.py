@@ -115,8 +115,8 @@ def _order(given: List[Optional[str]], declared: Optional[Sequence[str]], what: 
     if sorted(index) != list(range(len(declared))) or len(index) != len(declared):
         missing = [d for i, d in enumerate(declared) if i not in index]
         twice = sorted({named[k] for k, i in enumerate(index) if index.count(i) > 1})
-        raise InputError("the model takes the channels %s; %s" % (", ".join(declared), (
-            "missing: %s" % ", ".join(missing)) if missing else "given twice: %s" % ", ".join(twice)))
+        raise InputError("the model takes the channels %s; %s" % (", ".join(declared), "; ".join(
+            ["missing: %s" % ", ".join(missing)] * bool(missing) + ["given twice: %s" % ", ".join(twice)] * bool(twice))))
     return [index.index(i) for i in range(len(declared))]
 
 
