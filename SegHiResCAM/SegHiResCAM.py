@@ -27,6 +27,7 @@ from SegHiResCAMLib.catalog import DEFAULT_METHOD, DEVICES, ERROR_KINDS, SCORES,
 from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, installMissingPackages
 from SegHiResCAMLib.slicer_logic.job import ProcessRunner
 from SegHiResCAMLib.slicer_logic.panel_text import progressText
+from SegHiResCAMLib.slicer_logic.channel_panel import ChannelPanel
 
 #
 # SegHiResCAM
@@ -54,11 +55,6 @@ HD-BET (Isensee et al., Hum. Brain Mapp. 2019), distributed under the Apache Lic
 """)
 
 
-#
-# SegHiResCAMParameterNode
-#
-
-
 @parameterNodeWrapper
 class SegHiResCAMParameterNode:
     """Everything the panel shows; the only source of truth for the widget (bound through SlicerParameterName).
@@ -72,6 +68,10 @@ class SegHiResCAMParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     modelSource: Annotated[str, Choice(MODEL_SOURCES)] = BUNDLED_MODEL
     modelPath: str = ""  # synchronised by hand: the Path connector would show "." for no path
+    modelCardPath: str = ""  # the model card (JSON), "" for none; synchronised by hand (slicer_logic.channel_panel)
+    channel2Volume: vtkMRMLScalarVolumeNode  # input channels 2-4 of a multi-channel model (inputVolume is channel 1)
+    channel3Volume: vtkMRMLScalarVolumeNode
+    channel4Volume: vtkMRMLScalarVolumeNode
     targetKind: Annotated[str, Choice(TARGET_KINDS)] = "prediction"
     classIndex: Annotated[int, WithinRange(0, 255)] = 1
     segmentationNode: vtkMRMLSegmentationNode
@@ -130,6 +130,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._onSegmentChanged)
         self.ui.layerComboBox.connect("currentTextChanged(QString)", self._onLayerChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._onModelPathChanged)
+        self.channelPanel = ChannelPanel(self.ui, lambda: self._parameterNode)  # model card and channels 2-4
         self.ui.pointNodeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.pointPlaceWidget.setCurrentNode)
         self.ui.loadLayersButton.connect("clicked(bool)", self.onLoadLayers)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -225,6 +226,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.modelPathLineEdit.currentPath != path:
             self.ui.modelPathLineEdit.currentPath = path
         self.ui.modelPathLineEdit.enabled = p.modelSource != BUNDLED_MODEL
+        self.channelPanel.update(p)
         for widget, kinds in ((self.ui.segmentGroup, ("segment", "errors")), (self.ui.pointGroup, ("point",)),
                               (self.ui.errorGroup, ("errors",))):
             widget.visible = p.targetKind in kinds
@@ -371,11 +373,6 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
 
     def getParameterNode(self):
         return SegHiResCAMParameterNode(super().getParameterNode())
-
-
-#
-# SegHiResCAMTest
-#
 
 
 class SegHiResCAMTest(ScriptedLoadableModuleTest):

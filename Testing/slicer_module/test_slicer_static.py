@@ -153,13 +153,16 @@ def test_ui_binds_existing_parameters_with_fitting_widgets(parameters):
             types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
             assert types == [parameters[name].type.__name__], (name, types)
     # the parameters without a connector are synchronised by hand in the widget
-    assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath"}
+    assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath", "modelCardPath"}
 
 
 def test_widget_code_uses_only_widgets_of_the_ui():
     names = {w.get("name") for w in ET.parse(UI).getroot().iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", read("SegHiResCAM", "SegHiResCAM.py")))
     assert used and not used - names, sorted(used - names)
+    from SegHiResCAMLib.slicer_logic import channel_panel  # the panel's model card and channel widgets
+    used = set(re.findall(r"\bui\.(\w+)", read("SegHiResCAM", "SegHiResCAMLib", "slicer_logic", "channel_panel.py")))
+    assert used and not (used | set(channel_panel.CHANNEL_LABELS)) - names
     connections = ET.parse(UI).getroot().find("connections")
     scene_receivers = {c.find("receiver").text for c in connections if c.find("slot").text.startswith("setMRMLScene")}
     top = ET.parse(UI).getroot().find("widget")  # the panel itself emits mrmlSceneChanged

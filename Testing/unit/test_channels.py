@@ -241,3 +241,20 @@ def test_per_channel_with_windows_is_refused_before_any_work(env):
     with pytest.raises(InputError, match="per-channel maps.*windows"):
         explain_image(unet(env), [env["t1"], env["t2"]], env["geometry"], [TargetSpec(1)], layers="dec",
                       device="cpu", model_card=CARD, per_channel=True, roi_size=(8, 8, 8))
+
+
+def test_a_cached_forward_pass_is_not_reused_under_another_card(env):
+    """The Slicer logic keeps the last forward pass (session_cache): a card that changes the model input (here the
+    intensity steps) must not get the forward pass of the previous card."""
+    cache, image, model = {}, [env["t1"], env["t2"]], unet(env)
+    run = lambda card: explain_image(model, image, env["geometry"], [TargetSpec(1, whole=True)], layers="dec",  # noqa: E731
+                                     device="cpu", model_card=card, session_cache=cache)
+    run(CARD)
+    again = run(CARD)
+    assert again.metadata["timings"]["reused_forward"]
+    other = dict(CARD, intensity={"normalize": ["minmax"]})
+    got = run(other)
+    assert not got.metadata["timings"]["reused_forward"]
+    fresh = explain_image(unet(env), image, env["geometry"], [TargetSpec(1, whole=True)], layers="dec", device="cpu",
+                          model_card=other)
+    np.testing.assert_array_equal(got.heatmaps[0].array, fresh.heatmaps[0].array)

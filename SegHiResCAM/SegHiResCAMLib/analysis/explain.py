@@ -275,8 +275,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     engine_progress = lambda f, m: report(0.05 + 0.85 * f, m)  # noqa: E731
     key = None
     if session_cache is not None:
-        key = (id(model.network), _fingerprint(np.asarray(image)), geometry, tuple(names), str(dev), amp,
-               None if roi_size is None else (tuple(roi_size), overlap, blend))
+        key = (id(model.network), repr(model.preprocessing), _fingerprint(np.asarray(image)), geometry, tuple(names),
+               str(dev), amp, None if roi_size is None else (tuple(roi_size), overlap, blend))  # + a card's steps
         if session_cache.get("key") != key:
             session_cache.clear()  # one entry: drop the previous graph before building the next one
     cached = session_cache.get("session") if session_cache is not None else None

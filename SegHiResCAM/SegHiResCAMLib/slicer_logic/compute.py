@@ -50,6 +50,7 @@ class ExplainRequest:
     addPrediction: bool = False
     predictionSegmentationID: Optional[str] = None
     extra: Dict[str, object] = field(default_factory=dict)  # provenance recorded as node attributes
+    modelCard: object = None  # a model card: path or JSON data (docs/model_card.md), applied in the engine step
 
 
 @dataclass
@@ -143,6 +144,9 @@ class ComputeLogic:
         report = progress or (lambda fraction, message: None)
         report(0.0, "loading the model")
         model = self.loadModel(request.model, request.weights)
+        if request.modelCard is not None:  # class names, channels, preprocessing: the card's (a copy of the model)
+            from ..models.card import apply_card, as_card
+            model = apply_card(model, as_card(request.modelCard))
         from ..analysis.explain import TargetSpec, explain_image  # imports torch
         if request.target["class_index"] >= model.num_classes and model.num_classes > 1:
             raise InputError("class %d does not exist: model %r has the classes %s" % (

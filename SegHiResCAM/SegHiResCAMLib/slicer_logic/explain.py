@@ -14,12 +14,12 @@ model loading, never when this module is imported, so Slicer loads the module be
 
 import importlib.util
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .. import __version__, catalog
 from ..analysis import provenance
 from . import bridge as mrml
-from . import panel_text
+from . import channel_panel, panel_text
 from ..errors import InputError, ModelError
 from .compute import ComputeLogic, ExplainRequest, ExplainResult, ProgressCallback
 
@@ -95,6 +95,33 @@ def _isModelSpec(spec: str) -> bool:
     return bool(left) and right.isidentifier() and len(left) > 1
 
 
+def checkedCard(card):
+    """A model card as the request carries it: an existing file's path (checked here; its fields are checked in
+    the engine step, which imports torch) or a dict."""
+    if isinstance(card, os.PathLike):
+        card = os.fspath(card)
+    if isinstance(card, str):
+        if not os.path.isfile(card):
+            raise InputError("model card %r does not exist; choose the card's JSON file" % card)
+        return os.path.abspath(card)
+    if not isinstance(card, dict):
+        raise InputError("modelCard must be a path to a card file or a dict, got %s" % type(card).__name__)
+    return dict(card)
+
+
+def channelImage(image, geometry, inputVolume, channelVolumes: Sequence = ()):
+    """The input volume and the volumes of the further channels as one image, channels last, on the input
+    volume's grid (:func:`~SegHiResCAMLib.imaging.channels.stack_channels`), and the channel volumes' IDs."""
+    volumes = [v for v in (channelVolumes or ()) if v is not None]
+    if not volumes:
+        return image, []
+    from ..imaging.channels import stack_channels
+    if any(v.GetID() == inputVolume.GetID() for v in volumes) or len({v.GetID() for v in volumes}) < len(volumes):
+        raise InputError("each input channel needs its own volume; the same volume is chosen twice")
+    parts = [(image, geometry)] + [mrml.image_from_volume(v) for v in volumes]
+    return stack_channels(parts, geometry).array, [v.GetID() for v in volumes]
+
+
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise InputError("%s must be one of %s, got %r" % (name, ", ".join(map(str, allowed)), value))
@@ -152,7 +179,7 @@ class ExplainLogic(ComputeLogic):
         if parameters.targetKind == "point" and (parameters.pointNode is None
                                                  or parameters.pointNode.GetNumberOfControlPoints() == 0):
             return "Place a point on the scan (the voxel to explain)."
-        return None
+        return channel_panel.whyCannotUse(parameters)
 
     def prepareFromParameters(self, parameters) -> ExplainRequest:
         """:meth:`prepare` with the values of the module's parameter node."""
@@ -173,7 +200,8 @@ class ExplainLogic(ComputeLogic):
             score=parameters.score, device=parameters.device, addPrediction=parameters.addPrediction,
             predictionSegmentation=parameters.predictionSegmentation if parameters.addPrediction else None,
             errorKind=parameters.errorKind if errors else None,
-            component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None)
+            component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None,
+            modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters))
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
@@ -181,7 +209,7 @@ class ExplainLogic(ComputeLogic):
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
-                component: Optional[int] = None) -> ExplainRequest:
+                component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = ()) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         if isinstance(model, str):
@@ -229,15 +257,21 @@ class ExplainLogic(ComputeLogic):
                 target["threshold"] = float(threshold)
             kind = "prediction"
             description = "model prediction" + (" (p > %g)" % threshold if threshold is not None else "")
+        image, channelIDs = channelImage(image, geometry, inputVolume, channelVolumes)
+        extra = {"channelVolumeIDs": ";".join(channelIDs)} if channelIDs else {}
+        if modelCard is not None:
+            modelCard = checkedCard(modelCard)
+            extra["modelCard"] = modelCard if isinstance(modelCard, str) else "(given as data)"
         return ExplainRequest(
             image=image, geometry=geometry, model=model, weights=weights, target=target, targetKind=kind,
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
-            extra={"errorKind": errorKind or "",
-                   "segmentationNodeID": segmentationNode.GetID() if segmentationNode else "",
-                   "segmentId": segmentId or "", "pointNodeID": pointNode.GetID() if pointNode else ""})
+            extra=dict({"errorKind": errorKind or "",
+                        "segmentationNodeID": segmentationNode.GetID() if segmentationNode else "",
+                        "segmentId": segmentId or "", "pointNodeID": pointNode.GetID() if pointNode else ""}, **extra),
+            modelCard=modelCard)
 
     # step 2, compute(request, progress): inherited from ComputeLogic (any thread or the worker process)
 
@@ -314,7 +348,7 @@ class ExplainLogic(ComputeLogic):
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
-                component: Optional[int] = None):
+                component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = ()):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -336,6 +370,10 @@ class ExplainLogic(ComputeLogic):
                 there?) against it are explained; ``component``: one connected component of them (0 = largest).
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
+            modelCard: the model's card (docs/model_card.md): a path to its JSON file or its data as a dict;
+                applied in the engine step (the worker process).
+            channelVolumes: the volumes of the model's further input channels, in the card's order after
+                ``inputVolume`` (channel 1); each is resampled onto ``inputVolume``'s grid, the heatmap's grid.
 
         Returns:
             The heatmap node: float values 0..1, ``IJKToRAS`` equal to the input's, provenance in its
@@ -343,7 +381,8 @@ class ExplainLogic(ComputeLogic):
         """
         request = self.prepare(inputVolume, model, segmentationNode, segmentId, classIndex, method, layer,
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
-                               predictionSegmentation, weights, errorKind=errorKind, component=component)
+                               predictionSegmentation, weights, errorKind=errorKind, component=component,
+                               modelCard=modelCard, channelVolumes=channelVolumes)
         return self.apply(request, self.compute(request, progress), show=show)
 
 
