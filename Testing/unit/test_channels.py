@@ -166,7 +166,8 @@ def test_wrong_channel_count_and_names_are_one_clear_error(env, tmp_path, capsys
         assert code == 2 and len(err) == 1 and err[0].startswith("seghirescam: error:"), err
         return err[0]
 
-    assert "expects 2 input channel(s) but the images have 3 (its card names T1, T2)" in error(p["t1"], p["t2"], p["t1"])
+    three = error(p["t1"], p["t2"], p["t1"])
+    assert "expects 2 input channel(s) but the images have 3 (its card names T1, T2)" in three
     assert "expects 2 input channel(s) but the images have 3" in error(p["four"], p["t1"])
     assert "'FLAIR' is not one of the model card's channels T1, T2" in error("T1=" + p["t1"], "FLAIR=" + p["t2"])
     assert "missing: T2" in error("T1=" + p["t1"])
@@ -247,8 +248,11 @@ def test_a_cached_forward_pass_is_not_reused_under_another_card(env):
     """The Slicer logic keeps the last forward pass (session_cache): a card that changes the model input (here the
     intensity steps) must not get the forward pass of the previous card."""
     cache, image, model = {}, [env["t1"], env["t2"]], unet(env)
-    run = lambda card: explain_image(model, image, env["geometry"], [TargetSpec(1, whole=True)], layers="dec",  # noqa: E731
-                                     device="cpu", model_card=card, session_cache=cache)
+
+    def run(card):
+        return explain_image(model, image, env["geometry"], [TargetSpec(1, whole=True)], layers="dec", device="cpu",
+                             model_card=card, session_cache=cache)
+
     run(CARD)
     again = run(CARD)
     assert again.metadata["timings"]["reused_forward"]
@@ -258,3 +262,15 @@ def test_a_cached_forward_pass_is_not_reused_under_another_card(env):
     fresh = explain_image(unet(env), image, env["geometry"], [TargetSpec(1, whole=True)], layers="dec", device="cpu",
                           model_card=other)
     np.testing.assert_array_equal(got.heatmaps[0].array, fresh.heatmaps[0].array)
+
+
+def test_predict_takes_several_images_too(env, tmp_path):
+    p, out = env["paths"], str(tmp_path / "pred.nii.gz")
+    assert main(["predict", "--model", "toy_models:unet3d", "--weights", env["weights"]["unet"], "--model-args",
+                 '{"in_channels": 2}', "--model-card", env["cards"]["unet"], "--image", "T2=" + p["t2"],
+                 "--image", "T1=" + p["t1"], "--out", out, "--device", "cpu", "--quiet"]) == 0
+    labels, grid = io.read_image(out)
+    expected = explain_image(unet(env), [env["t1"], env["t2"]], env["geometry"], [TargetSpec(1)], layers="dec",
+                             device="cpu", model_card=CARD).prediction
+    assert grid.same_grid(io.read_image(p["t2"])[1]) and 0 < labels.sum() < labels.size
+    np.testing.assert_array_equal(labels, expected)

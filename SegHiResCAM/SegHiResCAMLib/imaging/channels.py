@@ -115,8 +115,9 @@ def _order(given: List[Optional[str]], declared: Optional[Sequence[str]], what: 
     if sorted(index) != list(range(len(declared))) or len(index) != len(declared):
         missing = [d for i, d in enumerate(declared) if i not in index]
         twice = sorted({named[k] for k, i in enumerate(index) if index.count(i) > 1})
-        raise InputError("the model takes the channels %s; %s" % (", ".join(declared), "; ".join(
-            ["missing: %s" % ", ".join(missing)] * bool(missing) + ["given twice: %s" % ", ".join(twice)] * bool(twice))))
+        problems = (["missing: %s" % ", ".join(missing)] if missing else []) + (
+            ["given twice: %s" % ", ".join(twice)] if twice else [])
+        raise InputError("the model takes the channels %s; %s" % (", ".join(declared), "; ".join(problems)))
     return [index.index(i) for i in range(len(declared))]
 
 
@@ -239,5 +240,5 @@ def channel_file_name(out: str, name: str) -> str:
     return "%s_channel-%s%s" % (stem, safe, ext)
 
 
-__all__ = ["ChannelImage", "channel_file_name", "check_count", "parse_image_arg", "read_channel_images", "split_channels",
-           "stack_channels"]
+__all__ = ["ChannelImage", "channel_file_name", "check_count", "parse_image_arg", "read_channel_images",
+           "split_channels", "stack_channels"]
