@@ -125,6 +125,15 @@ class ComputeLogic:
                 self._modelCache[key] = loaded
             return self._modelCache[key]
 
+    def requestModel(self, request: ExplainRequest):
+        """The request's model (cached) with the request's model card applied (to a copy: class names, channels,
+        preprocessing are the card's)."""
+        model = self.loadModel(request.model, request.weights)
+        if request.modelCard is not None:
+            from ..models.card import apply_card, as_card
+            model = apply_card(model, as_card(request.modelCard))
+        return model
+
     def layerNames(self, model: object = "hd-bet", weights: Optional[str] = None,
                    progress: Optional[ProgressCallback] = None) -> List[str]:
         """``auto``, the model's default layer, then every named sub-module (for the layer list of the panel)."""
@@ -143,10 +152,7 @@ class ComputeLogic:
         """
         report = progress or (lambda fraction, message: None)
         report(0.0, "loading the model")
-        model = self.loadModel(request.model, request.weights)
-        if request.modelCard is not None:  # class names, channels, preprocessing: the card's (a copy of the model)
-            from ..models.card import apply_card, as_card
-            model = apply_card(model, as_card(request.modelCard))
+        model = self.requestModel(request)
         from ..analysis.explain import TargetSpec, explain_image  # imports torch
         if request.target["class_index"] >= model.num_classes and model.num_classes > 1:
             raise InputError("class %d does not exist: model %r has the classes %s" % (
@@ -170,7 +176,7 @@ class ComputeLogic:
         report = progress or (lambda fraction, message: None)
         report(0.0, "loading the model")
         r = request.explain
-        model = self.loadModel(r.model, r.weights)
+        model = self.requestModel(r)
         if request.kind == EVALUATION:
             from ..analysis.evaluate import evaluate_image
             from ..analysis.explain import TargetSpec
