@@ -23,7 +23,7 @@ from slicer.util import VTKObservationMixin
 from SegHiResCAMLib.slicer_logic import selftest
 from SegHiResCAMLib.errors import SegHiResCAMError
 from SegHiResCAMLib.slicer_logic.analysis import EVALUATION, SEGMENTATION_ABILITY, AnalysisLogic
-from SegHiResCAMLib.catalog import DEFAULT_METHOD, DEVICES, ERROR_KINDS, SCORES, TARGET_KINDS, method_names
+from SegHiResCAMLib.catalog import DEFAULT_METHOD, DEVICES, ERROR_KINDS, SCORES, SLICE_AXES, TARGET_KINDS, method_names
 from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, installMissingPackages
 from SegHiResCAMLib.slicer_logic.job import ProcessRunner
 from SegHiResCAMLib.slicer_logic.panel_text import progressText
@@ -86,6 +86,7 @@ class SegHiResCAMParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     score: Annotated[str, Choice(SCORES)] = "logits"
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    sliceAxis: Annotated[str, Choice(("auto",) + SLICE_AXES)] = "auto"  # 2D models on 3D scans
     addPrediction: bool = True
     outputVolume: vtkMRMLScalarVolumeNode
     predictionSegmentation: vtkMRMLSegmentationNode

@@ -132,3 +132,31 @@ class ChannelSplitNet(TinyUNet):
 
 def channel_split():
     return ChannelSplitNet()
+
+
+def fconv2d(classes=2, in_channels=1):
+    """A 2D network whose convolutions call ``F.conv2d`` (no ``nn.Conv2d``): its dimensions cannot be read from
+    its layers, only found by running it (a 3D input fails, a 2D slice runs)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Conv(nn.Module):
+        def __init__(self, cin, cout, k):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(cout, cin, k, k) / k)
+            self.bias = nn.Parameter(torch.randn(cout) * 0.1)
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(Conv(in_channels, 4, 3), nn.Tanh())
+            self.head = Conv(4, classes, 1)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    return Net()

@@ -50,6 +50,10 @@ SCORES = ("logits", "probabilities")
 REDUCTIONS = ("sum", "mean")
 #: map normalisation after upsampling
 NORMALIZATIONS = ("max", "minmax", "none")
+#: 2D models on 3D scans: each slice's map divided by its own maximum (docs/slice_models.md)
+PER_SLICE = "per-slice"
+#: the slice directions of a 2D model on a 3D scan, the default first
+SLICE_AXES = ("axial", "coronal", "sagittal")
 #: how windows of a large scan are blended
 BLENDS = ("constant", "gaussian")
 #: compute devices

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, catalog
 from ..engine import (CAMSession, ComponentRegion, EmptyRegion, MaskRegion, PredictedRegion, SegmentTarget,
                      VoxelRegion, WholeRegion, main_output)
 from ..engine.outputs import run_model
@@ -33,6 +33,7 @@ from ..imaging.model_space import ModelSpace, prepare
 from .errors import check_error_spec, error_region, error_tables
 from ..imaging.channels import stack_channels
 from .channels import channel_attribution
+from .slices import explain_slices, predict_slices, runs_in_slices
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -232,6 +233,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   progress: Optional[ProgressCallback] = None, roi_size: Optional[Sequence[int]] = None,
                   overlap: float = 0.25, blend: str = "constant", amp: bool = False,
                   session_cache: Optional[dict] = None, model_card=None, per_channel: bool = False,
+                  slice_axis: Optional[str] = None, slice_context: int = 0, slice_batch: Optional[int] = None,
                   **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
@@ -252,6 +254,10 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     channel names (:func:`~SegHiResCAMLib.imaging.channels.stack_channels`). ``per_channel=True`` also returns,
     per target, the gradient x input map of every input channel on the image grid and the channel shares
     (``ImageExplanation.channels``, ``metadata["channel_shares"]``; :mod:`.channels`).
+
+    A 2D model on a 3D image runs slice by slice (:mod:`.slices`, ``docs/slice_models.md``): ``slice_axis``
+    (axial, coronal, sagittal; default the card's, else axial), ``slice_context`` (neighbouring slices on each
+    side as channels), ``slice_batch`` (slices per forward pass) and ``normalization="per-slice"`` apply there.
     """
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
@@ -260,6 +266,20 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     if per_channel and (roi_size is not None or model.roi_size is not None):
         raise InputError("per-channel maps run the whole image in one pass; they cannot be combined with windows "
                          "(--roi-size or the card's patch_size): leave per_channel off, or run without windows")
+    if runs_in_slices(model, geometry):
+        if per_channel:
+            raise InputError("per-channel maps are not available for a 2D model on a 3D scan yet; leave "
+                             "per_channel off")
+        if roi_size is not None:
+            raise InputError("windows (roi_size) are for 3D models; a 2D model runs slice by slice, in batches of "
+                             "slice_batch slices")
+        run = explain_slices(model, image, geometry, targets, layers, method, resolve_device(device), relu,
+                             normalization, progress or (lambda f, m: None), labels_on_image, explained_score,
+                             slice_axis, slice_context, slice_batch, amp, **method_options)
+        return ImageExplanation([Heatmap(*h) for h in run.heatmaps], run.prediction, run.space, run.metadata)
+    if normalization == catalog.PER_SLICE:
+        raise InputError("per-slice normalisation is for a 2D model on a 3D scan; this model runs on the whole "
+                         "image: use max, minmax or none")
     if roi_size is None and model.roi_size is not None:
         roi_size = model.roi_size
     report = progress or (lambda f, m: None)
@@ -331,12 +351,16 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
 
 
 def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
-                  progress: Optional[ProgressCallback] = None, model_card=None) -> Tuple[np.ndarray, dict]:
+                  progress: Optional[ProgressCallback] = None, model_card=None, slice_axis: Optional[str] = None,
+                  slice_context: int = 0, slice_batch: Optional[int] = None) -> Tuple[np.ndarray, dict]:
     """The model's label map on the image grid, and metadata (one forward pass, no gradients);
-    ``model_card`` as in :func:`explain_image`."""
+    ``model_card`` and the ``slice_*`` options (a 2D model on a 3D image) as in :func:`explain_image`."""
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
     image = stack_channels(image, geometry, (model.card or {}).get("channels"), model.in_channels).array
+    if runs_in_slices(model, geometry):
+        return predict_slices(model, image, geometry, resolve_device(device), progress or (lambda f, m: None),
+                              labels_on_image, slice_axis, slice_context, slice_batch)
     report = progress or (lambda f, m: None)
     started = time.perf_counter()
     report(0.0, "preparing the image")

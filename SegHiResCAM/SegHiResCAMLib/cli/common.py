@@ -142,7 +142,33 @@ def model_card(args: argparse.Namespace):
     return card
 
 
-IMAGE_HELP = "input image: .nii/.nii.gz/.nrrd/.mha/.mhd or a DICOM folder"
+IMAGE_HELP = "input image: .nii/.nii.gz/.nrrd/.mha/.mhd, a DICOM folder, or a .png/.jpg picture (2D models)"
+
+
+def add_slice_args(p: argparse.ArgumentParser) -> None:
+    """The options of a 2D model on a 3D scan (docs/slice_models.md)."""
+    group = p.add_argument_group("2D models on 3D scans", "a 2D model runs slice by slice (docs/slice_models.md)")
+    group.add_argument("--slice-axis", help="the slices: %s (default: the model card's, else axial)"
+                       % ", ".join(catalog.SLICE_AXES))
+    group.add_argument("--slice-context", type=int, default=0, metavar="K", help="a 2.5D model gets each slice "
+                       "with K neighbouring slices on each side as 2K+1 channels, edge slices repeated (default 0)")
+    group.add_argument("--slice-batch", type=int, metavar="N", help="slices per forward pass (default: about "
+                       "0.5 million model voxels per batch)")
+
+
+def slice_options(args: argparse.Namespace) -> dict:
+    """The ``slice_*`` keyword arguments of ``explain_image``/``predict_image`` from :func:`add_slice_args`."""
+    return {"slice_axis": args.slice_axis, "slice_context": args.slice_context, "slice_batch": args.slice_batch}
+
+
+def fit_picture(path: str, image: np.ndarray, geometry: Geometry, model) -> Tuple[np.ndarray, List[str]]:
+    """The ``--image`` read from ``path`` for ``model``: a colour PNG/JPEG fitted to its input channels
+    (:func:`~SegHiResCAMLib.imaging.pictures.picture_channels`), and notes for the user."""
+    from ..imaging.pictures import is_picture, picture_channels
+    if not is_picture(path):
+        return image, []
+    image, note = picture_channels(image, geometry, model.in_channels)
+    return image, [note] if note else []
 
 
 def add_image_arg(p: argparse.ArgumentParser, help: str = IMAGE_HELP, channels: bool = False) -> None:

@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reference-label", type=float, help="label value in --reference (default: every non-zero voxel)")
     common.add_method_args(p)
     p.add_argument("--no-relu", action="store_true", help="keep negative values (signed map)")
-    p.add_argument("--normalize", default="max", choices=["max", "minmax", "none"], help="default: max")
+    p.add_argument("--normalize", default="max", choices=list(catalog.NORMALIZATIONS) + [catalog.PER_SLICE],
+                   help="default: max (a 2D model on a 3D scan: over the whole volume; per-slice: each slice on its own)")
     p.add_argument("--roi-size", help="run the model in overlapping windows of this size (voxels of the model grid, "
                    "'128' or 'z,y,x'): bounded memory for large scans")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
@@ -54,6 +55,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_slice_args(p)
 
 
 def _int(text: str, flag: str) -> int:
@@ -95,9 +97,11 @@ def run(args: argparse.Namespace) -> int:
     from ..imaging.resample import read_mask_on_grid
     from ..imaging.channels import channel_file_name, parse_image_arg
     from ..reporting.writers import write_json
+    from ..imaging.pictures import is_picture, overlay_path, write_overlay
     paths = [parse_image_arg(text)[1] for text in args.image]
     protect = paths + [path for path in (args.segment, args.reference) if path]
-    common.check_outputs([args.out, args.json, args.prediction, args.spread], protect)
+    overlay = overlay_path(args.out) if len(paths) == 1 and is_picture(paths[0]) else None  # a picture's overlay
+    common.check_outputs([args.out, args.json, args.prediction, args.spread, overlay], protect)
     models = common.load_models(args)
     model = models[0]
     ensemble = len(models) > 1 or args.tta
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--per-channel explains one model: leave out --tta and give --weights once")
     channels = common.read_channels(args, model)
     image, geometry = channels.array, channels.geometry
+    image, picture_notes = common.fit_picture(paths[0], image, geometry, model)
     channel_outs = [channel_file_name(args.out, name) for name in channels.names] if args.per_channel else []
     common.check_outputs(channel_outs, protect)
     class_index = model.class_index(args.class_)
@@ -133,11 +138,15 @@ def run(args: argparse.Namespace) -> int:
         result = run_explain(image, geometry, [spec], layers=args.layer, method=args.method,
                              device=args.device, relu=not args.no_relu, normalization=args.normalize,
                              progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
-                             amp=args.amp, **common.method_options(args, [args.method]))
+                             amp=args.amp, **common.method_options(args, [args.method]),
+                             **common.slice_options(args))
     finally:
         progress.close()
     heat = result.heatmaps[0]
     io.write_image(args.out, heat.array, geometry, protect=protect)
+    if overlay:
+        write_overlay(overlay, image, heat.array, protect=protect)
+        notes = notes + picture_notes + ["wrote the overlay %s" % overlay]
     if args.prediction:
         io.write_image(args.prediction, result.prediction, geometry, protect=protect)
     if args.spread:

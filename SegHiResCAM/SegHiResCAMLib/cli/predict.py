@@ -17,6 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="label map file to write")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--quiet", action="store_true")
+    common.add_slice_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     model = common.load_model(args)
     channels = common.read_channels(args, model)
     image, geometry = channels.array, channels.geometry
+    image, notes = common.fit_picture(protect[0], image, geometry, model)
     progress = common.Progress(args.quiet)
     try:
-        labels, meta = predict_image(model, image, geometry, device=args.device, progress=progress)
+        labels, meta = predict_image(model, image, geometry, device=args.device, progress=progress,
+                                     **common.slice_options(args))
     finally:
         progress.close()
     io.write_image(args.out, labels, geometry, protect=protect)
@@ -43,4 +46,6 @@ def run(args: argparse.Namespace) -> int:
         if channels.channels > 1:
             meta["channels"] = channels.describe()
         write_json(args.json, meta, protect)
+    for note in notes:
+        print("seghirescam: note: %s" % note, file=sys.stderr)
     return 0

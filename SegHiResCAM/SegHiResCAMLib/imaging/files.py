@@ -51,6 +51,11 @@ def read_sitk(path: str) -> sitk.Image:
         raise InputError(f"Image '{path}' does not exist; check the path ({SUPPORTED}).")
     if os.path.isdir(path):
         return read_dicom_folder(path)
+    if path.lower().endswith((".png", ".jpg", ".jpeg")):  # a 2D picture (imaging/pictures.py)
+        try:
+            return sitk.ReadImage(path)
+        except RuntimeError as exc:
+            raise InputError(f"Could not read the picture '{path}': {sitk_reason(exc)}.") from exc
     if _extension(path) is None:
         hint = " (for DICOM give the folder that holds the series)" if path.lower().endswith(".dcm") else ""
         raise InputError(f"Image '{path}' has an unknown file type{hint}; {SUPPORTED}.")

@@ -201,7 +201,8 @@ class ExplainLogic(ComputeLogic):
             predictionSegmentation=parameters.predictionSegmentation if parameters.addPrediction else None,
             errorKind=parameters.errorKind if errors else None,
             component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None,
-            modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters))
+            modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters),
+            sliceAxis=getattr(parameters, "sliceAxis", None))
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
@@ -209,9 +210,11 @@ class ExplainLogic(ComputeLogic):
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
-                component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = ()) -> ExplainRequest:
+                component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
+                sliceAxis: Optional[str] = None) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
+        _choice("sliceAxis", sliceAxis, (None, "auto") + catalog.SLICE_AXES)
         if isinstance(model, str):
             model = model.strip()
             if not model or not _isModelSpec(model):
@@ -266,6 +269,7 @@ class ExplainLogic(ComputeLogic):
             image=image, geometry=geometry, model=model, weights=weights, target=target, targetKind=kind,
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
+            sliceAxis=None if sliceAxis == "auto" else sliceAxis,
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
             extra=dict({"errorKind": errorKind or "",
@@ -348,7 +352,8 @@ class ExplainLogic(ComputeLogic):
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
-                component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = ()):
+                component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
+                sliceAxis: Optional[str] = None):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -368,6 +373,8 @@ class ExplainLogic(ComputeLogic):
             errorKind: ``"fp"`` or ``"fn"``: ``segmentationNode``/``segmentId`` is then the *reference* and the
                 prediction's false positives (why was this segmented?) or false negatives (what suppressed the class
                 there?) against it are explained; ``component``: one connected component of them (0 = largest).
+            sliceAxis: a 2D model on a 3D scan runs slice by slice: ``axial``, ``coronal`` or ``sagittal``
+                (``None``/``auto``: the model card's, else axial; docs/slice_models.md).
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
             modelCard: the model's card (docs/model_card.md): a path to its JSON file or its data as a dict;
@@ -382,7 +389,8 @@ class ExplainLogic(ComputeLogic):
         request = self.prepare(inputVolume, model, segmentationNode, segmentId, classIndex, method, layer,
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
                                predictionSegmentation, weights, errorKind=errorKind, component=component,
-                               modelCard=modelCard, channelVolumes=channelVolumes)
+                               modelCard=modelCard, channelVolumes=channelVolumes,
+                               sliceAxis=sliceAxis)
         return self.apply(request, self.compute(request, progress), show=show)
 
 
