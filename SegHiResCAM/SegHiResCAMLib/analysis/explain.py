@@ -273,6 +273,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         if roi_size is not None:
             raise InputError("windows (roi_size) are for 3D models; a 2D model runs slice by slice, in batches of "
                              "slice_batch slices")
+        if session_cache is not None:  # slices keep no forward pass: drop the one of an earlier run
+            session_cache.clear()
         run = explain_slices(model, image, geometry, targets, layers, method, resolve_device(device), relu,
                              normalization, progress or (lambda f, m: None), labels_on_image, explained_score,
                              slice_axis, slice_context, slice_batch, amp, **method_options)
