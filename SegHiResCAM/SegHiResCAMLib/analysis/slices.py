@@ -69,8 +69,8 @@ def slice_array_axis(geometry: Geometry, axis: str) -> int:
 
     Example:
         >>> g = Geometry(size=(4, 5, 6), spacing=(1, 1, 1), origin=(0, 0, 0), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0))
-        >>> slice_array_axis(g, "axial"), slice_array_axis(g, "sagittal")  # index y points S, index z points A
-        (1, 2)
+        >>> slice_array_axis(g, "axial"), slice_array_axis(g, "sagittal")  # index y points S, index z points L
+        (1, 0)
     """
     if axis not in SLICE_AXES:
         raise InputError("slice axis %r is not one of %s; choose the direction the slices are taken in"
