@@ -397,11 +397,15 @@ def test_read_corrupt_file(tmp_path):
 
 
 def test_unknown_extension(tmp_path, oblique, image):
-    other = tmp_path / "x.png"
-    other.write_bytes(b"\x89PNG")
+    other = tmp_path / "x.gif"
+    other.write_bytes(b"GIF89a")
     with pytest.raises(InputError, match="unknown file type") as info:
         shio.read_image(str(other))
-    assert "supported: .nii, .nii.gz, .nrrd" in str(info.value)
+    assert "supported: .nii, .nii.gz, .nrrd" in str(info.value) and "pictures: .png, .jpg" in str(info.value)
+    broken = tmp_path / "x.png"  # a picture (2D models read PNG/JPEG), but not a readable one
+    broken.write_bytes(b"\x89PNG")
+    with pytest.raises(InputError, match="Could not read the picture"):
+        shio.read_image(str(broken))
     with pytest.raises(InputError, match="unknown file type"):
         shio.write_image(str(tmp_path / "out.png"), image, oblique)
     assert not (tmp_path / "out.png").exists()

@@ -58,7 +58,8 @@ def read_sitk(path: str) -> sitk.Image:
             raise InputError(f"Could not read the picture '{path}': {sitk_reason(exc)}.") from exc
     if _extension(path) is None:
         hint = " (for DICOM give the folder that holds the series)" if path.lower().endswith(".dcm") else ""
-        raise InputError(f"Image '{path}' has an unknown file type{hint}; {SUPPORTED}.")
+        raise InputError(f"Image '{path}' has an unknown file type{hint}; {SUPPORTED}; pictures: .png, .jpg, .jpeg "
+                         "(2D, read only).")
     try:
         return sitk.ReadImage(path)
     except RuntimeError as exc:
