@@ -125,6 +125,8 @@ def test_card_preprocessing_is_applied_and_undone_per_slice_and_batches_agree(im
     expected = per_slice_reference(model, image, mask, 0, normalization="max", card=card)  # coronal: axis 0
     np.testing.assert_array_equal(got.heatmaps[0].array, expected)
     assert "resized from" in " ".join(got.metadata["model_space"]["steps"])
+    slices = [predict_image(model, image[k], plane(0), device="cpu", model_card=card)[0] for k in range(len(image))]
+    np.testing.assert_array_equal(got.prediction, np.stack(slices))  # labels mapped back as for a 2D image
     batched = explain_image(model, image, geometry("oblique"), [TargetSpec(1, mask=mask)], layers="dec",
                             device="cpu", normalization="per-slice", model_card=card, slice_batch=3)
     np.testing.assert_allclose(batched.heatmaps[0].array, expected, rtol=1e-5, atol=1e-6)

@@ -258,9 +258,9 @@ def _forward(model: SegModel, x: torch.Tensor) -> torch.Tensor:
         return main_output(run_model(model.network, x), model.output_key)
 
 
-def _labels_into(labels: np.ndarray, output: torch.Tensor, ks, space: ModelSpace, model, label_map) -> None:
+def _labels_into(labels: np.ndarray, output: torch.Tensor, ks, space: ModelSpace, model, labels_on_image) -> None:
     for b, k in enumerate(ks):
-        labels[k] = space.to_image(label_map(output[b:b + 1], model), "nearest")
+        labels[k] = labels_on_image(output[b:b + 1], model, space)
 
 
 def _predicted(spec) -> bool:
@@ -368,13 +368,14 @@ class _Heat:
 
 def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targets: Sequence, layers, method,
                    device: torch.device, relu: bool, normalization: str, progress: Callable[[float, str], None],
-                   label_map: Callable, explained_score: Callable, slice_axis: Optional[str] = None,
+                   labels_on_image: Callable, explained_score: Callable, slice_axis: Optional[str] = None,
                    slice_context: int = 0, slice_batch: Optional[int] = None, amp: bool = False,
                    **method_options) -> SliceRun:
     """Explain ``targets`` of a 2D ``model`` on a 3D ``image`` slice by slice (see the module docstring).
 
     Args: as :func:`~SegHiResCAMLib.analysis.explain.explain_image`, with ``device`` resolved, ``normalization``
-    one of :data:`NORMALIZATIONS`, ``label_map(output, model)`` and ``explained_score(model, score)`` of
+    one of :data:`NORMALIZATIONS`, ``labels_on_image(output, model, space)`` (a slice's label map on its image
+    grid) and ``explained_score(model, score)`` of
     :mod:`.explain`, ``slice_axis`` (default: the card's, else axial), ``slice_context`` (neighbouring slices on
     each side given as channels) and ``slice_batch`` (slices per forward pass).
 
@@ -408,7 +409,7 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             x, _ = slicer.inputs(ks)
             output = _forward(model, x)
             counts["forward_no_grad"] += len(ks)
-            _labels_into(labels_moved, output, ks, space, model, label_map)
+            _labels_into(labels_moved, output, ks, space, model, labels_on_image)
             labelled.update(ks)
             for i in hits:
                 spec = targets[i]
@@ -464,7 +465,8 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
                 heats[key].add(slicer.moved(heats[key].volume), ks, res, space)
             todo = [b for b, k in enumerate(ks) if k not in labelled]
             if todo:
-                _labels_into(labels_moved, results[0].output[todo], [ks[b] for b in todo], space, model, label_map)
+                _labels_into(labels_moved, results[0].output[todo], [ks[b] for b in todo], space, model,
+                             labels_on_image)
                 labelled.update(ks)
         if not heats:  # nothing to explain (the empty target): zero maps
             for layer in names:
@@ -485,7 +487,7 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     rest = [k for k in range(slicer.count) if k not in labelled]
     for ks in _batches(rest, run.batch):  # the label map of the slices without target voxels
         x, _ = slicer.inputs(ks)
-        _labels_into(labels_moved, _forward(model, x), ks, space, model, label_map)
+        _labels_into(labels_moved, _forward(model, x), ks, space, model, labels_on_image)
         counts["forward_no_grad"] += len(ks)
     progress(1.0, "done")
     metadata = _metadata(model, run, device, started, counts, slices_run, normalization)
@@ -508,7 +510,8 @@ def _metadata(model: SegModel, run: _Run, device, started: float, counts: dict, 
 
 
 def predict_slices(model: SegModel, image: np.ndarray, geometry: Geometry, device: torch.device,
-                   progress: Callable[[float, str], None], label_map: Callable, slice_axis: Optional[str] = None,
+                   progress: Callable[[float, str], None], labels_on_image: Callable,
+                   slice_axis: Optional[str] = None,
                    slice_context: int = 0, slice_batch: Optional[int] = None) -> Tuple[np.ndarray, dict]:
     """The label map of a 2D ``model`` on a 3D ``image``, slice by slice (no gradients), and metadata."""
     started = time.perf_counter()
@@ -519,7 +522,7 @@ def predict_slices(model: SegModel, image: np.ndarray, geometry: Geometry, devic
     for ks in _batches(range(slicer.count), run.batch):
         progress(0.05 + 0.9 * ks[0] / slicer.count, "predicting the slices")
         x, _ = slicer.inputs(ks)
-        _labels_into(slicer.moved(labels), _forward(model, x), ks, run.space, model, label_map)
+        _labels_into(slicer.moved(labels), _forward(model, x), ks, run.space, model, labels_on_image)
     progress(1.0, "done")
     meta = _metadata(model, run, device, started, {"cam": 0, "forward_no_grad": slicer.count}, [], None)
     return run.reorient.back(labels), meta
