@@ -30,7 +30,7 @@ from ..models.base import SegModel
 from ..models.card import apply_card, as_card
 from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
-from .errors import check_error_spec, error_region, error_tables
+from .errors import check_error_spec, component_labels, error_region, error_tables
 from ..imaging.channels import stack_channels
 from .channels import channel_attribution
 from .slices import explain_slices, predict_slices, runs_in_slices
@@ -160,7 +160,7 @@ def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> Segmen
     else:
         region = PredictedRegion(spec.threshold)
     if spec.component is not None and not (spec.empty or spec.whole):
-        region = ComponentRegion(region, spec.component)
+        region = ComponentRegion(region, spec.component, labeller=component_labels)
     name = spec.name or "%s-%s" % (model.class_names[spec.class_index] if 0 <= spec.class_index < model.num_classes
                                    else "class%d" % spec.class_index, spec.kind().replace(" ", "-"))
     kind = SuppressionTarget if spec.error == "fn" else SegmentTarget
