@@ -77,6 +77,17 @@ def test_tta_with_a_mirror_symmetric_net_gives_the_plain_map(scans, which, kind)
     assert float(heat.spread.max()) < 1e-4 and heat.info["ensemble"]["agreement"] > 1 - 1e-6
 
 
+def test_tta_flips_the_spatial_axes_of_a_two_channel_scan(scans):
+    """Several input channels (channels last once stacked): the mirrorings flip the spatial axes, not the channels."""
+    geometry, _, image = scans
+    model = SegModel(network=ErrorToyNet(in_channels=2).eval(), name="two-channel", in_channels=2)
+    channels = [image, np.roll(image, 3, axis=1) * 0.5]
+    plain = explain_image(model, channels, geometry, [TargetSpec(1)], **CPU).heatmaps[0].array
+    heat = explain_ensemble(model, channels, geometry, [TargetSpec(1)], tta=True, **CPU).heatmaps[0]
+    assert heat.info["ensemble"]["members"] == 8 and plain.max() > 0
+    np.testing.assert_allclose(heat.array, plain, atol=1e-5)
+
+
 def test_tta_flips_the_scan_and_the_map_back(scans):
     """A net that is not mirror-symmetric: the TTA mean is the plain map and the flipped run's map flipped back."""
     geometry, _, image = scans

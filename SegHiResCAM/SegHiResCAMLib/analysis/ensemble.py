@@ -24,7 +24,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..geometry import Geometry
+from ..imaging.channels import stack_channels
 from ..models.base import SegModel
+from ..models.card import apply_card, as_card
 from .explain import Heatmap, ImageExplanation, ProgressCallback, TargetSpec, explain_image
 
 #: ``eps`` of the spread map, relative to the largest absolute value of the mean map
@@ -89,7 +91,7 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
 
     Args:
         models: one :class:`~SegHiResCAMLib.models.base.SegModel` or several (folds, weight files).
-        image, geometry, targets: as :func:`~.explain.explain_image`.
+        image, geometry, targets: as :func:`~.explain.explain_image` (one or several input channels).
         tta: ``True`` mirrors along every image axis (all combinations, ``2^ndim`` runs per model), a sequence
             of axes mirrors along those, ``False`` none.
         progress: ``progress(fraction, message)`` over all members.
@@ -104,7 +106,14 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
     models = [models] if isinstance(models, SegModel) else list(models)
     if not models:
         raise InputError("an ensemble needs at least one model")
-    flips = mirror_flips(np.asarray(image).ndim, tta)
+    if explain_options.get("per_channel"):
+        raise InputError("per-channel maps explain one model: leave out tta and give one model")
+    card = explain_options.pop("model_card", None)
+    if card is not None:
+        models = [apply_card(model, as_card(card)) for model in models]
+    # one array on the grid (channels last): the mirrorings flip the spatial axes only
+    image = stack_channels(image, geometry, (models[0].card or {}).get("channels"), models[0].in_channels).array
+    flips = mirror_flips(geometry.ndim, tta)
     members = [(m, flip) for m in range(len(models)) for flip in flips]
     report = progress or (lambda f, m: None)
     runs = []
@@ -112,7 +121,7 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
         def member_progress(f, message, k=k):
             report((k + f) / len(members), "member %d/%d: %s" % (k + 1, len(members), message))
         shown = np.ascontiguousarray(np.flip(image, flip)) if flip else image
-        specs = [flip_target(t, flip, np.shape(image)) for t in targets]
+        specs = [flip_target(t, flip, geometry.array_shape) for t in targets]
         result = explain_image(models[m], shown, geometry, specs, progress=member_progress, **explain_options)
         for heat in result.heatmaps:
             heat.array = np.ascontiguousarray(np.flip(heat.array, flip)) if flip else heat.array
