@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from SegHiResCAMLib import catalog
 from SegHiResCAMLib.analysis.ensemble import combine_maps, explain_ensemble, mirror_flips
 from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image, predict_image
 from SegHiResCAMLib.cli import main
+from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.geometry import Geometry
 from SegHiResCAMLib.imaging import files as io
 from SegHiResCAMLib.models.base import SegModel
@@ -163,3 +165,79 @@ def test_command_line_ensemble_writes_mean_spread_and_agreement(tmp_path, capsys
     assert main(["predict", "--model", "toy_models:unet3d", "--image", path, "--out", bad] + weights) == 2
     assert "--weights was given 2 times" in capsys.readouterr().err
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+class Pointwise2D(torch.nn.Module):
+    """A 2D net of 1x1 convolutions: each voxel's output depends on that voxel only, whatever the slice axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 1), torch.nn.Tanh())
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_slice_axes_of_a_2d_model(scans):
+    geometry, _, image = scans
+    image = image + np.random.RandomState(0).rand(*SHAPE).astype(np.float32) * 0.1
+    torch.manual_seed(0)
+    pointwise = SegModel(network=Pointwise2D().eval(), name="pointwise", spatial_dims=2)
+    opts = dict(layers="features", device="cpu")
+    heat = explain_ensemble(pointwise, image, geometry, [TargetSpec(1, whole=True)], slice_axes=["axial", "coronal"],
+                            **opts).heatmaps[0]
+    assert heat.info["ensemble"]["flat_members"] == 0 and float(heat.array.max()) > 0
+    assert heat.info["ensemble"]["members"] == 2 and heat.info["ensemble"]["agreement"] > 1 - 1e-6
+    assert float(heat.spread.max()) < 1e-4
+    torch.manual_seed(7)  # a seed whose maps are not flat (ReLU) on this scan
+    unet = SegModel(network=toy_models.unet2d().eval(), name="unet2d", spatial_dims=2)
+    opts = dict(layers="dec", device="cpu")
+    result = explain_ensemble(unet, image, geometry, [TargetSpec(1, whole=True)], slice_axes=catalog.SLICE_AXES,
+                              **opts)
+    heat = result.heatmaps[0]
+    singles = [explain_image(unet, image, geometry, [TargetSpec(1, whole=True)], slice_axis=axis, **opts)
+               .heatmaps[0].array for axis in catalog.SLICE_AXES]
+    np.testing.assert_allclose(heat.array, np.mean(singles, axis=0), atol=1e-6)
+    assert heat.info["ensemble"]["flat_members"] == 0 and float(heat.array.max()) > 0
+    assert heat.info["ensemble"]["agreement"] < 0.999 and len(heat.info["ensemble"]["pairwise"]) == 3
+    assert [m["slice_axis"] for m in result.metadata["ensemble"]["members"]] == list(catalog.SLICE_AXES)
+
+
+@pytest.mark.parametrize("axes,options,message", [
+    (["axial"], {}, "two or more of axial, coronal, sagittal"),
+    (["axial", "oblique"], {}, "two or more"),
+    (["axial", "coronal"], {"slice_axis": "axial"}, "not both"),
+])
+def test_bad_slice_axes(scans, axes, options, message):
+    geometry, _, image = scans
+    model = SegModel(network=toy_models.unet2d().eval(), name="unet2d", spatial_dims=2)
+    with pytest.raises(InputError, match=message):
+        explain_ensemble(model, image, geometry, [TargetSpec(1, whole=True)], slice_axes=axes, device="cpu",
+                         **options)
+
+
+def test_slice_axes_need_a_2d_model(scans):
+    geometry, _, image = scans
+    with pytest.raises(InputError, match="slice axes are for a 2D model on a 3D scan"):
+        explain_ensemble(mirror_net(), image, geometry, [TargetSpec(1)], slice_axes=["axial", "coronal"], **CPU)
+
+
+def test_command_line_slice_axes(tmp_path, capsys):
+    image = np.random.RandomState(1).randn(8, 10, 9).astype(np.float32)
+    path, weights = str(tmp_path / "scan.nii.gz"), str(tmp_path / "w2d.pt")
+    io.write_image(path, image, Geometry.identity(image.shape))
+    torch.manual_seed(7)
+    torch.save(toy_models.unet2d().state_dict(), weights)
+    out, spread, meta = (str(tmp_path / name) for name in ("mean.nii.gz", "spread.nii.gz", "run.json"))
+    code = main(["explain", "--model", "toy_models:unet2d", "--weights", weights, "--image", path, "--layer", "dec",
+                 "--whole", "--device", "cpu", "--quiet", "--slice-axes", "all", "--out", out, "--spread", spread,
+                 "--json", meta])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    record = json.load(open(meta))
+    assert [m["slice_axis"] for m in record["ensemble"]["members"]] == list(catalog.SLICE_AXES)
+    assert -1 <= record["agreement"] <= 1 and io.read_image(spread)[0].shape == image.shape
+    assert main(["explain", "--model", "toy_models:unet2d", "--weights", weights, "--image", path, "--whole",
+                 "--device", "cpu", "--quiet", "--slice-axes", "axial,diagonal", "--out", out + "2.nii.gz"]) == 2
+    assert "slice axes must be two or more" in capsys.readouterr().err

@@ -1,7 +1,9 @@
-"""How reliable is the map itself: ensembles of models and mirroring test-time augmentation (TTA).
+"""How reliable is the map itself: ensembles of models, mirroring test-time augmentation (TTA) and, for a 2D model
+on a 3D scan, the slice axes.
 
 :func:`explain_ensemble` explains the same targets with every *member* (each model of a list, e.g. the folds of
-an nnU-Net or several weight files of one architecture, times each mirroring of the scan) and returns, per
+an nnU-Net or several weight files of one architecture, times each mirroring of the scan, times each slice axis of
+a 2D model) and returns, per
 heatmap, the voxel-wise mean map, the spread map and the agreement score (docs/algorithms.md, "Ensembles and
 TTA: mean, spread and agreement"):
 
@@ -22,12 +24,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .. import catalog
 from ..errors import InputError
 from ..geometry import Geometry
 from ..imaging.channels import stack_channels
 from ..models.base import SegModel
 from ..models.card import apply_card, as_card
 from .explain import Heatmap, ImageExplanation, ProgressCallback, TargetSpec, explain_image
+from .slices import runs_in_slices
 
 #: ``eps`` of the spread map, relative to the largest absolute value of the mean map
 SPREAD_EPSILON = 0.01
@@ -86,7 +90,8 @@ def combine_maps(maps: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, fl
 
 def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndarray, geometry: Geometry,
                      targets: Sequence[TargetSpec], tta: Union[bool, Sequence[int], None] = False,
-                     progress: Optional[ProgressCallback] = None, **explain_options) -> ImageExplanation:
+                     slice_axes: Optional[Sequence[str]] = None, progress: Optional[ProgressCallback] = None,
+                     **explain_options) -> ImageExplanation:
     """Explain ``targets`` with every member (model x mirroring) and combine the maps.
 
     Args:
@@ -94,6 +99,8 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
         image, geometry, targets: as :func:`~.explain.explain_image` (one or several input channels).
         tta: ``True`` mirrors along every image axis (all combinations, ``2^ndim`` runs per model), a sequence
             of axes mirrors along those, ``False`` none.
+        slice_axes: a 2D model on a 3D scan: explain along each of these slice axes (``axial``, ``coronal``,
+            ``sagittal``; :mod:`.slices`); the agreement is then between slice axes (and models, mirrorings).
         progress: ``progress(fraction, message)`` over all members.
         **explain_options: passed to :func:`~.explain.explain_image` (layers, method, device, ...).
 
@@ -114,15 +121,17 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
     # one array on the grid (channels last): the mirrorings flip the spatial axes only
     image = stack_channels(image, geometry, (models[0].card or {}).get("channels"), models[0].in_channels).array
     flips = mirror_flips(geometry.ndim, tta)
-    members = [(m, flip) for m in range(len(models)) for flip in flips]
+    axes = check_slice_axes(models, geometry, slice_axes, explain_options)
+    members = [(m, flip, axis) for m in range(len(models)) for flip in flips for axis in axes]
     report = progress or (lambda f, m: None)
     runs = []
-    for k, (m, flip) in enumerate(members):
+    for k, (m, flip, axis) in enumerate(members):
         def member_progress(f, message, k=k):
             report((k + f) / len(members), "member %d/%d: %s" % (k + 1, len(members), message))
         shown = np.ascontiguousarray(np.flip(image, flip)) if flip else image
         specs = [flip_target(t, flip, geometry.array_shape) for t in targets]
-        result = explain_image(models[m], shown, geometry, specs, progress=member_progress, **explain_options)
+        options = dict(explain_options, **({"slice_axis": axis} if axis else {}))
+        result = explain_image(models[m], shown, geometry, specs, progress=member_progress, **options)
         for heat in result.heatmaps:
             heat.array = np.ascontiguousarray(np.flip(heat.array, flip)) if flip else heat.array
         result.prediction = np.ascontiguousarray(np.flip(result.prediction, flip)) if flip else result.prediction
@@ -140,12 +149,32 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
     metadata = dict(first.metadata)
     metadata["agreement"] = heatmaps[0].info["ensemble"]["agreement"] if heatmaps else None
     metadata["ensemble"] = {
-        "members": [{"model": models[m].name, "model_index": m, "flip_axes": list(flip)} for m, flip in members],
+        "members": [dict({"model": models[m].name, "model_index": m, "flip_axes": list(flip)},
+                         **({"slice_axis": axis} if axis else {})) for m, flip, axis in members],
         "models": [model.describe() for model in models], "tta": [list(f) for f in flips],
         "agreement": metadata["agreement"], "spread": "std / (|mean| + %g * max|mean|)" % SPREAD_EPSILON,
         "agreement_definition": "mean pairwise Pearson correlation over voxels where a member's map is non-zero",
         "timings": [run.metadata.get("timings", {}) for run in runs]}
     return ImageExplanation(heatmaps, majority([run.prediction for run in runs]), first.space, metadata)
+
+
+def check_slice_axes(models: Sequence[SegModel], geometry: Geometry, slice_axes: Optional[Sequence[str]],
+                     options: dict) -> List[Optional[str]]:
+    """The slice axes of the members (``[None]``: the run's own); two or more distinct known axes, for 2D models on
+    a 3D scan only, and not together with ``slice_axis``."""
+    if not slice_axes:
+        return [None]
+    axes = list(dict.fromkeys(str(a).strip() for a in slice_axes))
+    unknown = [a for a in axes if a not in catalog.SLICE_AXES]
+    if unknown or len(axes) < 2:
+        raise InputError("slice axes must be two or more of %s, got %s" % (", ".join(catalog.SLICE_AXES),
+                                                                           ", ".join(map(str, slice_axes))))
+    if options.get("slice_axis"):
+        raise InputError("give either slice_axis (one axis) or slice_axes (an agreement between axes), not both")
+    if not all(runs_in_slices(model, geometry) for model in models):
+        raise InputError("slice axes are for a 2D model on a 3D scan, which runs slice by slice; this model sees "
+                         "the whole %dD image: use tta or several models instead" % geometry.ndim)
+    return axes
 
 
 def majority(labels: Sequence[np.ndarray]) -> np.ndarray:

@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
                    "CPU with native bfloat16 (AVX512-BF16/AMX); maps combined in float32")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation: explain the scan flipped "
                    "along every combination of its axes, flip the maps back; --out is their mean")
+    p.add_argument("--slice-axes", help="a 2D model on a 3D scan: explain along each of these slice axes ("
+                   "comma-separated: axial,coronal,sagittal, or all); --out is their mean, the JSON their agreement")
     p.add_argument("--spread", help="with several --weights or --tta: write the voxel-wise spread map (std / mean of "
                    "the members' maps) here; the JSON records their agreement")
     p.add_argument("--per-channel", action="store_true", help="also write one gradient x input map per input "
@@ -104,9 +106,13 @@ def run(args: argparse.Namespace) -> int:
     common.check_outputs([args.out, args.json, args.prediction, args.spread, overlay], protect)
     models = common.load_models(args)
     model = models[0]
-    ensemble = len(models) > 1 or args.tta
+    slice_axes = None
+    if args.slice_axes:
+        slice_axes = catalog.SLICE_AXES if args.slice_axes.strip() == "all" else args.slice_axes.split(",")
+    ensemble = len(models) > 1 or args.tta or bool(slice_axes)
     if args.spread and not ensemble:
-        raise InputError("--spread needs several members: give --weights once per member (2 or more), or --tta")
+        raise InputError("--spread needs several members: give --weights once per member (2 or more), --tta or "
+                         "--slice-axes")
     if args.per_channel and ensemble:
         raise InputError("--per-channel explains one model: leave out --tta and give --weights once")
     channels = common.read_channels(args, model)
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     roi = _roi_size(args.roi_size, geometry.ndim) if args.roi_size else None
     progress = common.Progress(args.quiet)
     try:
-        run_explain = (partial(explain_ensemble, models, tta=args.tta) if ensemble
+        run_explain = (partial(explain_ensemble, models, tta=args.tta, slice_axes=slice_axes) if ensemble
                        else partial(explain_image, model, per_channel=args.per_channel))
         result = run_explain(image, geometry, [spec], layers=args.layer, method=args.method,
                              device=args.device, relu=not args.no_relu, normalization=args.normalize,
