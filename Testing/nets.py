@@ -61,25 +61,27 @@ class TinyUNet(nn.Module):
 
 
 class ErrorToyNet(nn.Module):
-    """A two-class 3D net with known evidence, for the error targets (fixed weights, no training).
+    """A two-class net with known evidence, for the error targets (fixed weights, no training; 3D, or 2D with
+    ``nd=2``).
 
     ``detect`` (the explained layer) splits the input (the sum of its channels) into bright ``relu(x)`` and dark
-    ``relu(-x)`` voxels;
-    ``spread`` averages bright over 3x3x3 and sums dark over ``7x7x7``; the class-1 logit (class 0 is 0) is
-    ``mean3(bright) - inhibit * sum7(dark) - 0.5``. So a bright blob anywhere is segmented (a false positive
-    when the reference lacks it), and a dark blob suppresses the class within 3 voxels (false negatives there).
+    ``relu(-x)`` voxels; ``spread`` averages bright over 3x3(x3) and sums dark over ``7x7(x7)``; the class-1 logit
+    (class 0 is 0) is ``mean3(bright) - inhibit * sum7(dark) - 0.5``. So a bright blob anywhere is segmented (a
+    false positive when the reference lacks it), and a dark blob suppresses the class within 3 voxels (false
+    negatives there).
     """
 
-    def __init__(self, inhibit=1.0, in_channels=1):
+    def __init__(self, inhibit=1.0, in_channels=1, nd=3):
         super().__init__()
-        self.detect = nn.Sequential(nn.Conv3d(in_channels, 2, 1), nn.ReLU())
-        self.spread = nn.Conv3d(2, 2, 7, padding=3, bias=False)
-        self.head = nn.Conv3d(2, 2, 1)
+        self.detect = nn.Sequential(conv(nd, in_channels, 2, 1), nn.ReLU())
+        self.spread = conv(nd, 2, 2, 7, padding=3, bias=False)
+        self.head = conv(nd, 2, 2, 1)
         with torch.no_grad():
-            self.detect[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1, 1).expand(2, in_channels, 1, 1, 1))
+            self.detect[0].weight.copy_(torch.tensor([1.0, -1.0]).view((2, 1) + (1,) * nd).expand(
+                (2, in_channels) + (1,) * nd))
             self.detect[0].bias.zero_()
             self.spread.weight.zero_()
-            self.spread.weight[0, 0, 2:5, 2:5, 2:5] = 1.0 / 27.0
+            self.spread.weight[(0, 0) + (slice(2, 5),) * nd] = 1.0 / 3 ** nd
             self.spread.weight[1, 1] = 1.0
             self.head.weight.zero_()
             self.head.weight[1, 0] = 1.0

@@ -151,3 +151,25 @@ def test_components_of_a_thin_shell_take_one_scan():
     start = time.perf_counter()
     labels = label_components(shell)
     assert time.perf_counter() - start < 10 and labels.max() == 1 and (labels > 0).sum() == shell.sum()
+
+
+def test_error_targets_of_a_2d_model_on_a_3d_scan(scene):
+    """A 2D model run slice by slice (analysis/slices.py): the same known truth, the table on the image grid."""
+    model = SegModel(network=ErrorToyNet(nd=2).eval(), name="error-toy-2d", spatial_dims=2)
+    geometry = scene["geometry"]
+    reference, _ = predict_image(model, scene["clean"], geometry, device="cpu")
+    spec = dict(layers="detect", device="cpu", slice_axis="axial")
+    heat = explain_image(model, scene["bright"], geometry, [TargetSpec(1, error="fp", reference=reference)],
+                         **spec).heatmaps[0]
+    assert share(heat.array, scene["big"] | scene["small"]) > 0.99
+    table = heat.info["components"]
+    assert table["components_total"] == 2 and table["components"][0]["voxels"] > table["components"][1]["voxels"]
+    assert scene["small"][tuple(int(round(c)) for c in table["components"][1]["centroid_index"])]
+    small = explain_image(model, scene["bright"], geometry, [TargetSpec(1, error="fp", reference=reference,
+                                                                        component=1)], **spec).heatmaps[0]
+    assert share(small.array, scene["small"]) > 0.99
+    heat = explain_image(model, scene["dark"], geometry, [TargetSpec(1, error="fn", reference=reference)],
+                         **spec).heatmaps[0]
+    assert share(heat.array, scene["inhibitor"]) > 0.99
+    with pytest.raises(TargetError, match="no false positives of class 1"):
+        explain_image(model, scene["clean"], geometry, [TargetSpec(1, error="fp", reference=reference)], **spec)

@@ -174,3 +174,64 @@ def error_tables(output: torch.Tensor, cam_targets: Sequence, specs: Sequence, s
             rows = [dict(row, mass_inside=row["mass_inside"][j], mass_outside=row["mass_outside"][j])
                     for row in table["components"]]
             heat.info["components"] = dict(table, components=rows)
+
+
+def error_mask(spec, labels: np.ndarray) -> np.ndarray:
+    """The error region of ``spec`` on the image grid from the model's label map ``labels`` (same grid): the 2D
+    model on a 3D scan, whose prediction is assembled slice by slice (:mod:`.slices`)."""
+    check_error_spec(spec)
+    reference = reference_mask(spec) != 0
+    if reference.shape != labels.shape:
+        raise TargetError("the reference has shape %s but the image %s; resample it onto the image grid first (the "
+                          "command line does this for you)" % (reference.shape, labels.shape))
+    predicted = labels == spec.class_index
+    mask = predicted & ~reference if spec.error == "fp" else reference & ~predicted
+    if not mask.any():
+        raise TargetError("there are no %s of class %d against the reference (%d predicted voxels, %d reference "
+                          "voxels): nothing to explain; try the %s target, another class or reference"
+                          % (error_words(spec.error), spec.class_index, int(predicted.sum()), int(reference.sum()),
+                             "fn" if spec.error == "fp" else "fp"))
+    return mask
+
+
+def image_component_table(mask: np.ndarray, geometry, heatmaps: Sequence[np.ndarray], kind: str, class_index: int,
+                          component=None) -> dict:
+    """:func:`component_table` of an error mask on the image grid (ranked there, as the slice path ranks
+    ``--component``); ``mean_probability`` is ``None`` (a slice-by-slice run keeps no probability volume)."""
+    labels = ranked_components(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))).numpy()
+    n = int(labels.max())
+    shown = min(n, MAX_ROWS)
+    flat = np.where(labels <= shown, labels, 0).ravel()
+    voxels = np.bincount(flat, minlength=shown + 1)
+    coords = np.indices(labels.shape).reshape(labels.ndim, -1)
+    centroids = [np.bincount(flat, weights=c, minlength=shown + 1) / np.maximum(voxels, 1) for c in coords]
+    masses = [(float(np.sum(h, dtype=np.float64)), np.bincount(flat, weights=np.asarray(h, np.float64).ravel(),
+                                                                minlength=shown + 1)) for h in heatmaps]
+    voxel_mm3 = float(np.prod(geometry.spacing))
+    chosen = 0 if component == "largest" else component
+    rows = []
+    for k in range(1, shown + 1):
+        centroid = [round(float(c[k]), 3) for c in centroids]
+        point = geometry.ijk_to_lps() @ np.append(np.asarray(centroid[::-1], dtype=float), 1.0)
+        inside = [None if total == 0 else float(values[k] / total) for total, values in masses]
+        rows.append({"index": k - 1, "explained": chosen is None or chosen == k - 1, "voxels": int(voxels[k]),
+                     "volume_mm3": float(voxels[k]) * voxel_mm3, "model_voxels": None, "centroid_index": centroid,
+                     "centroid_lps": [round(float(v), 3) for v in point[:-1]], "mean_probability": None,
+                     "mass_inside": inside, "mass_outside": [None if v is None else 1.0 - v for v in inside]})
+    return {"error": kind, "class": class_index, "components_total": n, "voxel_volume_mm3": voxel_mm3,
+            "components": rows}
+
+
+def slice_error_tables(heatmaps: Sequence, specs: Sequence, labels: np.ndarray, geometry) -> None:
+    """The component tables of the error targets of a slice-by-slice run (``info["components"]``)."""
+    per_target = len(heatmaps) // max(len(specs), 1)
+    for i, spec in enumerate(specs):
+        if getattr(spec, "error", None) is None:
+            continue
+        own = heatmaps[i * per_target:(i + 1) * per_target]
+        table = image_component_table(error_mask(spec, labels), geometry, [h.array for h in own], spec.error,
+                                      spec.class_index, spec.component)
+        for j, heat in enumerate(own):
+            rows = [dict(row, mass_inside=row["mass_inside"][j], mass_outside=row["mass_outside"][j])
+                    for row in table["components"]]
+            heat.info["components"] = dict(table, components=rows)

@@ -30,7 +30,7 @@ from ..models.base import SegModel
 from ..models.card import apply_card, as_card
 from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
-from .errors import check_error_spec, component_labels, error_region, error_tables
+from .errors import check_error_spec, component_labels, error_region, error_tables, slice_error_tables
 from ..imaging.channels import stack_channels
 from .channels import channel_attribution
 from .slices import explain_slices, predict_slices, runs_in_slices
@@ -278,7 +278,9 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         run = explain_slices(model, image, geometry, targets, layers, method, resolve_device(device), relu,
                              normalization, progress or (lambda f, m: None), labels_on_image, explained_score,
                              slice_axis, slice_context, slice_batch, amp, **method_options)
-        return ImageExplanation([Heatmap(*h) for h in run.heatmaps], run.prediction, run.space, run.metadata)
+        heatmaps = [Heatmap(*h) for h in run.heatmaps]
+        slice_error_tables(heatmaps, targets, run.prediction, geometry)
+        return ImageExplanation(heatmaps, run.prediction, run.space, run.metadata)
     if normalization == catalog.PER_SLICE:
         raise InputError("per-slice normalisation is for a 2D model on a 3D scan; this model runs on the whole "
                          "image: use max, minmax or none")

@@ -40,7 +40,7 @@ from ..engine.hooks import model_guard
 from ..engine.layers import auto_layer
 from ..engine.outputs import run_model
 from ..engine.postprocess import normalize
-from ..engine.regions import connected_components
+from ..engine.error_targets import SuppressionTarget
 from ..engine.targets import class_probability, predicted_mask
 from ..errors import InputError, TargetError
 from ..geometry import Geometry
@@ -48,6 +48,7 @@ from ..imaging.conversion import from_sitk, to_sitk
 from ..imaging.model_space import ModelSpace, prepare
 from ..models.base import SegModel, infer_spatial_dims
 from ..models.output import probe_divisible_by, resolve_divisible_by, resolve_output
+from .errors import component_labels, error_mask
 
 #: the anatomical slice directions, the default first
 SLICE_AXES = catalog.SLICE_AXES
@@ -266,7 +267,7 @@ def _labels_into(labels: np.ndarray, output: torch.Tensor, ks, space: ModelSpace
 def _predicted(spec) -> bool:
     """A target whose region is the model's prediction on each slice (found by the gradient-free pass)."""
     return not (spec.empty or spec.whole or spec.voxel is not None or spec.mask is not None
-                or spec.component is not None)
+                or spec.component is not None or spec.error is not None)
 
 
 def _ball(geometry: Geometry, voxel, radius: float) -> np.ndarray:
@@ -281,7 +282,7 @@ def _ball(geometry: Geometry, voxel, radius: float) -> np.ndarray:
 
 def _component(mask: np.ndarray, which) -> np.ndarray:
     """One 3D connected component (26-connected) of ``mask``: ``largest`` or a rank by size."""
-    labels = connected_components(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)))
+    labels = component_labels(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)))
     n = int(labels.max())
     if n == 0:
         raise TargetError("the target region is empty; choose another class, segment or voxel")
@@ -307,6 +308,11 @@ def _image_mask(spec, geometry: Geometry, labels: Optional[np.ndarray]) -> Optio
             mask = mask == spec.label
         if not np.any(mask):
             raise TargetError("the target segment is empty; choose a segment with voxels, or another label")
+    elif spec.error is not None:  # the prediction's errors against the reference
+        if spec.threshold is not None:
+            raise InputError("error targets of a thresholded prediction are not available for a 2D model on a 3D "
+                             "scan; use the arg-max prediction")
+        mask = error_mask(spec, labels)
     elif spec.component is not None:
         if spec.threshold is not None:
             raise InputError("a connected component of a thresholded prediction is not available for a 2D model on "
@@ -385,9 +391,6 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     """
     if normalization not in NORMALIZATIONS:
         raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
-    if any(getattr(spec, "error", None) is not None for spec in targets):
-        raise InputError("error targets (fp/fn) are not available for a 2D model on a 3D scan yet; explain the "
-                         "prediction or a segment")
     started = time.perf_counter()
     progress(0.0, "preparing the slices")
     run = _start(model, image, geometry, device, slice_axis, slice_context, slice_batch)
@@ -403,7 +406,7 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     labelled = set()
     hits: Dict[int, List[int]] = {i: [] for i, spec in enumerate(targets) if _predicted(spec)}
     counts = {"forward_no_grad": 0, "cam": 0}
-    if hits or any(spec.component is not None for spec in targets):  # the prediction first
+    if hits or any(spec.component is not None or spec.error is not None for spec in targets):  # the prediction first
         for ks in _batches(range(slicer.count), run.batch):
             progress(0.05 + 0.2 * ks[0] / slicer.count, "predicting the slices")
             x, _ = slicer.inputs(ks)
@@ -419,7 +422,8 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     heatmaps: List[SliceHeatmap] = []
     slices_run = []
     for i, spec in enumerate(targets):
-        mask = _image_mask(spec, geometry, reorient.back(labels) if spec.component is not None else None)
+        needs_labels = spec.component is not None or spec.error is not None
+        mask = _image_mask(spec, geometry, reorient.back(labels) if needs_labels else None)
         model_masks: Dict[int, np.ndarray] = {}
         if mask is not None:
             mask_moved = slicer.moved(_Reorientation(mask.astype(np.uint8), geometry, reorient.code).image)
@@ -451,8 +455,9 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
                 region = MaskRegion(torch.from_numpy(np.stack([model_masks[k] for k in ks])))
             else:
                 region = WholeRegion() if spec.whole else PredictedRegion(spec.threshold)
-            target = SegmentTarget(spec.class_index, region, score=explained_score(model, spec.score),
-                                   reduction="sum", activation=model.activation, name=name)
+            kind = SuppressionTarget if spec.error == "fn" else SegmentTarget  # fn: what suppressed the class
+            target = kind(spec.class_index, region, score=explained_score(model, spec.score),
+                          reduction="sum", activation=model.activation, name=name)
             x, _ = slicer.inputs(ks)
             session = CAMSession(model.network, x, names, output_key=model.output_key, autocast=amp)
             counts["cam"] += len(ks)
