@@ -320,3 +320,12 @@ def test_a_bad_scheduler_fails_before_any_output(manifest, tmp_path):
     with pytest.raises(InputError, match="--scheduler must be local, none or a scheduler address"):
         run_cohort(manifest, str(tmp_path / "out"), MODEL, OPTIONS, scheduler="my-cluster", progress=False)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_command_line_interrupt_says_the_finished_cases_are_kept(manifest, tmp_path, monkeypatch, capsys):
+    Counter(monkeypatch, fail_at=2)
+    out = str(tmp_path / "out")
+    assert main(["cohort", manifest, "--out", out, "--model", MODEL.spec, "--scheduler", "none", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "cohort interrupted; the finished cases are kept" in err and "nothing was written" not in err
+    assert sorted(os.listdir(os.path.join(out, cohort.CASES_DIR))) == ["clean0"]

@@ -3,6 +3,7 @@ on a local Dask cluster, a running Dask scheduler or a plain loop; resumable; on
 
 import argparse
 import json
+import os
 import sys
 
 from .. import catalog
@@ -65,9 +66,14 @@ def run(args: argparse.Namespace) -> int:
                             threads=args.threads)
     model = ModelSpec(args.model, weights=args.weights, trust_model=args.trust_model, card=common.model_card(args),
                       model_args=json.dumps(json.loads(args.model_args), sort_keys=True) if args.model_args else None)
-    frame = run_cohort(args.manifest, args.out, model, options, scheduler=args.scheduler, workers=args.workers,
-                       cluster=args.cluster, worker_memory=args.worker_memory, retry_failed=args.retry_failed,
-                       progress=not args.quiet)
+    try:
+        frame = run_cohort(args.manifest, args.out, model, options, scheduler=args.scheduler, workers=args.workers,
+                           cluster=args.cluster, worker_memory=args.worker_memory, retry_failed=args.retry_failed,
+                           progress=not args.quiet)
+    except KeyboardInterrupt:  # not "nothing was written": the finished cases are kept and reused
+        print("seghirescam: cohort interrupted; the finished cases are kept in %s: run the same command again to "
+              "continue" % os.path.join(args.out, "cases"), file=sys.stderr)
+        return 130
     if not args.no_report:
         from ..reporting.cohort import write_report
         report = write_report(frame, args.out)
