@@ -329,3 +329,28 @@ def test_command_line_interrupt_says_the_finished_cases_are_kept(manifest, tmp_p
     err = capsys.readouterr().err
     assert "cohort interrupted; the finished cases are kept" in err and "nothing was written" not in err
     assert sorted(os.listdir(os.path.join(out, cohort.CASES_DIR))) == ["clean0"]
+
+
+def test_several_image_columns_are_the_channels_of_one_case(tmp_path):
+    import SimpleITK as sitk
+    rng = np.random.RandomState(0)
+    for name, spacing in (("a", (1.0, 1.0, 1.0)), ("b", (1.0, 1.0, 1.0)), ("c", (2.0, 1.0, 1.0))):
+        image = sitk.GetImageFromArray(rng.rand(8, 12, 10).astype(np.float32))
+        image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(tmp_path / (name + ".nii.gz")))
+    segment = np.zeros((8, 12, 10), np.uint8)
+    segment[2:6, 3:9, 2:8] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(segment), str(tmp_path / "seg.nii.gz"))
+    (tmp_path / "m.csv").write_text("case_id,image_1,image_2,segment,label\nok,a.nii.gz,b.nii.gz,seg.nii.gz,2\n"
+                                    "off-grid,a.nii.gz,c.nii.gz,seg.nii.gz,2\n")
+    model = ModelSpec("toy_models:unet3d", model_args=json.dumps({"in_channels": 2}))
+    frame = run_cohort(str(tmp_path / "m.csv"), str(tmp_path / "out"), model,
+                       CohortOptions(device="cpu", sa_score=False), scheduler="none", progress=False)
+    rows = frame.set_index("case_id")
+    assert rows.loc["ok", "status"] == "done", rows.loc["ok", "error"]
+    assert rows.loc["ok", "prediction_voxels"] >= 0
+    assert rows.loc["off-grid", "status"] == "failed" and "must share one grid" in rows.loc["off-grid", "error"]
+    heat, _ = read_image(os.path.join(cohort.case_folder(str(tmp_path / "out"), "ok"), cohort.HEATMAP_FILE))
+    assert heat.shape == (8, 12, 10)
+    inside = heat[segment == 2].sum() / heat.sum()  # the segment (label 2) is the explained target
+    assert rows.loc["ok", "heat_in_target"] == pytest.approx(inside, rel=1e-5)
