@@ -354,3 +354,22 @@ def test_several_image_columns_are_the_channels_of_one_case(tmp_path):
     assert heat.shape == (8, 12, 10)
     inside = heat[segment == 2].sum() / heat.sum()  # the segment (label 2) is the explained target
     assert rows.loc["ok", "heat_in_target"] == pytest.approx(inside, rel=1e-5)
+
+
+def test_a_2d_cohort_gets_its_report(tmp_path):
+    import SimpleITK as sitk
+    rng = np.random.RandomState(1)
+    rows = []
+    for i in range(3):
+        disc = (np.hypot(*np.indices((24, 20)) - np.array([12, 10])[:, None, None]) < 6 + i).astype(np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray((disc + 0.1 * rng.randn(24, 20)).astype(np.float32)),
+                        str(tmp_path / ("s%d.nii.gz" % i)))
+        sitk.WriteImage(sitk.GetImageFromArray(disc), str(tmp_path / ("r%d.nii.gz" % i)))
+        rows.append("s%d,s%d.nii.gz,r%d.nii.gz,r%d.nii.gz" % (i, i, i, i))
+    (tmp_path / "m.csv").write_text("case_id,image,reference,segment\n" + "\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    assert main(["cohort", str(tmp_path / "m.csv"), "--out", out, "--model", "toy_models:unet2d", "--scheduler",
+                 "none", "--quiet", "--device", "cpu"]) == 0
+    frame = pd.read_csv(os.path.join(out, cohort.TABLE_FILE))
+    assert list(frame["status"]) == ["done"] * 3 and frame["mean_sa"].notna().all()
+    assert os.path.getsize(os.path.join(out, "gallery.png")) > 0

@@ -110,7 +110,8 @@ def ranking_figure(frame, path: str) -> None:
 
 
 def _mid_slice(out: str, case_id: str) -> Optional[dict]:
-    """The axial slice (numpy axis 0) through the middle of the prediction of a finished case, with its maps."""
+    """The axial slice (numpy axis 0) through the middle of the prediction of a finished case, with its maps
+    (a 2D case whole)."""
     record = read_result(out, case_id)
     if not record or record["row"].get("status") != "done":
         return None
@@ -125,10 +126,12 @@ def _mid_slice(out: str, case_id: str) -> Optional[dict]:
             reference = read_mask_on_grid(record["case"]["reference"], geometry, what="reference", binary=True)[0]
         except SegHiResCAMError:  # the gallery shows what it can: a reference gone since the run is left out
             reference = None
-    if image.ndim == 4:  # several channels: the first one
+    if image.ndim == prediction.ndim + 1:  # several channels: the first one
         image = image[..., 0]
     cls = record["provenance"].get("class_index", 1)
     target = prediction == cls
+    if prediction.ndim == 2:  # a 2D case is its own slice
+        return {"image": image, "prediction": target, "heat": heat, "reference": reference, "z": 0}
     where = np.nonzero(target.any(axis=(1, 2)))[0] if target.any() else np.nonzero(
         reference.any(axis=(1, 2)))[0] if reference is not None and reference.any() else [image.shape[0] // 2]
     z = int(where[len(where) // 2])
