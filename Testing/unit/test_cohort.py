@@ -373,3 +373,17 @@ def test_a_2d_cohort_gets_its_report(tmp_path):
     frame = pd.read_csv(os.path.join(out, cohort.TABLE_FILE))
     assert list(frame["status"]) == ["done"] * 3 and frame["mean_sa"].notna().all()
     assert os.path.getsize(os.path.join(out, "gallery.png")) > 0
+
+
+def test_the_default_local_cluster_splits_the_cores_between_its_workers(manifest, first_run, tmp_path, monkeypatch):
+    from SegHiResCAMLib.analysis import cohort_cluster
+    monkeypatch.setattr(cohort_cluster, "machine", lambda: (4, 16 * 2 ** 30))  # sizes the cluster, not the run
+    notes = []
+    cases = read_manifest(manifest)[:2]
+    frame = run_cohort(cases, str(tmp_path / "out"), MODEL, CohortOptions(device="cpu"), workers=2,
+                       progress=False, log=notes.append)
+    assert notes == ["seghirescam: local Dask cluster: 2 worker processes, 2 torch threads each, 6.4 GiB memory "
+                     "limit each"]
+    assert {cohort.read_result(str(tmp_path / "out"), c.case_id)["worker"]["threads"] for c in cases} == {2}
+    pd.testing.assert_frame_equal(results(frame).drop(columns=["sa_rank", "flagged"]),
+                                  results(first_run[1]).iloc[:2].drop(columns=["sa_rank", "flagged"]))
