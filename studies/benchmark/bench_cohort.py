@@ -117,7 +117,7 @@ def main(argv=None):
     with open(os.path.join(args.out, stem + ".json"), "w") as handle:
         json.dump({"meta": meta, "runs": results}, handle, indent=2)
     lines = ["# Cohort benchmark: cases per hour, 1 vs 2 Dask workers, Dask vs a plain loop", "",
-             "Measured %s on %s (%d CPU cores, shared with other jobs: see the load column), torch %s, SegHiResCAM "
+             "Finished %s on %s (%d CPU cores, shared with other jobs: see the load column), torch %s, SegHiResCAM "
              "%s. Command: `%s`." % (meta["when"], meta["machine"], meta["cores"], meta["torch"], __version__,
                                      meta["command"]), "",
              "Cohort: %s; per case a Seg-HiRes-Grad CAM heatmap, the mean SA score and the Dice. Wall time end to "
