@@ -34,6 +34,7 @@ from .errors import check_error_spec, component_labels, error_region, error_tabl
 from ..imaging.channels import stack_channels
 from .channels import channel_attribution
 from .slices import explain_slices, predict_slices, runs_in_slices
+from .nnunet_predict import is_nnunet, nnunet_input, nnunet_windows, predict_nnunet
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -219,6 +220,11 @@ def model_input(model: SegModel, image: np.ndarray, geometry: Geometry,
     :class:`ModelSpace` that maps results back onto the image grid."""
     dev = resolve_device(device)
     model.network.to(dev)
+    if is_nnunet(model):  # nnU-Net's own preprocessing (normalise, then its resampling)
+        x_np, space = nnunet_input(model, image, geometry)
+        x = _to_tensor(x_np, dev, model)
+        resolve_output(model, x)
+        return x, space, dev
     resolve_divisible_by(model)
     x_np, space = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
     x = _to_tensor(x_np, dev, model)
@@ -286,6 +292,9 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                          "image: use max, minmax or none")
     if roi_size is None and model.roi_size is not None:
         roi_size = model.roi_size
+    importance = None
+    if is_nnunet(model):  # nnU-Net's windows: its patch, step 0.5, its Gaussian (analysis/nnunet_predict.py)
+        roi_size, overlap, blend, importance = nnunet_windows(model, geometry.ndim, roi_size, overlap, blend)
     report = progress or (lambda f, m: None)
     timings = {}
     started = time.perf_counter()
@@ -318,7 +327,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
             chosen = auto_layer(model.network, first, model.output_key)
             names = [chosen if n == "auto" else n for n in names]
         session = cached or WindowedCAM(model.network, x, roi, names, overlap=overlap, blend=blend,
-                                        output_key=model.output_key, progress=engine_progress, autocast=amp)
+                                        output_key=model.output_key, progress=engine_progress, autocast=amp,
+                                        importance=importance)
         session.report = engine_progress
         results = session.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
     if session_cache is not None:
@@ -356,17 +366,30 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
 
 def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
                   progress: Optional[ProgressCallback] = None, model_card=None, slice_axis: Optional[str] = None,
-                  slice_context: int = 0, slice_batch: Optional[int] = None) -> Tuple[np.ndarray, dict]:
+                  slice_context: int = 0, slice_batch: Optional[int] = None,
+                  tta: bool = False) -> Tuple[np.ndarray, dict]:
     """The model's label map on the image grid, and metadata (one forward pass, no gradients);
-    ``model_card`` and the ``slice_*`` options (a 2D model on a 3D image) as in :func:`explain_image`."""
+    ``model_card`` and the ``slice_*`` options (a 2D model on a 3D image) as in :func:`explain_image`. An nnU-Net
+    model predicts as ``nnUNetv2_predict`` (:mod:`.nnunet_predict`; ``tta``: its mirroring; a 2d configuration
+    slice by slice along the first array axis, as nnU-Net)."""
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
     image = stack_channels(image, geometry, (model.card or {}).get("channels"), model.in_channels).array
+    report = progress or (lambda f, m: None)
+    started = time.perf_counter()
+    if is_nnunet(model):
+        dev = resolve_device(device)
+        result = predict_nnunet(model, image, geometry, dev, tta=tta, progress=report)
+        report(1.0, "done")
+        meta = {"seghirescam_version": __version__, "device": str(dev), "model": model.describe(),
+                "model_space": result["space"].describe(), "timings": {"total_s": time.perf_counter() - started},
+                "inference": dict(model.inference, windows=result["windows"], tta=bool(tta))}
+        return result["labels"], meta
+    if tta:
+        raise InputError("--tta (nnU-Net's mirroring) applies to nnU-Net models only; %s is not one" % model.name)
     if runs_in_slices(model, geometry):
         return predict_slices(model, image, geometry, resolve_device(device), progress or (lambda f, m: None),
                               labels_on_image, slice_axis, slice_context, slice_batch)
-    report = progress or (lambda f, m: None)
-    started = time.perf_counter()
     report(0.0, "preparing the image")
     x, space, dev = model_input(model, image, geometry, device)
     check_input(model.network, x)

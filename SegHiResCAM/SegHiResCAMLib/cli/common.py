@@ -46,6 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow weight files that hold pickled Python objects (they can run code: trusted files only)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+    p.add_argument("--structure", help="with --model totalseg:TASK: the structure (e.g. liver) whose part of the task "
+                   "is loaded; also the default --class")
     add_card_args(p)
 
 
@@ -249,8 +251,16 @@ def load_model(args: argparse.Namespace, weights: Optional[str] = None):
     if weights is None and len(given) > 1:
         raise InputError("--weights was given %d times; only `seghirescam explain` takes several (an ensemble): "
                          "give one weights file" % len(given))
+    options = {"model_args": json.loads(args.model_args)} if args.model_args else {}
+    if getattr(args, "structure", None):
+        if not str(args.model).startswith("totalseg:"):
+            raise InputError("--structure %r needs a TotalSegmentator model (--model totalseg:TASK), got --model %r"
+                             % (args.structure, args.model))
+        options["structure"] = args.structure
+        if getattr(args, "class_", None) == "1":  # the default: explain the structure
+            args.class_ = args.structure
     return load(args.model, weights=weights or (given[0] if given else None), trust_model=args.trust_model,
-                model_card=model_card(args), **({"model_args": json.loads(args.model_args)} if args.model_args else {}))
+                model_card=model_card(args), **options)
 
 
 def load_models(args: argparse.Namespace) -> list:

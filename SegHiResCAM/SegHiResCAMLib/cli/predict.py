@@ -16,6 +16,8 @@ def add_parser(subparsers) -> None:
     common.add_image_arg(p, channels=True)
     p.add_argument("--out", required=True, help="label map file to write")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
+    p.add_argument("--tta", action="store_true",
+                   help="nnU-Net models: test-time mirroring as nnUNetv2_predict does by default (8x slower in 3D)")
     p.add_argument("--quiet", action="store_true")
     common.add_slice_args(p)
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     image, notes = common.fit_picture(protect[0], image, geometry, model)
     progress = common.Progress(args.quiet)
     try:
-        labels, meta = predict_image(model, image, geometry, device=args.device, progress=progress,
+        labels, meta = predict_image(model, image, geometry, device=args.device, progress=progress, tta=args.tta,
                                      **common.slice_options(args))
     finally:
         progress.close()

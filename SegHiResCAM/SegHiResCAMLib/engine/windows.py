@@ -90,6 +90,7 @@ class WindowedCAM:
         blend: ``constant`` or ``gaussian`` importance.
         output_key: dict key of the main output.
         progress: ``progress(fraction, message)``; may raise ``CancelledError`` between windows.
+        importance: window weights ``[*roi]`` instead of ``blend``'s (e.g. nnU-Net's Gaussian).
         autocast: run windows under ``torch.autocast`` (:func:`.cam.autocast_context`: float16 on CUDA, bfloat16 on
             a CPU that has it); maps are accumulated in float32.
     """
@@ -97,7 +98,7 @@ class WindowedCAM:
     def __init__(self, model: nn.Module, x: torch.Tensor, roi_size: Union[int, Sequence[int]],
                  layers: Sequence[str], overlap: float = 0.25, blend: str = "constant",
                  output_key: Optional[str] = None, progress: Optional[Callable[[float, str], None]] = None,
-                 autocast: bool = False):
+                 autocast: bool = False, importance: Optional[torch.Tensor] = None):
         check_input(model, x)
         nd = x.ndim - 2
         roi = (roi_size,) * nd if isinstance(roi_size, int) else tuple(int(r) for r in roi_size)
@@ -117,6 +118,10 @@ class WindowedCAM:
         self.roi = tuple(min(r, s) for r, s in zip(roi, self.spatial))
         self.x_input = x.detach()
         self.weights = importance_map(self.roi, blend, device=x.device)
+        if importance is not None:  # a framework's own window weights (nnU-Net's Gaussian: engine/sliding.py)
+            if tuple(importance.shape) != self.roi:
+                raise InputError("importance map of shape %s for windows of %s" % (tuple(importance.shape), self.roi))
+            self.weights = importance.to(device=x.device, dtype=torch.float32)
         self._prediction: Optional[torch.Tensor] = None
         self.windows: List[Tuple[int, ...]] = []
         self._layer_shapes: Dict[str, Tuple[int, ...]] = {}  # [K, *S_layer] of one window, per layer

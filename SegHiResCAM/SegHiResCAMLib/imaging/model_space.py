@@ -98,8 +98,14 @@ class ModelSpace:
                                                       direction=self.image.direction)))
         return out
 
-    def channel_to_image(self, channel: np.ndarray) -> Iterator[Tuple[slice, np.ndarray]]:
-        """One class's scores on the model grid -> ``(slab, float32 values)`` over the image grid, slab by slab.
+    def outside_score(self, c: int, channels: int, activation: str) -> float:
+        """The score of class ``c`` where the model saw nothing of the image (none here: the model grid covers
+        it; :class:`~SegHiResCAMLib.imaging.nnunet_space.NnunetSpace` crops)."""
+        return 0.0
+
+    def channel_to_image(self, channel: np.ndarray, fill: float = 0.0) -> Iterator[Tuple[slice, np.ndarray]]:
+        """One class's scores on the model grid -> ``(slab, float32 values)`` over the image grid, slab by slab
+        (``fill``: the value where the model saw nothing, see :meth:`outside_score`).
 
         Linear interpolation from the unpadded model grid; beyond its outermost voxel centres the coordinates are
         clamped to them (as nnU-Net's resizing does), never the padding's values."""
@@ -132,7 +138,7 @@ class ModelSpace:
         :meth:`labels_to_image`."""
         out = np.empty((channels,) + tuple(self.image.array_shape), dtype=np.float32)
         for c in range(channels):
-            for part, values in self.channel_to_image(scores(c)):
+            for part, values in self.channel_to_image(scores(c), self.outside_score(c, channels, activation)):
                 out[(c, part)] = values
         if activation == "sigmoid":
             return (1.0 / (1.0 + np.exp(-out))).astype(np.float32)
@@ -150,12 +156,12 @@ class ModelSpace:
         dtype = np.uint8 if channels < 256 else np.uint16
         labels = np.zeros(self.image.array_shape, dtype=dtype)
         if activation == "sigmoid" and channels == 1:
-            for part, values in self.channel_to_image(scores(0)):
+            for part, values in self.channel_to_image(scores(0), self.outside_score(0, 1, activation)):
                 labels[part] = values > 0
             return labels
         best = np.full(self.image.array_shape, -np.inf, dtype=np.float32)
         for c in range(channels):
-            for part, values in self.channel_to_image(scores(c)):
+            for part, values in self.channel_to_image(scores(c), self.outside_score(c, channels, activation)):
                 better = values > best[part]
                 labels[part][better] = c + 1 if activation == "sigmoid" else c
                 np.maximum(best[part], values, out=best[part])

@@ -199,6 +199,8 @@ class SegModel:
         card: the model card applied to this model (its JSON form), for provenance.
         resolved: what ``auto`` settings were resolved to (``divisible_by``, ``output``), for provenance.
         roi_size: the default window of windowed inference (the card's ``patch_size``), array order.
+        inference: a framework's own inference recipe, or ``None``; ``{"framework": "nnunet", ...}`` from the
+            nnU-Net loader makes prediction follow nnU-Net (``imaging/nnunet_space.py``, ``engine/sliding.py``).
     """
 
     network: nn.Module
@@ -217,6 +219,7 @@ class SegModel:
     card: Optional[dict] = None
     resolved: dict = field(default_factory=dict)
     roi_size: Optional[Tuple[int, ...]] = None
+    inference: Optional[dict] = None
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):

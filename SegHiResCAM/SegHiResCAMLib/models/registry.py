@@ -19,6 +19,7 @@ from .card import apply_card, as_card, find_card
 from .monai import bundle as monai_bundle
 from .monai import networks as monai_networks
 from .nnunet import loader as nnunet
+from .nnunet import totalseg
 from .torchscript import loader as torchscript
 
 
@@ -37,6 +38,7 @@ KINDS: List[ModelKind] = [
     ModelKind("monai-network", monai_networks.accepts, monai_networks.load_monai_network),
     ModelKind("monai-bundle", monai_bundle.is_monai_bundle, monai_bundle.load_monai_bundle),
     ModelKind("nnunet", nnunet.is_nnunet_folder, nnunet.load_nnunet),
+    ModelKind("totalsegmentator", totalseg.accepts, totalseg.load),
     ModelKind("torchscript", torchscript.accepts_torchscript_spec, torchscript.load_torchscript),
     ModelKind("onnx", torchscript.is_onnx_file, torchscript.load_onnx),
     ModelKind("factory", factory.is_factory_spec, factory.load_factory_model),
@@ -46,7 +48,7 @@ KINDS: List[ModelKind] = [
 #: kinds whose loaders build a network that returns logits (HD-BET's softmax is switched off, nnU-Net and MONAI
 #: bundles apply their activation in post-processing): their ``output`` is ``logits``, not probed (a card may say
 #: otherwise)
-LOGIT_KINDS = ("hd-bet", "monai-bundle", "nnunet")
+LOGIT_KINDS = ("hd-bet", "monai-bundle", "nnunet", "totalsegmentator")
 
 
 def kind_names() -> List[str]:
@@ -60,13 +62,13 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
 
     Args:
         spec: ``hd-bet``, a TorchScript/ONNX file, a MONAI bundle folder or ``monai:Name``, an nnU-Net v2
-            trained-model folder, or ``package.module:factory`` / ``file.py:factory``.
+            trained-model folder, ``totalseg:TASK`` (installed TotalSegmentator weights), or ``package.module:factory`` / ``file.py:factory``.
         weights: a state-dict file for the kinds that take one.
         trust_model: allow files that can run code (pickled objects, MONAI ``$`` expressions).
         model_card: a :class:`~.card.ModelCard`, a card file or its JSON data (``docs/model_card.md``); ``None``
             uses ``<model>.card.json`` next to the model file when there is one (:func:`~.card.find_card`);
             ``False``: no card.
-        options: kind-specific options (``fold``, ``configuration``, ``model_args``, ...).
+        options: kind-specific options (``fold``, ``configuration``, ``model_args``, ``structure``, ...).
 
     Returns:
         a :class:`~.base.SegModel`.

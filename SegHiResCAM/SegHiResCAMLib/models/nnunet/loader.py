@@ -340,6 +340,17 @@ def permute_weights(network: nn.Module, state: Dict[str, torch.Tensor],
     return out
 
 
+def _resampling(config: Dict[str, Any], key: str, default: Dict[str, Any]) -> Dict[str, Any]:
+    """The plans' resampling of the data or of the logits: ``order``, ``order_z``, ``force_separate_z``."""
+    name = config.get(key, "resample_data_or_seg_to_shape")
+    if name not in ("resample_data_or_seg_to_shape", "resample_data_or_seg_to_spacing"):
+        raise ModelError("the plans resample with %r (%s); only nnU-Net's default resample_data_or_seg_to_shape is "
+                         "supported" % (name, key))
+    kwargs = dict(default, force_separate_z=None)
+    kwargs.update({k: v for k, v in (config.get(key + "_kwargs") or {}).items() if k != "is_seg"})
+    return {k: kwargs[k] for k in ("order", "order_z", "force_separate_z")}
+
+
 def _lcm(values) -> int:
     import math  # noqa: PLC0415
     out = 1
@@ -467,6 +478,16 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
                          pad_side="both", pad_value=0.0, min_size=patch,  # nnU-Net's pad_nd_image centres
                          channels=tuple(per_channel) if in_channels > 1 else None,
                          **intensity)
+    mirror = ckpt.get("inference_allowed_mirroring_axes") if isinstance(ckpt, dict) else None
+    inference = {
+        "framework": "nnunet", "dims": dims, "configuration": config_name, "patch_size": list(patch),
+        "spacing": [float(s) for s in spacing_array], "step": 0.5,
+        "data_resampling": _resampling(config, "resampling_fn_data", {"order": 3, "order_z": 0}),
+        "probability_resampling": _resampling(config, "resampling_fn_probabilities", {"order": 1, "order_z": 0}),
+        # nnU-Net's mirror axes are axes of the transposed array: network axis i is array axis order[i]
+        "mirror_axes": sorted(order[int(a)] for a in mirror) if mirror is not None else list(range(dims)),
+        "regions_class_order": list(region_order) if region_order is not None else None,
+    }
     trainer = ckpt.get("trainer_name", parts[0] if len(parts) == 3 else "unknown")
     source = "nnU-Net v2 %s, %s, configuration %s, %s (epoch %s), %s%s" % (
         plans.get("dataset_name", os.path.basename(os.path.dirname(folder))), trainer, config_name, fold_name,
@@ -474,4 +495,4 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
         "; regions_class_order %s" % (region_order,) if region_order is not None else "")
     return SegModel(network=network, name="nnunet:%s/%s" % (os.path.basename(folder), fold_name), spatial_dims=dims,
                     in_channels=in_channels, activation=activation, class_names=class_names, preprocessing=prep,
-                    source=source, file_hashes={path: file_sha256(path)}, patch_size=patch)
+                    source=source, file_hashes={path: file_sha256(path)}, patch_size=patch, inference=inference)

@@ -1,0 +1,214 @@
+"""nnU-Net models predict what nnU-Net predicts: ``nnunetv2`` itself is the oracle.
+
+The session fixture ``nnunet_oracle`` trains a tiny real nnU-Net v2 model on a synthetic dataset with nnU-Net's
+own planning, preprocessing and trainer, and predicts test images with ``nnUNetPredictor``
+(``Testing/nnunet_oracle.py``); the result is cached on disk (``$SEGHIRESCAM_TEST_CACHE`` or
+``~/.cache/seghirescam-test``), keyed by that script and the nnunetv2/torch versions, so reruns cost nothing.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version
+
+import numpy as np
+import pytest
+import torch
+
+from SegHiResCAMLib.analysis.nnunet_predict import predict_nnunet
+from SegHiResCAMLib.engine.sliding import nnunet_gaussian, nnunet_steps
+from SegHiResCAMLib.imaging import files as io
+from SegHiResCAMLib.imaging.nnunet_space import own_resample, resample_data_or_seg
+from SegHiResCAMLib.models.nnunet.loader import load_nnunet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ORACLE = os.path.join(os.path.dirname(HERE), "nnunet_oracle.py")
+#: the agreement asked of the parity tests (issue #17)
+MAX_PROBABILITY_DIFF = 1e-3
+MIN_DICE = 0.99
+
+
+def _cache_root() -> str:
+    return os.environ.get("SEGHIRESCAM_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                    "seghirescam-test")
+
+
+@pytest.fixture(scope="session")
+def nnunet_oracle():
+    """``(folder of the oracle's outputs, its done.json)``; made once (see the module docstring)."""
+    with open(ORACLE, "rb") as handle:
+        key = hashlib.sha256(handle.read() + version("nnunetv2").encode() + torch.__version__.encode()).hexdigest()
+    folder = os.path.join(_cache_root(), "nnunet-oracle-%s" % key[:16])
+    if not os.path.isfile(os.path.join(folder, "done.json")):
+        os.makedirs(_cache_root(), exist_ok=True)
+        work = tempfile.mkdtemp(prefix="nnunet-oracle-", dir=_cache_root())
+        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+        run = subprocess.run([sys.executable, ORACLE, work], env=env, capture_output=True, text=True, timeout=1800)
+        if run.returncode != 0:
+            shutil.rmtree(work, ignore_errors=True)
+            raise AssertionError("the nnU-Net oracle failed:\n%s" % (run.stdout[-3000:] + run.stderr[-3000:]))
+        shutil.rmtree(os.path.join(work, "preprocessed"), ignore_errors=True)  # only the trained model is needed
+        try:
+            os.rename(work, folder)
+        except OSError:  # another session made it meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(folder, "done.json")) as handle:
+        return folder, json.load(handle)
+
+
+def _model_folder(root: str, done: dict, configuration: str) -> str:
+    return os.path.join(root, "results", done["dataset"], "nnUNetTrainer__nnUNetPlans__%s" % configuration)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
+
+
+def test_window_steps_and_gaussian_are_nnunets():
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+    for size, patch in [((14, 84, 76), (12, 48, 48)), ((110, 64), (64, 64)), ((20, 129, 200), (16, 64, 96))]:
+        assert nnunet_steps(size, patch, 0.5) == compute_steps_for_sliding_window(size, patch, 0.5)
+    for patch in [(12, 48, 48), (48, 48), (5, 7, 9)]:
+        want = compute_gaussian(patch, 1.0 / 8, 10, device=torch.device("cpu"))
+        assert want.dtype == torch.float16
+        assert torch.equal(nnunet_gaussian(patch), want)
+
+
+@pytest.mark.parametrize("shape,spacing,target,order,order_z", [
+    ((1, 9, 30, 28), (3.5, 1.0, 1.0), (3.43, 0.8, 0.9), 3, 0),   # anisotropic: separate z (nearest along z)
+    ((2, 9, 30, 28), (1.0, 1.2, 1.1), (1.5, 1.0, 0.7), 3, 0),    # isotropic enough: one 3D spline
+    ((1, 8, 20, 22), (1.0, 1.0, 4.2), (1.0, 0.8, 3.0), 1, 0),    # low-resolution axis last, linear (logits)
+])
+def test_own_resampling_is_nnunets(shape, spacing, target, order, order_z):
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
+    data = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)
+    new = compute_new_shape(shape[1:], spacing, target)
+    want = resample_data_or_seg_to_shape(data, new, spacing, target, is_seg=False, order=order, order_z=order_z,
+                                         force_separate_z=None)
+    got = own_resample(data, new, spacing, target, order, order_z, None)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-5
+    np.testing.assert_allclose(resample_data_or_seg(data, new, spacing, target, order, order_z), want, atol=1e-6)
+
+
+def _compare(root, done, configuration, name, tta, dtype=torch.float16):
+    model = load_nnunet(_model_folder(root, done, configuration), fold="all")
+    image, geometry = io.read_image(os.path.join(root, "images", "%s.nii.gz" % name))
+    result = predict_nnunet(model, image, geometry, torch.device("cpu"), tta=tta, probabilities=True, dtype=dtype)
+    oracle = np.load(os.path.join(root, "oracle.npz"))
+    key = "%s/%s/%s" % (configuration, name, "tta" if tta else "plain")
+    want_probs, want_seg = oracle[key + "/probabilities"], oracle[key + "/seg"]
+    assert result["probabilities"].shape == want_probs.shape and result["labels"].shape == want_seg.shape
+    diff = float(np.abs(result["probabilities"] - want_probs).max())
+    dices = [dice(result["labels"] == c, want_seg == c) for c in range(1, want_probs.shape[0])]
+    print("nnU-Net parity %s %s tta=%s: windows %d, max|dp| %.2e, Dice %s, labels differ at %d of %d voxels"
+          % (configuration, name, tta, result["windows"], diff, ["%.4f" % d for d in dices],
+             int((result["labels"] != want_seg).sum()), want_seg.size))
+    return diff, dices, result
+
+
+@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("configuration,name", [("3d_fullres", "oblique"), ("3d_fullres", "flipped"), ("2d", "flipped")])
+def test_prediction_matches_nnunet(nnunet_oracle, configuration, name, tta):
+    root, done = nnunet_oracle
+    diff, dices, result = _compare(root, done, configuration, name, tta)
+    assert diff <= MAX_PROBABILITY_DIFF
+    assert min(dices) >= MIN_DICE
+    if configuration == "3d_fullres" and name == "oblique":
+        assert result["windows"] > 1  # the case needs several windows
+
+
+def test_cli_predict_writes_nnunets_segmentation_on_the_image_grid(nnunet_oracle, tmp_path):
+    root, done = nnunet_oracle
+    folder = _model_folder(root, done, "3d_fullres")
+    source = os.path.join(root, "images", "oblique.nii.gz")
+    out = str(tmp_path / "seg.nii.gz")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(HERE), "..", "SegHiResCAM")]
+                                                      + sys.path))
+    run = subprocess.run([sys.executable, "-m", "SegHiResCAMLib.cli", "predict", "--model", folder, "--model-args",
+                          '{"fold": "all"}', "--tta", "--image", source, "--out", out, "--device", "cpu", "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    labels, geometry = io.read_image(out)
+    _, want_geometry = io.read_image(source)
+    assert geometry.same_grid(want_geometry, atol=1e-6)
+    want = np.load(os.path.join(root, "oracle.npz"))["3d_fullres/oblique/tta/seg"]
+    assert min(dice(labels == c, want == c) for c in (1, 2)) >= MIN_DICE
+
+
+# ------------------------------------------------------------------------------------------------ TotalSegmentator
+
+def _totalseg_home(root, done, tmp_path):
+    """A folder laid out like TotalSegmentator's, with the tiny nnU-Net model as parts 1 and 2 of ``total``."""
+    from SegHiResCAMLib.models.nnunet.totalseg import TASKS
+    source = _model_folder(root, done, "3d_fullres")
+    results = tmp_path / "totalseg" / "nnunet" / "results"
+    parts = {291: ("Dataset291_TotalSegmentator_part1_organs_1559subj", {"liver": 1, "spleen": 2}),
+             292: ("Dataset292_TotalSegmentator_part2_vertebrae_1532subj", {"vertebrae_L1": 1, "vertebrae_L2": 2})}
+    assert set(parts) <= set(TASKS["total"])
+    for name, labels in parts.values():
+        folder = results / name / "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("checkpoint_best.pth", "*.png", "*.txt"))
+        with open(folder / "dataset.json") as handle:
+            dataset = json.load(handle)
+        dataset["labels"] = dict({"background": 0}, **labels)
+        with open(folder / "dataset.json", "w") as handle:
+            json.dump(dataset, handle)
+    return str(tmp_path / "totalseg")
+
+
+def test_totalsegmentator_by_task_and_structure(nnunet_oracle, tmp_path, monkeypatch):
+    from SegHiResCAMLib.errors import ModelError
+    from SegHiResCAMLib.models import load_model
+    root, done = nnunet_oracle
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", _totalseg_home(root, done, tmp_path))
+    liver = load_model("totalseg:total", structure="liver", fold="all")
+    assert liver.class_names == ["background", "liver", "spleen"] and liver.class_index("liver") == 1
+    assert "Dataset291" in liver.name and liver.inference["framework"] == "nnunet"
+    spine = load_model("totalseg:total", structure="Vertebrae_L2", fold="all")
+    assert "Dataset292" in spine.name and spine.class_index("vertebrae_L2") == 2
+    with pytest.raises(ModelError, match="no structure 'heart'.*not installed"):
+        load_model("totalseg:total", structure="heart", fold="all")
+    with pytest.raises(ModelError, match="has 2 parts"):
+        load_model("totalseg:total", fold="all")
+    with pytest.raises(ModelError, match="not installed.*totalseg_download_weights -t lung_vessels"):
+        load_model("totalseg:lung_vessels")
+    with pytest.raises(ModelError, match="unknown TotalSegmentator task 'organs'"):
+        load_model("totalseg:organs")
+    # the same weights as the nnU-Net folder: the same prediction as nnU-Net's
+    image, geometry = io.read_image(os.path.join(root, "images", "flipped.nii.gz"))
+    labels = predict_nnunet(liver, image, geometry, torch.device("cpu"))["labels"]
+    want = np.load(os.path.join(root, "oracle.npz"))["3d_fullres/flipped/plain/seg"]
+    assert dice(labels == 1, want == 1) >= MIN_DICE
+
+
+def test_structure_needs_a_totalsegmentator_model(tmp_path):
+    from SegHiResCAMLib.cli import main
+    image = tmp_path / "im.nii.gz"
+    io.write_image(str(image), np.zeros((4, 4, 4), np.float32), __import__("SegHiResCAMLib.geometry").geometry
+                   .Geometry.identity((4, 4, 4)))
+    assert main(["predict", "--model", "hd-bet", "--structure", "liver", "--image", str(image),
+                 "--out", str(tmp_path / "o.nii.gz")]) == 2
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_explain_blends_nnunets_windows(nnunet_oracle):
+    """``explain`` runs nnU-Net's preprocessing and windows (patch, overlap 0.5, nnU-Net's Gaussian): its blended
+    prediction is nnU-Net's up to the window starts (aligned to the explained layer's down-sampling)."""
+    from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image
+    root, done = nnunet_oracle
+    model = load_nnunet(_model_folder(root, done, "3d_fullres"), fold="all")
+    image, geometry = io.read_image(os.path.join(root, "images", "oblique.nii.gz"))
+    result = explain_image(model, image, geometry, [TargetSpec(class_index=1)], device="cpu")
+    heat = result.heatmaps[0]
+    assert heat.array.shape == image.shape and heat.info["options"]["roi_size"] == model.inference["patch_size"]
+    assert heat.info["options"]["windows"] > 1 and heat.info["options"]["blend"] == "gaussian"
+    want = np.load(os.path.join(root, "oracle.npz"))["3d_fullres/oblique/plain/seg"]
+    dices = [dice(result.prediction == c, want == c) for c in (1, 2)]
+    print("nnU-Net explain prediction vs nnUNetPredictor: Dice %s" % ["%.4f" % d for d in dices])
+    assert min(dices) >= 0.98
