@@ -448,12 +448,21 @@ def test_nnunet_predict_image_on_a_small_image(tmp_path):
                     direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
     labels, meta = predict_image(model, image, geom, device="cpu")
     assert labels.shape == shape and set(np.unique(labels)) <= {0, 1, 2}
-    # the same by hand: nnU-Net's CT normalisation, symmetric zero padding to multiples of 4, argmax, crop
+    # nnU-Net itself on the same input: its CT normalisation (the spacing is the plans'), then its Gaussian sliding
+    # window (patch 8 x 16 x 16, step 0.5: 8 windows), arg-max
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager(_plans())
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    with open(os.path.join(folder, "dataset.json")) as handle:
+        dataset = json.load(handle)
+    predictor.manual_initialization(_eager(net), plans, plans.get_configuration("3d_fullres"), None, dataset,
+                                    "nnUNetTrainer", None)
     x = (np.clip(image, -958.0, 327.0) - 99.5) / 137.1
-    padded = np.pad(x, [(1, 1), (0, 0), (1, 1)])
-    with torch.no_grad():
-        logits = _eager(net)(torch.from_numpy(padded.astype(np.float32))[None, None])
-    expect = logits[0].argmax(0).numpy()[1:-1, :, 1:-1]
+    logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(x.astype(np.float32))[None])
+    expect = logits.float().argmax(0).numpy()
+    assert meta["inference"]["windows"] == 8
     np.testing.assert_array_equal(labels, expect)
     assert len(np.unique(labels)) > 1
     assert meta["model"]["preprocessing"]["spacing"] == [1.5, 1.0, 2.0]

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..geometry import Geometry
 from ..imaging.nnunet_space import NnunetSpace, prepare_nnunet
 from ..models.base import SegModel
+from ..models.nnunet.loader import FoldEnsemble
 
 
 def is_nnunet(model: SegModel) -> bool:
@@ -44,18 +45,27 @@ def nnunet_windows(model: SegModel, image_dims: int, roi_size, overlap: float, b
 def nnunet_logits(model: SegModel, x: torch.Tensor, tta: bool = False, dtype=torch.float32,
                   progress: Optional[Callable[[float, str], None]] = None) -> torch.Tensor:
     """Blended logits ``[1, C, *S]`` of the preprocessed input ``x`` ``[1, C, *S]`` (CPU float32 result)."""
+    networks = list(model.network.folds) if isinstance(model.network, FoldEnsemble) else [model.network]
+    total = None
+    for network in networks:  # folds one after the other, their logits averaged in ``dtype`` as nnU-Net does
+        logits = _logits(network, model, x, tta, dtype, progress).to(dtype)
+        total = logits if total is None else total.add_(logits)
+    return total.div_(len(networks)).float() if len(networks) > 1 else total.float()
+
+
+def _logits(network, model: SegModel, x: torch.Tensor, tta: bool, dtype, progress) -> torch.Tensor:
     info = model.inference
     patch, step = info["patch_size"], float(info.get("step", 0.5))
     mirror = info.get("mirror_axes") if tta else None
     report = progress or (lambda f, m: None)
-    with model_guard(model.network, freeze_parameters=False), torch.no_grad():
+    with model_guard(network, freeze_parameters=False), torch.no_grad():
         if len(patch) == x.ndim - 2:
-            return sliding_window_logits(model.network, x, patch, step, True, mirror, model.output_key, dtype,
+            return sliding_window_logits(network, x, patch, step, True, mirror, model.output_key, dtype,
                                          report).cpu()
         slices = []  # a 2d configuration on a 3D image: slice by slice along the first array axis
         for z in range(x.shape[2]):
             report(z / x.shape[2], "slice %d/%d" % (z + 1, x.shape[2]))
-            slices.append(sliding_window_logits(model.network, x[:, :, z], patch, step, True, mirror,
+            slices.append(sliding_window_logits(network, x[:, :, z], patch, step, True, mirror,
                                                 model.output_key, dtype).cpu())
         return torch.stack(slices, 2)
 

@@ -31,11 +31,14 @@ What is read, following nnU-Net's own code (``nnunetv2/inference/predict_from_ra
   network is built with per-axis kernel sizes and strides permuted, and every convolution kernel's spatial axes
   permuted likewise (exact for networks of convolutions, norms, pooling and point-wise layers, which is checked).
 
-Deviations from nnU-Net's inference, by design: no sliding window with Gaussian weighting and no mirroring
-(one pass over the whole padded image; ``patch_size`` is kept for windowed use); normalisation after
-resampling (nnU-Net normalises first), linear resampling (nnU-Net: third-order spline, separate z for
-anisotropic data); no cropping to the non-zero region, and the non-zero mask of ``zscore-nonzero`` has no hole
-filling.
+Inference: the loader records nnU-Net's recipe in ``SegModel.inference`` (``framework: nnunet``: patch size,
+spacing, the plans' data and logit resampling, step 0.5, the checkpoint's ``inference_allowed_mirroring_axes``
+mapped to array axes, ``regions_class_order``), and prediction and explanation then follow nnU-Net
+(``imaging/nnunet_space.py``: crop to non-zero, normalise, then nnU-Net's resampling; ``engine/sliding.py``:
+Gaussian sliding window, mirroring; ``analysis/nnunet_predict.py``; measured against ``nnunetv2`` itself in
+``Testing/unit/test_nnunet_parity.py``). The ``Preprocessing`` fields remain for provenance and for readers that
+reorient (``*WithReorient``), which keep the generic path. Not done: the non-zero mask of ``zscore-nonzero``
+has no hole filling.
 """
 
 import importlib
@@ -90,6 +93,43 @@ def _folds(folder: str) -> List[str]:
     names = [n for n in os.listdir(folder) if re.fullmatch(r"fold_(\d+|all)", n)
              and os.path.isdir(os.path.join(folder, n))]
     return sorted(names, key=lambda n: (n == "fold_all", int(n[5:]) if n[5:].isdigit() else 0))
+
+
+def fold_selection(folder: str, fold=None) -> List[str]:
+    """The fold folders to load: ``fold`` = ``N``, ``"all"`` (nnU-Net's ``fold_all``), a list or comma-separated
+    text of those (an ensemble), or ``"auto"`` (every ``fold_N`` present, as ``nnUNetv2_predict`` without ``-f``);
+    default fold 0, else the first fold present."""
+    folds = _folds(folder)
+    if fold is None:
+        return ["fold_0" if "fold_0" in folds else folds[0]]
+    if fold == "auto":
+        chosen = [f for f in folds if f != "fold_all"]
+        if not chosen:
+            raise ModelError("fold 'auto' takes every fold_N of %s; there is none (folds present: %s)"
+                             % (folder, ", ".join(f[5:] for f in folds)))
+        return chosen
+    wanted = fold if isinstance(fold, (list, tuple)) else str(fold).split(",")
+    names = ["fold_%s" % str(f).strip() for f in wanted]
+    missing = [n for n in names if n not in folds]
+    if missing or not names:
+        raise ModelError("fold %r not found in %s; folds present: %s" % (fold, folder,
+                                                                           ", ".join(f[5:] for f in folds)))
+    return names
+
+
+class FoldEnsemble(nn.Module):
+    """Several folds' networks as one: the mean of their logits (nnU-Net averages the folds' logits; the
+    sliding window and mirroring are linear, so averaging per window is the same)."""
+
+    def __init__(self, networks: Sequence[nn.Module]):
+        super().__init__()
+        self.folds = nn.ModuleList(networks)
+
+    def forward(self, x):
+        out = self.folds[0](x)
+        for network in self.folds[1:]:
+            out = out + network(x)
+        return out / len(self.folds)
 
 
 def is_nnunet_folder(spec: str) -> bool:
@@ -395,7 +435,8 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
         spec: the folder (holding ``dataset.json``, ``plans.json``, ``fold_N/``).
         weights: another checkpoint file instead of ``fold_N/<checkpoint>``.
         trust_model: allow checkpoints with arbitrary pickled objects, and classes outside the allow-lists.
-        fold: ``0``..``N`` or ``"all"``; default fold 0, else the first fold present.
+        fold: ``0``..``N``, ``"all"``, several (``"0,1,2"`` or a list: an ensemble, the mean of the folds'
+            logits) or ``"auto"`` (every ``fold_N``); default fold 0, else the first fold present.
         configuration: e.g. ``3d_fullres``, ``2d``, ``3d_lowres``; default see the module docstring.
         checkpoint: file name inside the fold folder (default ``checkpoint_final.pth``).
         model_args: a dict (or JSON) with the same options (``--model-args '{"fold": 1}'``).
@@ -404,21 +445,20 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
     folder = os.path.abspath(spec)
     dataset = _read_json(os.path.join(folder, "dataset.json"))
     plans = _read_json(os.path.join(folder, "plans.json"))
-    folds = _folds(folder)
-    if "fold" in opts:
-        fold_name = "fold_%s" % opts["fold"]
-        if fold_name not in folds:
-            raise ModelError("fold %r not found in %s; folds present: %s" % (opts["fold"], folder,
-                                                                               ", ".join(f[5:] for f in folds)))
-    else:
-        fold_name = "fold_0" if "fold_0" in folds else folds[0]
+    fold_names = fold_selection(folder, opts.get("fold"))
+    fold_name = fold_names[0] if len(fold_names) == 1 else "folds_%s" % "+".join(f[5:] for f in fold_names)
     name = opts.get("checkpoint", CHECKPOINT)
-    path = os.path.abspath(weights) if weights else os.path.join(folder, fold_name, name)
-    if not os.path.isfile(path):
-        present = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(".pth")) \
-            if os.path.isdir(os.path.dirname(path)) else []
-        raise ModelError("checkpoint %s does not exist%s" % (path, "; present: %s (choose one with checkpoint=)"
-                                                               % ", ".join(present) if present else ""))
+    if weights and len(fold_names) > 1:
+        raise ModelError("weights= replaces one checkpoint; it cannot be combined with the fold ensemble %s"
+                         % ", ".join(fold_names))
+    paths = [os.path.abspath(weights)] if weights else [os.path.join(folder, f, name) for f in fold_names]
+    for path in paths:
+        if not os.path.isfile(path):
+            present = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(".pth")) \
+                if os.path.isdir(os.path.dirname(path)) else []
+            raise ModelError("checkpoint %s does not exist%s" % (path, "; present: %s (choose one with checkpoint=)"
+                                                                   % ", ".join(present) if present else ""))
+    path = paths[0]
     ckpt = load_nnunet_checkpoint(path, trust_model)
     init_args = ckpt.get("init_args") if isinstance(ckpt, dict) and isinstance(ckpt.get("init_args"), dict) else {}
     parts = os.path.basename(folder).split("__")
@@ -448,17 +488,20 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
             if key in kwargs:
                 kwargs[key] = [_permute(v, order) for v in kwargs[key]]
     kwargs["deep_supervision"] = False
-    try:
-        network = cls(input_channels=in_channels, num_classes=heads, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the plans do not fit the class
-        raise ModelError("cannot build %s from the plans (%s): %s" % (class_name, config_name, exc)) from exc
-    state = extract_state_dict(ckpt, path)
-    state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
-    if not identity:
-        _check_permutable(network)
-        state = permute_weights(network, state, order)
-    load_state_dict_into(network, state, path)
-    network.eval()
+    networks = []
+    for index, path in enumerate(paths):
+        try:
+            network = cls(input_channels=in_channels, num_classes=heads, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the plans do not fit the class
+            raise ModelError("cannot build %s from the plans (%s): %s" % (class_name, config_name, exc)) from exc
+        state = extract_state_dict(ckpt if index == 0 else load_nnunet_checkpoint(path, trust_model), path)
+        state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
+        if not identity:
+            _check_permutable(network)
+            state = permute_weights(network, state, order)
+        load_state_dict_into(network, state, path)
+        networks.append(network.eval())
+    network = networks[0] if len(networks) == 1 else FoldEnsemble(networks).eval()
     spacing_array = _permute([float(s) for s in config["spacing"]], order)
     patch = tuple(int(p) for p in _permute(list(config["patch_size"]), order))
     props = plans.get("foreground_intensity_properties_per_channel") or \
@@ -485,7 +528,8 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
         "data_resampling": _resampling(config, "resampling_fn_data", {"order": 3, "order_z": 0}),
         "probability_resampling": _resampling(config, "resampling_fn_probabilities", {"order": 1, "order_z": 0}),
         # nnU-Net's mirror axes are axes of the transposed array: network axis i is array axis order[i]
-        "mirror_axes": sorted(order[int(a)] for a in mirror) if mirror is not None else list(range(dims)),
+        "mirror_axes": sorted(order[int(a)] for a in mirror if int(a) < dims) if mirror is not None
+        else list(range(dims)),
         "regions_class_order": list(region_order) if region_order is not None else None,
     }
     trainer = ckpt.get("trainer_name", parts[0] if len(parts) == 3 else "unknown")
@@ -495,4 +539,5 @@ def load_nnunet(spec: str, weights: Optional[str] = None, trust_model: bool = Fa
         "; regions_class_order %s" % (region_order,) if region_order is not None else "")
     return SegModel(network=network, name="nnunet:%s/%s" % (os.path.basename(folder), fold_name), spatial_dims=dims,
                     in_channels=in_channels, activation=activation, class_names=class_names, preprocessing=prep,
-                    source=source, file_hashes={path: file_sha256(path)}, patch_size=patch, inference=inference)
+                    source=source, file_hashes={p: file_sha256(p) for p in paths}, patch_size=patch,
+                    inference=inference)
