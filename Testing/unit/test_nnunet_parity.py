@@ -112,8 +112,9 @@ def _compare(root, done, configuration, name, tta, dtype=torch.float16):
     return diff, dices, result
 
 
-@pytest.mark.parametrize("tta", [False, True])
-@pytest.mark.parametrize("configuration,name", [("3d_fullres", "oblique"), ("3d_fullres", "flipped"), ("2d", "flipped")])
+@pytest.mark.parametrize("configuration,name,tta", [
+    ("3d_fullres", "oblique", False), ("3d_fullres", "oblique", True), ("3d_fullres", "flipped", False),
+    ("2d", "flipped", False), ("2d", "flipped", True)])  # 3d_fullres, flipped, TTA: the command-line test below
 def test_prediction_matches_nnunet(nnunet_oracle, configuration, name, tta):
     root, done = nnunet_oracle
     diff, dices, result = _compare(root, done, configuration, name, tta)
@@ -124,18 +125,25 @@ def test_prediction_matches_nnunet(nnunet_oracle, configuration, name, tta):
 
 
 def test_cli_predict_writes_nnunets_segmentation_on_the_image_grid(nnunet_oracle, tmp_path):
+    """``seghirescam predict --tta`` on the flipped image: nnU-Net's mirrored segmentation, on the input's grid."""
+    from SegHiResCAMLib.cli import main
     root, done = nnunet_oracle
     folder = _model_folder(root, done, "3d_fullres")
-    source = os.path.join(root, "images", "oblique.nii.gz")
-    out = str(tmp_path / "seg.nii.gz")
-    from SegHiResCAMLib.cli import main
+    source = os.path.join(root, "images", "flipped.nii.gz")
+    out, meta = str(tmp_path / "seg.nii.gz"), str(tmp_path / "seg.json")
     assert main(["predict", "--model", folder, "--model-args", '{"fold": "all"}', "--tta", "--image", source,
-                 "--out", out, "--device", "cpu", "--quiet"]) == 0
+                 "--out", out, "--json", meta, "--device", "cpu", "--quiet"]) == 0
     labels, geometry = io.read_image(out)
     _, want_geometry = io.read_image(source)
     assert geometry.same_grid(want_geometry, atol=1e-6)
-    want = np.load(os.path.join(root, "oracle.npz"))["3d_fullres/oblique/tta/seg"]
-    assert min(dice(labels == c, want == c) for c in (1, 2)) >= MIN_DICE
+    with open(meta) as handle:
+        assert json.load(handle)["inference"]["tta"] is True
+    want = np.load(os.path.join(root, "oracle.npz"))["3d_fullres/flipped/tta/seg"]
+    dices = [dice(labels == c, want == c) for c in (1, 2)]
+    print("nnU-Net parity, seghirescam predict --tta, 3d_fullres flipped: Dice %s" % ["%.4f" % d for d in dices])
+    assert min(dices) >= MIN_DICE
+    plain = np.load(os.path.join(root, "oracle.npz"))["3d_fullres/flipped/plain/seg"]
+    assert (plain != want).any() and (labels != plain).sum() > (labels != want).sum()  # the mirroring was run
 
 
 # ------------------------------------------------------------------------------------------------ TotalSegmentator
