@@ -27,7 +27,7 @@ import numpy as np
 from .. import catalog
 from ..errors import InputError
 from ..geometry import Geometry
-from ..imaging.channels import stack_channels
+from ..imaging.channels import image_channels, stack_channels
 from ..models.base import SegModel
 from ..models.card import apply_card, as_card
 from .explain import Heatmap, ImageExplanation, ProgressCallback, TargetSpec, explain_image
@@ -119,7 +119,8 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
     if card is not None:
         models = [apply_card(model, as_card(card)) for model in models]
     # one array on the grid (channels last): the mirrorings flip the spatial axes only
-    image = stack_channels(image, geometry, (models[0].card or {}).get("channels"), models[0].in_channels).array
+    image = stack_channels(image, geometry, (models[0].card or {}).get("channels"),
+                           image_channels(models[0].in_channels, explain_options.get("slice_context", 0))).array
     flips = mirror_flips(geometry.ndim, tta)
     axes = check_slice_axes(models, geometry, slice_axes, explain_options)
     members = [(m, flip, axis) for m in range(len(models)) for flip in flips for axis in axes]

@@ -31,7 +31,7 @@ from ..models.card import apply_card, as_card
 from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
 from .errors import check_error_spec, component_labels, error_region, error_tables, slice_error_tables
-from ..imaging.channels import stack_channels
+from ..imaging.channels import image_channels, stack_channels
 from .channels import channel_attribution
 from .slices import explain_slices, predict_slices, runs_in_slices
 from .nnunet_predict import is_nnunet, nnunet_input, nnunet_windows, predict_nnunet
@@ -267,7 +267,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     """
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
-    channels = stack_channels(image, geometry, (model.card or {}).get("channels"), model.in_channels)
+    channels = stack_channels(image, geometry, (model.card or {}).get("channels"),
+                              image_channels(model.in_channels, slice_context))
     image = channels.array
     if per_channel and (roi_size is not None or model.roi_size is not None):
         raise InputError("per-channel maps run the whole image in one pass; they cannot be combined with windows "
@@ -374,7 +375,8 @@ def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device
     slice by slice along the first array axis, as nnU-Net)."""
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
-    image = stack_channels(image, geometry, (model.card or {}).get("channels"), model.in_channels).array
+    image = stack_channels(image, geometry, (model.card or {}).get("channels"),
+                           image_channels(model.in_channels, slice_context)).array
     report = progress or (lambda f, m: None)
     started = time.perf_counter()
     if is_nnunet(model):

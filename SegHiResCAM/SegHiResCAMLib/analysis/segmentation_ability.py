@@ -24,8 +24,10 @@ from ..engine.protoseg import LAST_FEATURE, SAReport, segmentation_ability
 from ..errors import InputError
 from ..geometry import Geometry
 from ..models.base import SegModel
-from .explain import ProgressCallback, labels_on_image, model_input
+from .explain import ProgressCallback, labels_on_image, model_input, resolve_device
 from .measures import dice
+from .slice_sa import sa_score_slices
+from .slices import runs_in_slices
 from ..imaging.model_space import ModelSpace
 
 
@@ -66,7 +68,8 @@ def _mask_to_model(mask: Optional[np.ndarray], space: ModelSpace, what: str, dev
 def sa_score_image(model: SegModel, image: np.ndarray, geometry: Geometry, reference: Optional[np.ndarray] = None,
                    class_index: int = 1, layers: Union[str, Sequence[str]] = "all",
                    tissue: Optional[np.ndarray] = None, map_layer: Optional[str] = None, device: str = "auto",
-                   progress: Optional[ProgressCallback] = None) -> ImageSA:
+                   progress: Optional[ProgressCallback] = None, slice_axis: Optional[str] = None,
+                   slice_context: int = 0, slice_batch: Optional[int] = None) -> ImageSA:
     """SA scores of ``model`` on ``image`` (numpy order, on ``geometry``).
 
     Args:
@@ -74,12 +77,24 @@ def sa_score_image(model: SegModel, image: np.ndarray, geometry: Geometry, refer
         layers: ``all`` (every layer: two forward passes), ``features`` (one pass) or layer names.
         tissue: optional mask on the image grid restricting the prototypes.
         map_layer: a layer whose SA map is returned on the image grid; ``"last-feature"``: the last feature layer.
+        slice_axis, slice_context, slice_batch: a 2D model on a 3D image is scored slice by slice on the slices
+            that contain the target, and the scores are averaged over them (:mod:`.slice_sa`,
+            ``docs/slice_models.md``).
 
     Returns:
         :class:`ImageSA`; ``result.mean_sa`` is the ground-truth-free quality estimate.
     """
     report_progress = progress or (lambda f, m: None)
     started = time.perf_counter()
+    if runs_in_slices(model, geometry):
+        dev = resolve_device(device)
+        run = sa_score_slices(model, image, geometry, reference, class_index, layers, tissue, map_layer, dev,
+                              report_progress, slice_axis, slice_context, slice_batch)
+        overlap = None if reference is None else dice(run.prediction == class_index, reference)
+        meta = {"seghirescam_version": __version__, "torch_version": torch.__version__, "device": str(dev),
+                "model": model.describe(), "protoseg": dict(run.report.info)}
+        meta.update(run.metadata)
+        return ImageSA(run.report, run.prediction, run.space, run.sa_map, run.map_layer, overlap, meta)
     report_progress(0.0, "preparing the image")
     x, space, dev = model_input(model, image, geometry, device)
     truth = _mask_to_model(reference, space, "reference", dev)

@@ -204,6 +204,11 @@ class _Slicer:
         return torch.from_numpy(np.stack(arrays)).to(device=self.device, dtype=self.dtype), space
 
 
+def on_slices(setup: "SliceSetup", array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """An array on the scan's grid (e.g. a mask) as the run sees it: reoriented like the scan, slice axis first."""
+    return setup.slicer.moved(_Reorientation(np.asarray(array), geometry, setup.reorient.code).image)
+
+
 def _batches(items: Sequence[int], size: int) -> List[List[int]]:
     items = list(items)
     return [items[i:i + size] for i in range(0, len(items), size)]
@@ -226,7 +231,9 @@ def _check_options(context, batch) -> None:
         raise InputError("slice batch must be an integer >= 1 (slices per forward pass), got %r" % (batch,))
 
 
-class _Run(NamedTuple):
+class SliceSetup(NamedTuple):
+    """A prepared slice-by-slice run (:func:`slice_setup`): the scan reoriented and cut into model inputs."""
+
     reorient: _Reorientation
     slicer: _Slicer
     axis: str
@@ -235,8 +242,10 @@ class _Run(NamedTuple):
     space: ModelSpace
 
 
-def _start(model: SegModel, image: np.ndarray, geometry: Geometry, device: torch.device, slice_axis, context,
-           batch) -> _Run:
+def slice_setup(model: SegModel, image: np.ndarray, geometry: Geometry, device: torch.device, slice_axis, context,
+                batch) -> SliceSetup:
+    """Check the options, reorient the scan as the card says, cut it along ``slice_axis`` and resolve the model's
+    output on the middle slice; ``batch`` ``None``: about :data:`SLICE_BATCH_VOXELS` model voxels per batch."""
     _check_options(context, batch)
     axis = resolve_slice_axis(model, slice_axis)
     image = np.asarray(image)
@@ -251,7 +260,7 @@ def _start(model: SegModel, image: np.ndarray, geometry: Geometry, device: torch
     x, space = slicer.inputs([slicer.count // 2])
     resolve_output(model, x)
     size = batch or max(1, SLICE_BATCH_VOXELS // max(1, x[0].numel()))
-    return _Run(reorient, slicer, axis, array_axis, int(size), space)
+    return SliceSetup(reorient, slicer, axis, array_axis, int(size), space)
 
 
 def _forward(model: SegModel, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +402,7 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         raise InputError("normalisation must be one of %s, got %r" % (", ".join(NORMALIZATIONS), normalization))
     started = time.perf_counter()
     progress(0.0, "preparing the slices")
-    run = _start(model, image, geometry, device, slice_axis, slice_context, slice_batch)
+    run = slice_setup(model, image, geometry, device, slice_axis, slice_context, slice_batch)
     slicer, reorient, space = run.slicer, run.reorient, run.space
     names = [layers] if isinstance(layers, str) else list(layers)
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
@@ -499,7 +508,7 @@ def explain_slices(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     return SliceRun(heatmaps, reorient.back(labels), space, metadata)
 
 
-def _metadata(model: SegModel, run: _Run, device, started: float, counts: dict, slices_run, normalization) -> dict:
+def _metadata(model: SegModel, run: SliceSetup, device, started: float, counts: dict, slices_run, normalization) -> dict:
     from .. import __version__
     import platform
     return {"seghirescam_version": __version__, "torch_version": torch.__version__,
@@ -521,7 +530,7 @@ def predict_slices(model: SegModel, image: np.ndarray, geometry: Geometry, devic
     """The label map of a 2D ``model`` on a 3D ``image``, slice by slice (no gradients), and metadata."""
     started = time.perf_counter()
     progress(0.0, "preparing the slices")
-    run = _start(model, image, geometry, device, slice_axis, slice_context, slice_batch)
+    run = slice_setup(model, image, geometry, device, slice_axis, slice_context, slice_batch)
     slicer = run.slicer
     labels = np.zeros(run.reorient.grid.array_shape, dtype=np.uint8 if model.num_classes < 256 else np.uint16)
     for ks in _batches(range(slicer.count), run.batch):
@@ -533,5 +542,6 @@ def predict_slices(model: SegModel, image: np.ndarray, geometry: Geometry, devic
     return run.reorient.back(labels), meta
 
 
-__all__ = ["NORMALIZATIONS", "SLICE_AXES", "SLICE_BATCH_VOXELS", "SliceHeatmap", "SliceRun", "explain_slices",
-           "predict_slices", "resolve_slice_axis", "runs_in_slices", "slice_array_axis"]
+__all__ = ["NORMALIZATIONS", "SLICE_AXES", "SLICE_BATCH_VOXELS", "SliceHeatmap", "SliceRun", "SliceSetup",
+           "explain_slices", "on_slices", "predict_slices", "resolve_slice_axis", "runs_in_slices", "slice_array_axis",
+           "slice_setup"]

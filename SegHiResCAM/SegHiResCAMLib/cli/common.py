@@ -186,10 +186,11 @@ def add_image_arg(p: argparse.ArgumentParser, help: str = IMAGE_HELP, channels: 
 def read_channels(args: argparse.Namespace, model):
     """The ``--image`` images as one image on the first one's grid, in the model card's channel order
     (:func:`~SegHiResCAMLib.imaging.channels.read_channel_images`); one image of one channel is read as is."""
-    from ..imaging.channels import read_channel_images
+    from ..imaging.channels import image_channels, read_channel_images
     images = [args.image] if isinstance(args.image, str) else args.image
+    expected = image_channels(model.in_channels, getattr(args, "slice_context", 0) or 0)  # 2.5D: per slice
     return read_channel_images(images, (model.card or {}).get("channels"),
-                               model.in_channels if len(images) > 1 else None)  # one file: checked as before
+                               expected if len(images) > 1 else None)  # one file: checked as before
 
 
 def add_mask_args(p: argparse.ArgumentParser, flag: str, help: str) -> None:

@@ -14,6 +14,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(COMMAND, help="list the layers that can be explained")
     common.add_model_args(p)
     p.add_argument("--image", help="an image, to show each layer's output shape and the auto layer")
+    p.add_argument("--slice-axis", help="a 2D model on a 3D image: the slices (axial, coronal, sagittal; default: the "
+                   "model card's, else axial); the shapes are those of one slice")
+    p.add_argument("--slice-context", type=int, default=0, metavar="K",
+                   help="a 2.5D model: K neighbouring slices on each side as channels (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,21 +33,29 @@ def run(args: argparse.Namespace) -> int:
         for name, module in named_layers(model.network).items():
             print("%s\t%s" % (name, type(module).__name__))
         return 0
+    from ..analysis.slice_sa import slice_model_input
+    from ..analysis.slices import runs_in_slices
     from ..imaging import files as io
     from ..imaging.model_space import prepare
     from ..models.output import resolve_divisible_by
     image, geometry = io.read_image(args.image)
-    resolve_divisible_by(model)
-    x, _ = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
-    infos, head, out_shape = trace_layers(model.network, torch.from_numpy(x)[None], model.output_key)
+    sliced = ""
+    if runs_in_slices(model, geometry):  # a 2D model on a 3D image: the layers of one slice
+        x, count, axis = slice_model_input(model, image, geometry, args.slice_axis, args.slice_context)
+        sliced = " (per slice: %d %s slices, slice context %d)" % (count, axis, args.slice_context)
+    else:
+        resolve_divisible_by(model)
+        x, _ = prepare(image, geometry, model.preprocessing, model.spatial_dims, model.in_channels)
+        x = torch.from_numpy(x)[None]
+    infos, head, out_shape = trace_layers(model.network, x, model.output_key)
     auto = model.default_layer
     if auto == "auto":
         try:
             auto = choose_auto_layer(infos, head, out_shape)
         except LayerError:
             auto = "(none found: pass --layer)"
-    print("# %s on %s: model input %s, output %s; auto layer: %s" % (
-        model.name, os.path.basename(args.image), tuple(x.shape), out_shape, auto))
+    print("# %s on %s: model input %s, output %s%s; auto layer: %s" % (
+        model.name, os.path.basename(args.image), tuple(x.shape), out_shape, sliced, auto))
     for info in infos:
         if info.explainable:
             mark = "  <- auto" if info.name == auto else ("  <- head" if info.name == head else "")

@@ -31,6 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-map", help="SA map of --map-layer on the input grid (label map, 1 = foreground)")
     p.add_argument("--json", help="write the mean SA score, per-layer scores and provenance (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_slice_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = sa_score_image(model, image, geometry, reference=reference, class_index=class_index, layers=layers,
                                 tissue=tissue, map_layer=(args.map_layer or LAST_FEATURE) if args.out_map else None,
-                                device=args.device, progress=progress)
+                                device=args.device, progress=progress, **common.slice_options(args))
     finally:
         progress.close()
     layer_table = sa_layer_table(result)

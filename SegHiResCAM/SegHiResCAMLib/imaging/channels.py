@@ -230,6 +230,21 @@ def stack_channels(image, geometry: Geometry, names: Optional[Sequence[str]] = N
     return ChannelImage(array, geometry, labels, ["array"] * count, [False] * count)
 
 
+def image_channels(in_channels: Optional[int], slice_context: int = 0) -> Optional[int]:
+    """The image channels a model of ``in_channels`` input channels takes: with ``slice_context`` K > 0 (a 2.5D model
+    on a 3D scan) each slice brings its image channels ``2K + 1`` times, so ``in_channels / (2K + 1)``; ``None``
+    (no count check here) when that does not divide: the slicer then says which context would fit.
+
+    Example:
+        >>> image_channels(6, 1), image_channels(2), image_channels(4, 1)
+        (2, 2, None)
+    """
+    if not slice_context or in_channels is None:
+        return in_channels
+    per_slice, rest = divmod(int(in_channels), 2 * int(slice_context) + 1)
+    return per_slice if rest == 0 and per_slice > 0 else None
+
+
 def channel_file_name(out: str, name: str) -> str:
     """The file of one channel's map next to ``out``: ``heat.nii.gz`` + ``T2`` -> ``heat_channel-T2.nii.gz``."""
     from .files import IMAGE_EXTENSIONS
@@ -240,5 +255,5 @@ def channel_file_name(out: str, name: str) -> str:
     return "%s_channel-%s%s" % (stem, safe, ext)
 
 
-__all__ = ["ChannelImage", "channel_file_name", "check_count", "parse_image_arg", "read_channel_images",
+__all__ = ["ChannelImage", "channel_file_name", "check_count", "image_channels", "parse_image_arg", "read_channel_images",
            "split_channels", "stack_channels"]
