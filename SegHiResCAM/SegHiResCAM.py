@@ -87,6 +87,7 @@ class SegHiResCAMParameterNode:
     score: Annotated[str, Choice(SCORES)] = "logits"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     sliceAxis: Annotated[str, Choice(("auto",) + SLICE_AXES)] = "auto"  # 2D models on 3D scans
+    sliceContext: Annotated[int, WithinRange(0, 10)] = 0  # a 2.5D model: neighbouring slices on each side as channels
     addPrediction: bool = True
     outputVolume: vtkMRMLScalarVolumeNode
     predictionSegmentation: vtkMRMLSegmentationNode

@@ -52,6 +52,7 @@ class ExplainRequest:
     extra: Dict[str, object] = field(default_factory=dict)  # provenance recorded as node attributes
     modelCard: object = None  # a model card: path or JSON data (docs/model_card.md), applied in the engine step
     sliceAxis: Optional[str] = None  # a 2D model on a 3D scan: axial, coronal, sagittal (None: the card's, else axial)
+    sliceContext: int = 0  # a 2.5D model: neighbouring slices on each side as input channels
 
 
 @dataclass
@@ -165,7 +166,8 @@ class ComputeLogic:
         explanation = explain_image(model, request.image, request.geometry, [spec], layers=request.layer,
                                     method=request.method, device=request.device,
                                     progress=lambda f, m: report(0.02 + 0.98 * f, m),
-                                    session_cache=self._sessionCache, slice_axis=request.sliceAxis)
+                                    session_cache=self._sessionCache, slice_axis=request.sliceAxis,
+                                    slice_context=request.sliceContext)
         heat = explanation.heatmaps[0]
         array = np.nan_to_num(heat.array.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
         return ExplainResult(heatmap=np.clip(array, 0.0, 1.0), prediction=explanation.prediction, layer=heat.layer,

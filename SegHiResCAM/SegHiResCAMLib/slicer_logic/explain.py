@@ -202,7 +202,7 @@ class ExplainLogic(ComputeLogic):
             errorKind=parameters.errorKind if errors else None,
             component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None,
             modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters),
-            sliceAxis=getattr(parameters, "sliceAxis", None))
+            sliceAxis=getattr(parameters, "sliceAxis", None), sliceContext=getattr(parameters, "sliceContext", 0))
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
@@ -211,10 +211,12 @@ class ExplainLogic(ComputeLogic):
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
-                sliceAxis: Optional[str] = None) -> ExplainRequest:
+                sliceAxis: Optional[str] = None, sliceContext: int = 0) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         _choice("sliceAxis", sliceAxis, (None, "auto") + catalog.SLICE_AXES)
+        if isinstance(sliceContext, bool) or int(sliceContext) != sliceContext or sliceContext < 0:
+            raise InputError("sliceContext must be a number of slices >= 0 (on each side), got %r" % (sliceContext,))
         if isinstance(model, str):
             model = model.strip()
             if not model or not _isModelSpec(model):
@@ -269,7 +271,7 @@ class ExplainLogic(ComputeLogic):
             image=image, geometry=geometry, model=model, weights=weights, target=target, targetKind=kind,
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
-            sliceAxis=None if sliceAxis == "auto" else sliceAxis,
+            sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceContext=int(sliceContext),
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
             extra=dict({"errorKind": errorKind or "",
@@ -353,7 +355,7 @@ class ExplainLogic(ComputeLogic):
                 predictionSegmentation=None, weights: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
-                sliceAxis: Optional[str] = None):
+                sliceAxis: Optional[str] = None, sliceContext: int = 0):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -374,7 +376,8 @@ class ExplainLogic(ComputeLogic):
                 prediction's false positives (why was this segmented?) or false negatives (what suppressed the class
                 there?) against it are explained; ``component``: one connected component of them (0 = largest).
             sliceAxis: a 2D model on a 3D scan runs slice by slice: ``axial``, ``coronal`` or ``sagittal``
-                (``None``/``auto``: the model card's, else axial; docs/slice_models.md).
+                (``None``/``auto``: the model card's, else axial; docs/slice_models.md); ``sliceContext``: a 2.5D
+                model gets each slice and this many neighbours on each side as input channels.
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
             modelCard: the model's card (docs/model_card.md): a path to its JSON file or its data as a dict;
@@ -390,7 +393,7 @@ class ExplainLogic(ComputeLogic):
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
                                predictionSegmentation, weights, errorKind=errorKind, component=component,
                                modelCard=modelCard, channelVolumes=channelVolumes,
-                               sliceAxis=sliceAxis)
+                               sliceAxis=sliceAxis, sliceContext=sliceContext)
         return self.apply(request, self.compute(request, progress), show=show)
 
 
