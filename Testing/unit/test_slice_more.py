@@ -156,3 +156,40 @@ def test_slice_context_with_a_list_of_separate_channel_images(image, reference, 
     assert code == 0, capsys.readouterr().err
     whole = explain_image(model, [image, second], GEOMETRY, [TargetSpec(1, whole=True)], **opts)
     np.testing.assert_allclose(io.read_image(out)[0], whole.heatmaps[0].array, rtol=0, atol=1e-6)
+
+
+class BoxNet2D(torch.nn.Module):
+    """A 2D net of 3x3 box kernels with circular padding: symmetric under in-plane rotations and flips, and
+    translation-equivariant on a periodic slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"),
+                                            torch.nn.Tanh())
+        self.head = torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")
+        with torch.no_grad():
+            for conv, scale in ((self.features[0], (1.0, -0.5)), (self.head, (0.7, -0.3))):
+                conv.weight.copy_(torch.tensor(scale).view(-1, 1, 1, 1).expand_as(conv.weight) / 9.0)
+                conv.bias.copy_(torch.tensor([0.1, -0.2]))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_agreement_between_slice_axes_is_1_for_a_symmetric_net_on_a_symmetric_volume_and_less_otherwise():
+    from SegHiResCAMLib.analysis.ensemble import explain_ensemble
+    n = 8  # an isotropic cube; h(x + y + z) is periodic: every voxel's neighbourhood is the same in all three planes
+    z, y, x = np.meshgrid(*[np.arange(n)] * 3, indexing="ij")
+    symmetric = np.cos(2 * np.pi * (x + y + z) / n).astype(np.float32)
+    grid = Geometry.identity(symmetric.shape)
+    model = SegModel(BoxNet2D().eval(), "box2d", spatial_dims=2)
+    opts = dict(layers="features", device="cpu", slice_axes=["axial", "coronal", "sagittal"])
+    same = explain_ensemble(model, symmetric, grid, [TargetSpec(1, whole=True)], **opts)
+    heat = same.heatmaps[0]
+    assert float(heat.array.max()) > 0 and heat.info["ensemble"]["flat_members"] == 0
+    assert same.metadata["agreement"] == pytest.approx(1.0, abs=1e-6) and float(heat.spread.max()) < 1e-4
+    assert same.metadata["ensemble"]["kind"] == ["slice axes"]
+    lopsided = symmetric + np.random.RandomState(0).rand(n, n, n).astype(np.float32)
+    other = explain_ensemble(model, lopsided, grid, [TargetSpec(1, whole=True)], **opts)
+    assert other.heatmaps[0].info["ensemble"]["flat_members"] == 0
+    assert other.metadata["agreement"] < 0.99 and float(other.heatmaps[0].spread.max()) > 0.01

@@ -152,11 +152,19 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
     metadata["ensemble"] = {
         "members": [dict({"model": models[m].name, "model_index": m, "flip_axes": list(flip)},
                          **({"slice_axis": axis} if axis else {})) for m, flip, axis in members],
+        "kind": member_kinds(len(models), flips, axes),
         "models": [model.describe() for model in models], "tta": [list(f) for f in flips],
         "agreement": metadata["agreement"], "spread": "std / (|mean| + %g * max|mean|)" % SPREAD_EPSILON,
         "agreement_definition": "mean pairwise Pearson correlation over voxels where a member's map is non-zero",
         "timings": [run.metadata.get("timings", {}) for run in runs]}
     return ImageExplanation(heatmaps, majority([run.prediction for run in runs]), first.space, metadata)
+
+
+def member_kinds(models: int, flips: Sequence[Tuple[int, ...]], axes: Sequence[Optional[str]]) -> List[str]:
+    """What the members differ in: ``models``, ``mirrorings`` and/or ``slice axes`` (``metadata["ensemble"]["kind"]``:
+    what the agreement is an agreement between)."""
+    kinds = [("models", models > 1), ("mirrorings", len(flips) > 1), ("slice axes", any(a for a in axes))]
+    return [name for name, varies in kinds if varies]
 
 
 def check_slice_axes(models: Sequence[SegModel], geometry: Geometry, slice_axes: Optional[Sequence[str]],
