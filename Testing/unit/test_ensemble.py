@@ -241,3 +241,19 @@ def test_command_line_slice_axes(tmp_path, capsys):
     assert main(["explain", "--model", "toy_models:unet2d", "--weights", weights, "--image", path, "--whole",
                  "--device", "cpu", "--quiet", "--slice-axes", "axial,diagonal", "--out", out + "2.nii.gz"]) == 2
     assert "slice axes must be two or more" in capsys.readouterr().err
+
+
+def test_commands_that_load_one_model_get_one_weights_path(tmp_path, monkeypatch, capsys):
+    """``--weights`` is repeatable (explain's ensembles): the cohort command still gets one path, not a list."""
+    import pandas
+    from SegHiResCAMLib.analysis import cohort
+    seen = []
+    empty = pandas.DataFrame({"status": [], "reused": [], "case_id": [], "error": []})
+    monkeypatch.setattr(cohort, "run_cohort", lambda manifest, out, model, *args, **kwargs: seen.append(model) or empty)
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("case,image\n")
+    base = ["cohort", str(manifest), "--out", str(tmp_path / "out"), "--model", "toy_models:unet3d", "--no-report",
+            "--quiet"]
+    assert main(base + ["--weights", "w.pt"]) == 0 and seen[0].weights == "w.pt"
+    assert main(base + ["--weights", "a.pt", "--weights", "b.pt"]) == 2 and len(seen) == 1
+    assert "--weights was given 2 times" in capsys.readouterr().err

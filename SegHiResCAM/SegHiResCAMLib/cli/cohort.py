@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     options = CohortOptions(explain=explain, sa_score=sa, predict=True, class_=args.class_, method=args.method,
                             layer=args.layer, score=args.score, sa_layers=args.sa_layers, device=args.device,
                             threads=args.threads)
-    model = ModelSpec(args.model, weights=args.weights, trust_model=args.trust_model, card=common.model_card(args),
+    model = ModelSpec(args.model, weights=common.weights_file(args), trust_model=args.trust_model, card=common.model_card(args),
                       model_args=json.dumps(json.loads(args.model_args), sort_keys=True) if args.model_args else None)
     try:
         frame = run_cohort(args.manifest, args.out, model, options, scheduler=args.scheduler, workers=args.workers,

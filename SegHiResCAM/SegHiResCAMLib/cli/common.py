@@ -244,14 +244,19 @@ class Progress:
             self.bar.close()
 
 
+def weights_file(args: argparse.Namespace) -> Optional[str]:
+    """The one ``--weights`` file (``None`` without one) of a command that loads one model."""
+    given = args.weights if isinstance(args.weights, list) else [args.weights] if args.weights else []
+    if len(given) > 1:
+        raise InputError("--weights was given %d times; only `seghirescam explain` takes several (an ensemble): "
+                         "give one weights file" % len(given))
+    return given[0] if given else None
+
+
 def load_model(args: argparse.Namespace, weights: Optional[str] = None):
     """The model of ``--model`` / ``--weights`` / ``--model-args`` / ``--trust-model`` (``weights``: this file
     instead of ``--weights``, which may then be given once at most)."""
     from ..models import load_model as load
-    given = args.weights if isinstance(args.weights, list) else [args.weights] if args.weights else []
-    if weights is None and len(given) > 1:
-        raise InputError("--weights was given %d times; only `seghirescam explain` takes several (an ensemble): "
-                         "give one weights file" % len(given))
     options = {"model_args": json.loads(args.model_args)} if args.model_args else {}
     if getattr(args, "structure", None):
         if not str(args.model).startswith("totalseg:"):
@@ -260,7 +265,7 @@ def load_model(args: argparse.Namespace, weights: Optional[str] = None):
         options["structure"] = args.structure
         if getattr(args, "class_", None) == "1":  # the default: explain the structure
             args.class_ = args.structure
-    return load(args.model, weights=weights or (given[0] if given else None), trust_model=args.trust_model,
+    return load(args.model, weights=weights or weights_file(args), trust_model=args.trust_model,
                 model_card=model_card(args), **options)
 
 
