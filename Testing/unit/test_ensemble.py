@@ -257,3 +257,27 @@ def test_commands_that_load_one_model_get_one_weights_path(tmp_path, monkeypatch
     assert main(base + ["--weights", "w.pt"]) == 0 and seen[0].weights == "w.pt"
     assert main(base + ["--weights", "a.pt", "--weights", "b.pt"]) == 2 and len(seen) == 1
     assert "--weights was given 2 times" in capsys.readouterr().err
+
+
+def test_an_nnunet_fold_ensemble_is_one_member_per_fold(scans):
+    """``fold="auto"`` loads one network averaging the folds' logits (models/nnunet/loader.py ``FoldEnsemble``);
+    the ensemble explains each fold on its own (its layer names without ``folds.K.``)."""
+    from SegHiResCAMLib.analysis.ensemble import fold_members
+    from SegHiResCAMLib.models.nnunet.loader import FoldEnsemble
+    geometry, _, image = scans
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(toy_models.unet3d().eval())
+    model = SegModel(network=FoldEnsemble(nets).eval(), name="nnunet:Dataset001/folds_0+3")
+    members = fold_members(model)
+    assert [m.name for m in members] == ["nnunet:Dataset001/fold_0", "nnunet:Dataset001/fold_3"]
+    assert [m.network for m in members] == nets and fold_members(members[0]) == [members[0]]
+    result = explain_ensemble(model, image, geometry, [TargetSpec(1, whole=True)], layers="folds.0.dec",
+                              device="cpu")
+    heat = result.heatmaps[0]
+    singles = [explain_image(SegModel(network=net, name="one"), image, geometry, [TargetSpec(1, whole=True)],
+                             layers="dec", device="cpu").heatmaps[0].array for net in nets]
+    np.testing.assert_allclose(heat.array, (singles[0] + singles[1]) / 2, atol=1e-6)
+    assert heat.info["ensemble"]["members"] == 2 and heat.info["ensemble"]["agreement"] < 0.999
+    assert [m["model"] for m in result.metadata["ensemble"]["members"]] == [m.name for m in members]

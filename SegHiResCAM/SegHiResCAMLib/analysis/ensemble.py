@@ -18,7 +18,9 @@ flipped back before it is combined. Each member explains its own target region (
 errors against the reference).
 """
 
+import dataclasses
 import itertools
+import re
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -30,6 +32,7 @@ from ..geometry import Geometry
 from ..imaging.channels import image_channels, stack_channels
 from ..models.base import SegModel
 from ..models.card import apply_card, as_card
+from ..models.nnunet.loader import FoldEnsemble
 from .explain import Heatmap, ImageExplanation, ProgressCallback, TargetSpec, explain_image
 from .slices import runs_in_slices
 
@@ -95,7 +98,9 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
     """Explain ``targets`` with every member (model x mirroring) and combine the maps.
 
     Args:
-        models: one :class:`~SegHiResCAMLib.models.base.SegModel` or several (folds, weight files).
+        models: one :class:`~SegHiResCAMLib.models.base.SegModel` or several (folds, weight files); an nnU-Net
+            fold ensemble (``fold="auto"``/``"0,1,..."``: one network averaging the folds' logits) counts as one
+            member per fold (:func:`fold_members`), whose layer names drop the ensemble's ``folds.K.`` prefix.
         image, geometry, targets: as :func:`~.explain.explain_image` (one or several input channels).
         tta: ``True`` mirrors along every image axis (all combinations, ``2^ndim`` runs per model), a sequence
             of axes mirrors along those, ``False`` none.
@@ -110,9 +115,14 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
         the agreement of the first heatmap and ``metadata["ensemble"]`` describes the members. The prediction is
         the voxel-wise majority of the members' label maps (ties: the lower label).
     """
-    models = [models] if isinstance(models, SegModel) else list(models)
-    if not models:
+    given = [models] if isinstance(models, SegModel) else list(models)
+    if not given:
         raise InputError("an ensemble needs at least one model")
+    models = [member for model in given for member in fold_members(model)]
+    if len(models) > len(given) and explain_options.get("layers") is not None:  # a fold's own layer names
+        layers = explain_options["layers"]
+        explain_options["layers"] = (fold_layer(layers) if isinstance(layers, str)
+                                     else [fold_layer(name) for name in layers])
     if explain_options.get("per_channel"):
         raise InputError("per-channel maps explain one model: leave out tta and give one model")
     card = explain_options.pop("model_card", None)
@@ -165,6 +175,26 @@ def member_kinds(models: int, flips: Sequence[Tuple[int, ...]], axes: Sequence[O
     what the agreement is an agreement between)."""
     kinds = [("models", models > 1), ("mirrorings", len(flips) > 1), ("slice axes", any(a for a in axes))]
     return [name for name, varies in kinds if varies]
+
+
+def fold_members(model: SegModel) -> List[SegModel]:
+    """The folds of an nnU-Net fold ensemble (:class:`~SegHiResCAMLib.models.nnunet.loader.FoldEnsemble`) as one
+    model each (same preprocessing and inference recipe); any other model as itself."""
+    if not isinstance(model.network, FoldEnsemble):
+        return [model]
+    tail = model.name.rsplit("folds_", 1)
+    ids = tail[1].split("+") if len(tail) == 2 else []
+    if len(ids) != len(model.network.folds):
+        ids = [str(k) for k in range(len(model.network.folds))]
+    return [dataclasses.replace(model, network=network, name="%s/fold_%s" % (tail[0].rstrip("/") if len(tail) == 2
+                                                                              else model.name, fold),
+                                resolved=dict(model.resolved))
+            for fold, network in zip(ids, model.network.folds)]
+
+
+def fold_layer(name: str) -> str:
+    """A layer name of a fold ensemble (``folds.K.decoder...``) as the layer of one fold (``decoder...``)."""
+    return re.sub(r"^folds\.\d+\.", "", name)
 
 
 def check_slice_axes(models: Sequence[SegModel], geometry: Geometry, slice_axes: Optional[Sequence[str]],

@@ -93,7 +93,7 @@ def error_reference(args: argparse.Namespace, geometry):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``seghirescam explain``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
-    from ..analysis.ensemble import explain_ensemble
+    from ..analysis.ensemble import explain_ensemble, fold_members
     from ..analysis.explain import TargetSpec, explain_image
     from ..imaging import files as io
     from ..imaging.resample import read_mask_on_grid
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     slice_axes = None
     if args.slice_axes:
         slice_axes = catalog.SLICE_AXES if args.slice_axes.strip() == "all" else args.slice_axes.split(",")
-    ensemble = len(models) > 1 or args.tta or bool(slice_axes)
+    members = sum(len(fold_members(loaded)) for loaded in models)  # an nnU-Net fold ensemble: one per fold
+    ensemble = members > 1 or args.tta or bool(slice_axes)
     if args.spread and not ensemble:
         raise InputError("--spread needs several members: give --weights once per member (2 or more), --tta or "
                          "--slice-axes")
