@@ -262,3 +262,27 @@ def test_float16_accumulators_are_what_reproduces_nnunet(nnunet_oracle):
     root, done = nnunet_oracle
     diff, _, _ = _compare(root, done, "3d_fullres", "oblique", False, dtype=torch.float32)
     assert diff > 10 * MAX_PROBABILITY_DIFF
+
+
+def test_region_labels_follow_regions_class_order():
+    """Region-based models: regions painted in ``regions_class_order`` (later ones win), as nnU-Net's
+    ``LabelManager.convert_probabilities_to_segmentation``; not the highest region."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from SegHiResCAMLib.analysis.nnunet_predict import labels_from_logits
+    from SegHiResCAMLib.geometry import Geometry
+    from SegHiResCAMLib.imaging.model_space import ModelSpace
+    from SegHiResCAMLib.models.base import Preprocessing, SegModel
+    label_dict = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    manager = LabelManager(label_dict, regions_class_order=[1, 2, 3])
+    geometry = Geometry.identity((6, 7, 8))
+    space = ModelSpace(geometry, geometry, ((0, 0),) * 3)
+    logits = torch.from_numpy(np.random.default_rng(9).normal(0, 2, (1, 3) + geometry.array_shape).astype(np.float32))
+    logits[0, 0] = logits[0, 0].abs() - 5.0  # "whole" mostly off, but far below the other two: order matters
+    model = SegModel(network=torch.nn.Identity(), name="regions", activation="sigmoid",
+                     class_names=["whole", "core", "enhancing"], preprocessing=Preprocessing(), output="logits",
+                     inference={"framework": "nnunet", "regions_class_order": [1, 2, 3]})
+    want = manager.convert_probabilities_to_segmentation(torch.sigmoid(logits[0]).numpy())
+    got = labels_from_logits(logits, model, space)
+    np.testing.assert_array_equal(got, want)
+    highest = np.where(logits[0].max(0).values.numpy() > 0, logits[0].argmax(0).numpy() + 1, 0)
+    assert (highest != want).any()  # the generic multi-label rule would differ
