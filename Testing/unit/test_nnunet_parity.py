@@ -286,3 +286,14 @@ def test_region_labels_follow_regions_class_order():
     np.testing.assert_array_equal(got, want)
     highest = np.where(logits[0].max(0).values.numpy() > 0, logits[0].argmax(0).numpy() + 1, 0)
     assert (highest != want).any()  # the generic multi-label rule would differ
+
+
+def test_tta_is_refused_for_other_models():
+    from SegHiResCAMLib.analysis.explain import predict_image
+    from SegHiResCAMLib.errors import InputError
+    from SegHiResCAMLib.geometry import Geometry
+    from SegHiResCAMLib.models.base import Preprocessing, SegModel
+    model = SegModel(network=torch.nn.Conv3d(1, 2, 1), name="toy", preprocessing=Preprocessing(divisible_by=1),
+                     output="logits")
+    with pytest.raises(InputError, match="--tta .* nnU-Net models only"):
+        predict_image(model, np.zeros((4, 4, 4), np.float32), Geometry.identity((4, 4, 4)), device="cpu", tta=True)

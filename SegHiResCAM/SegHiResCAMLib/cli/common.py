@@ -20,6 +20,7 @@ EPILOG = """model SPEC, one of:
   FILE.onnx                      an ONNX file (needs: pip install onnx; pip install --no-deps onnx2torch)
   FOLDER                         a MONAI bundle (configs/inference.json + models/model.pt) or an nnU-Net v2
                                  trained-model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth)
+  totalseg:TASK --structure NAME installed TotalSegmentator weights ($TOTALSEG_HOME_DIR or ~/.totalsegmentator)
   monai:UNet                     a MONAI network by name, --model-args '{...}' --weights STATE_DICT
   package.module:factory         (or file.py:factory) with --weights STATE_DICT [--model-args '{...}']
 examples:
