@@ -297,3 +297,25 @@ def test_tta_is_refused_for_other_models():
                      output="logits")
     with pytest.raises(InputError, match="--tta .* nnU-Net models only"):
         predict_image(model, np.zeros((4, 4, 4), np.float32), Geometry.identity((4, 4, 4)), device="cpu", tta=True)
+
+
+def test_whole_image_input_is_padded_for_the_network(nnunet_oracle):
+    """Explanations without windows (e.g. the SA score) run the network once on the whole input: nnU-Net's input
+    is then padded at the end to the network's down-sampling, and results still map back exactly."""
+    from SegHiResCAMLib.analysis.explain import model_input
+    from SegHiResCAMLib.analysis.nnunet_predict import nnunet_input
+    root, done = nnunet_oracle
+    model = load_nnunet(_model_folder(root, done, "3d_fullres"), fold="all")
+    image, geometry = io.read_image(os.path.join(root, "images", "oblique.nii.gz"))
+    plain, plain_space = nnunet_input(model, image, geometry)
+    x, space, _ = model_input(model, image, geometry, "cpu")
+    k = model.preprocessing.divisible_by
+    assert k > 1 and any(n % k for n in plain.shape[1:]) and all(n % k == 0 for n in x.shape[2:])
+    np.testing.assert_array_equal(x[(0, slice(None)) + tuple(slice(0, n) for n in plain.shape[1:])].numpy(), plain)
+    with torch.no_grad():
+        logits = model.network(x)[0].numpy()
+    labels = space.labels_to_image(lambda c: logits[c], 3)
+    assert labels.shape == image.shape
+    inner = tuple(slice(0, n) for n in plain.shape[1:])
+    same = plain_space.labels_to_image(lambda c: logits[c][inner], 3)
+    np.testing.assert_array_equal(labels, same)

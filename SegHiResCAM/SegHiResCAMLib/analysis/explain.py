@@ -214,14 +214,16 @@ def _to_tensor(x: np.ndarray, device: torch.device, model: SegModel) -> torch.Te
     return torch.from_numpy(x)[None].to(device=device, dtype=dtype)
 
 
-def model_input(model: SegModel, image: np.ndarray, geometry: Geometry,
-                device: str = "auto") -> Tuple[torch.Tensor, ModelSpace, torch.device]:
+def model_input(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
+                windows: bool = False) -> Tuple[torch.Tensor, ModelSpace, torch.device]:
     """The network input ``[1, C, *S_model]`` on the chosen device (the network is moved there too), and the
-    :class:`ModelSpace` that maps results back onto the image grid."""
+    :class:`ModelSpace` that maps results back onto the image grid. ``windows``: the input goes through windows
+    (an nnU-Net input is then not padded beyond nnU-Net's own padding: zeros inside a window change its instance
+    normalisation)."""
     dev = resolve_device(device)
     model.network.to(dev)
     if is_nnunet(model):  # nnU-Net's own preprocessing (normalise, then its resampling)
-        x_np, space = nnunet_input(model, image, geometry)
+        x_np, space = nnunet_input(model, image, geometry, whole=not windows)
         x = _to_tensor(x_np, dev, model)
         resolve_output(model, x)
         return x, space, dev
@@ -300,7 +302,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     timings = {}
     started = time.perf_counter()
     report(0.0, "preparing the image")
-    x, space, dev = model_input(model, image, geometry, device)
+    x, space, dev = model_input(model, image, geometry, device, windows=roi_size is not None)
     timings["preprocess_s"] = time.perf_counter() - started
     names = [layers] if isinstance(layers, str) else list(layers)
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]

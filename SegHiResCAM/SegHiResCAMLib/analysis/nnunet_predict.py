@@ -13,7 +13,7 @@ from ..engine.hooks import model_guard
 from ..engine.sliding import nnunet_gaussian, sliding_window_logits, window_count
 from ..errors import InputError
 from ..geometry import Geometry
-from ..imaging.nnunet_space import NnunetSpace, prepare_nnunet
+from ..imaging.nnunet_space import NnunetSpace, pad_to_multiple, prepare_nnunet
 from ..models.base import SegModel
 from ..models.nnunet.loader import FoldEnsemble
 
@@ -24,8 +24,14 @@ def is_nnunet(model: SegModel) -> bool:
         and model.preprocessing.orientation in (None, "keep")
 
 
-def nnunet_input(model: SegModel, image: np.ndarray, geometry: Geometry) -> Tuple[np.ndarray, NnunetSpace]:
-    return prepare_nnunet(image, geometry, model.preprocessing, model.inference, model.in_channels)
+def nnunet_input(model: SegModel, image: np.ndarray, geometry: Geometry,
+                 whole: bool = False) -> Tuple[np.ndarray, NnunetSpace]:
+    """nnU-Net's network input and space; ``whole``: also padded (at the end) to what one pass over the whole
+    image needs (the network's down-sampling), for explanations without windows."""
+    x, space = prepare_nnunet(image, geometry, model.preprocessing, model.inference, model.in_channels)
+    if whole:
+        x, space = pad_to_multiple(x, space, model.preprocessing.divisible_by)
+    return x, space
 
 
 def nnunet_windows(model: SegModel, image_dims: int, roi_size, overlap: float, blend: str):

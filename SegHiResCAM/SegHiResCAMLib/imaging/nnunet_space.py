@@ -222,3 +222,21 @@ def prepare_nnunet(image: np.ndarray, geometry: Geometry, prep, inference: Dict[
         steps.append("padded by %s voxels to the patch size %s" % ([list(p) for p in pad], patch))
     space = NnunetSpace(geometry, grid, tuple(pad), steps, crop, target, spacing, inference["probability_resampling"])
     return np.ascontiguousarray(data, dtype=np.float32), space
+
+
+def pad_to_multiple(x: np.ndarray, space: NnunetSpace, multiple: int) -> Tuple[np.ndarray, NnunetSpace]:
+    """``x`` ``[C, *S]`` zero-padded at the end of each axis to a multiple of ``multiple``, for a whole-image pass
+    of the network (explanations without windows); nnU-Net's own windows never need it."""
+    multiple = int(multiple) if isinstance(multiple, int) else 1
+    shape = x.shape[1:]
+    extra = [(-n) % multiple for n in shape]
+    if multiple <= 1 or not any(extra):
+        return x, space
+    x = np.pad(x, [(0, 0)] + [(0, e) for e in extra])
+    grid = Geometry(size=x.shape[1:][::-1], spacing=space.grid.spacing, origin=space.grid.origin,
+                    direction=space.grid.direction)
+    pad = tuple((b, a + e) for (b, a), e in zip(space.pad, extra))
+    out = NnunetSpace(space.image, grid, pad, space.steps + ["padded at the end by %s voxels to a multiple of %d"
+                                                             % (extra, multiple)],
+                      space.crop, space.model_spacing, space.image_spacing, space.kwargs)
+    return np.ascontiguousarray(x), out
