@@ -319,3 +319,20 @@ def test_whole_image_input_is_padded_for_the_network(nnunet_oracle):
     inner = tuple(slice(0, n) for n in plain.shape[1:])
     same = plain_space.labels_to_image(lambda c: logits[c][inner], 3)
     np.testing.assert_array_equal(labels, same)
+
+
+def test_cli_explain_totalsegmentator_structure(nnunet_oracle, tmp_path, monkeypatch):
+    """``--model totalseg:total --structure spleen``: the part holding the spleen is loaded and the spleen is the
+    explained class; the heatmap is on the input's grid."""
+    from SegHiResCAMLib.cli import main
+    root, done = nnunet_oracle
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", _totalseg_home(root, done, tmp_path))
+    source = os.path.join(root, "images", "flipped.nii.gz")
+    out, meta = str(tmp_path / "heat.nii.gz"), str(tmp_path / "heat.json")
+    assert main(["explain", "--model", "totalseg:total", "--structure", "spleen", "--model-args", '{"fold": "all"}',
+                 "--image", source, "--out", out, "--json", meta, "--device", "cpu", "--quiet"]) == 0
+    with open(meta) as handle:
+        info = json.load(handle)
+    assert info["target"]["class"] == 2 and "Dataset291" in info["model"]["name"]
+    heat, geometry = io.read_image(out)
+    assert geometry.same_grid(io.read_image(source)[1], atol=1e-6) and heat.max() > 0
