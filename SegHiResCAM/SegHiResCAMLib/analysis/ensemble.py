@@ -142,6 +142,8 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
         shown = np.ascontiguousarray(np.flip(image, flip)) if flip else image
         specs = [flip_target(t, flip, geometry.array_shape) for t in targets]
         options = dict(explain_options, **({"slice_axis": axis} if axis else {}))
+        if k:  # the quick check (check="quick") runs on the first member; the agreement is added below
+            options.pop("check", None)
         result = explain_image(models[m], shown, geometry, specs, progress=member_progress, **options)
         for heat in result.heatmaps:
             heat.array = np.ascontiguousarray(np.flip(heat.array, flip)) if flip else heat.array
@@ -167,6 +169,10 @@ def explain_ensemble(models: Union[SegModel, Sequence[SegModel]], image: np.ndar
         "agreement": metadata["agreement"], "spread": "std / (|mean| + %g * max|mean|)" % SPREAD_EPSILON,
         "agreement_definition": "mean pairwise Pearson correlation over voxels where a member's map is non-zero",
         "timings": [run.metadata.get("timings", {}) for run in runs]}
+    if "check" in metadata:
+        from .check import with_agreement
+        metadata["check"] = with_agreement(dict(metadata["check"]), metadata)
+        metadata["verdict"] = metadata["check"]["verdict"]
     return ImageExplanation(heatmaps, majority([run.prediction for run in runs]), first.space, metadata)
 
 

@@ -36,15 +36,15 @@ import torch
 
 from .. import __version__
 from ..engine import compute_cams
-from ..engine.faithfulness import (BASELINES, RANDOM_TARGETS, Curve, dilate, energy_in_region, map_correlations,
-                             model_randomization, parameter_layers, perturbation_curves, random_target,
-                             region_fraction, region_on_grid)
+from ..engine.faithfulness import (BASELINES, DEFAULT_MARGIN, RANDOM_TARGETS, Curve, dilate, energy_in_region,
+                                   map_correlations, model_randomization, parameter_layers, perturbation_curves,
+                                   placed_fractions, random_target, region_fraction, region_on_grid, target_box)
 from ..engine.methods import METHODS
 from ..errors import InputError
 from ..geometry import Geometry
 from ..models.base import SegModel
+from .check import image_domain
 from .explain import TargetSpec, build_target, model_input
-from ..imaging.model_space import ModelSpace
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -118,12 +118,46 @@ def crop_image(image: np.ndarray, geometry: Geometry, size: Sequence[int],
     return np.ascontiguousarray(np.asarray(image)[box]), cropped, box
 
 
-def _domain(space: ModelSpace, device: torch.device) -> torch.Tensor:
-    """The model-grid voxels that hold the image (not the padding)."""
-    shape = space.grid.array_shape
-    domain = torch.zeros(shape, dtype=torch.bool, device=device)
-    domain[tuple(slice(b, n - a) for (b, a), n in zip(space.pad, shape))] = True
-    return domain
+class _Clock:
+    """Progress with an estimate of the time left: the work is planned in units of one forward pass on the whole
+    input per part (``cam``, ``curves``, ``stages``), and the seconds per unit are taken from the parts done."""
+
+    def __init__(self, report: ProgressCallback):
+        self.report, self.started, self.units = report, time.perf_counter(), {}
+        self.done = 0.0
+
+    def plan(self, **units: float) -> None:
+        self.units.update(units)
+
+    def at(self, part: str, fraction: float) -> float:
+        names = list(self.units)
+        before = sum(self.units[n] for n in names[:names.index(part)])
+        done = before + self.units[part] * max(0.0, min(1.0, fraction))
+        self.done = max(self.done, done / max(1e-9, sum(self.units.values())))  # a re-plan never goes backwards
+        return self.done
+
+    def __call__(self, fraction: float, message: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        if 0.02 < fraction < 1.0 and elapsed > 1.0:
+            left = elapsed * (1.0 - fraction) / fraction
+            message = "%s (about %s left)" % (message, _duration(left))
+        self.report(fraction, message)
+
+
+def _duration(seconds: float) -> str:
+    return "%d s" % seconds if seconds < 90 else "%d min" % round(seconds / 60.0)
+
+
+def _execution_order(net, x: torch.Tensor) -> List[str]:
+    """:func:`parameter_layers` from a small corner of ``x`` (the order does not depend on the input's size; a
+    whole-scan forward pass would cost as much as one perturbed input), or from ``x`` if the corner fails."""
+    corner = x[(slice(None), slice(None)) + tuple(slice(0, min(int(s), 32)) for s in x.shape[2:])]
+    if tuple(corner.shape) != tuple(x.shape):
+        try:
+            return parameter_layers(net, corner)
+        except Exception:  # noqa: BLE001 - a network that needs a larger input: use the input itself
+            pass
+    return parameter_layers(net, x)
 
 
 def _key(method: str, layer: str) -> str:
@@ -132,12 +166,12 @@ def _key(method: str, layer: str) -> str:
 
 def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, target: Optional[TargetSpec] = None,
                    methods: Sequence[str] = METHOD_NAMES, layers: Union[str, Sequence[str]] = "auto",
-                   steps: Union[int, Sequence[float]] = 10, baseline: str = "blur", sigma: float = 5.0,
+                   steps: Union[int, Sequence[float], None] = None, baseline: str = "blur", sigma: float = 5.0,
                    dilation: int = 3, batch_size: Optional[int] = None,
                    sanity_stages: Union[int, Sequence[str], None] = 3,
                    random_targets: Sequence[str] = ("shift", "class"), random_reference: bool = True,
                    device: str = "auto", seed: int = 0, progress: Optional[ProgressCallback] = None,
-                   **method_options) -> Evaluation:
+                   exact: bool = False, margin: Optional[int] = None, **method_options) -> Evaluation:
     """Faithfulness and sanity metrics of every method x layer for one target on one image.
 
     Args:
@@ -146,7 +180,9 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         target: what is explained (default: the model's prediction of class 1).
         methods: CAM method names (default: all).
         layers: layer names or ``auto`` (the model's default layer).
-        steps: deletion/insertion steps, or fractions (see :func:`~.engine.metrics.perturbation_curves`).
+        steps: deletion/insertion steps, or fractions (see :func:`~.engine.metrics.perturbation_curves`);
+            ``None``: 10 equal steps with ``exact``, else the shortcut's well-placed fractions
+            (:func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`).
         baseline, sigma: replacement of removed voxels (``blur`` with ``sigma`` model voxels, ``mean``, ``zero``).
         dilation: radius of the dilated segment, in model voxels.
         batch_size: perturbed inputs per forward pass (``None``: from free memory).
@@ -154,9 +190,17 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         random_targets: kinds of randomised targets (``shift``, ``scatter``, ``class``); empty skips the check.
         random_reference: add a row whose map is uniform noise (what an uninformed ranking scores).
         seed: seed of every random choice (tie-breaking, random targets, re-initialisation).
+        exact: the full computation: every perturbed input runs on the whole model input. Default (``False``):
+            the shortcut of :mod:`SegHiResCAMLib.engine.faithfulness.shortcut`: perturbed inputs run on the
+            target's bounding box grown by ``margin`` model voxels (default
+            :data:`~SegHiResCAMLib.engine.faithfulness.DEFAULT_MARGIN`), and ``steps=None`` means well-placed
+            fractions. Its error against ``exact`` is measured in ``benchmarks/results/evaluate.md``.
         **method_options: e.g. ``pool_size`` for ``seg-xres-cam``.
+
+    ``progress`` messages end with an estimate of the time left (from the passes done so far).
     """
-    report = progress or (lambda f, m: None)
+    clock = _Clock(progress or (lambda f, m: None))
+    report = clock
     for kind in random_targets:
         if kind not in RANDOM_TARGETS:
             raise InputError("random target must be one of %s, got %r" % (", ".join(RANDOM_TARGETS), kind))
@@ -168,15 +212,22 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     report(0.0, "preparing the image")
     x, space, dev = model_input(model, image, geometry, device)
     net = model.network
-    domain = _domain(space, dev)
+    domain = image_domain(space, dev)
     names = [layers] if isinstance(layers, str) else list(layers)
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
     spec = target if target is not None else TargetSpec(class_index=1)
     cam_target = build_target(spec, space, model)
     extra = [random_target(cam_target, kind, seed, max(2, model.num_classes)) for kind in random_targets]
+    n_stages = 0
+    if sanity_stages:
+        n_stages = sanity_stages if isinstance(sanity_stages, int) else len(list(sanity_stages))
+    # progress in units of one forward pass on the whole input (a CAM pass: forward + backward ~ 3 of them)
+    planned = (steps - 1) if isinstance(steps, int) else (len(list(steps)) - 2 if steps else (9 if exact else 2))
+    n_maps = len(methods) * len(names) + (1 if random_reference else 0)
+    clock.plan(cam=3.0 + len(extra), curves=2.0 + n_maps * 2 * planned, stages=3.0 * n_stages)
     t0 = time.perf_counter()
     results = compute_cams(net, x, [cam_target] + extra, names, methods, output_key=model.output_key,
-                           progress=lambda f, m: report(0.02 + 0.18 * f, "heatmaps: %s" % m), **method_options)
+                           progress=lambda f, m: report(clock.at("cam", f), "heatmaps: %s" % m), **method_options)
     timings["cam_s"] = time.perf_counter() - t0
     per = len(results) // (1 + len(extra))
     reference = results[:per]
@@ -196,20 +247,33 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         generator = torch.Generator().manual_seed(int(seed) + 1)
         maps.append(torch.rand(spatial, generator=generator).to(dev))
         labels.append((RANDOM_ORDER, "-"))
+    box = None
+    if not exact:
+        margin = DEFAULT_MARGIN if margin is None else margin
+        if tuple(region.shape[1:]) == spatial:
+            divisible = model.preprocessing.divisible_by
+            box = target_box(region, spatial, margin, divisible if isinstance(divisible, int) else 1)
+        if steps is None:
+            steps = placed_fractions(fraction)
+    elif steps is None:
+        steps = 10
+    n_interior = (steps - 1) if isinstance(steps, int) else len(list(steps)) - 2
+    box_share = 1.0 if box is None else float(np.prod([b.stop - b.start for b in box])) / float(np.prod(spatial))
+    clock.plan(curves=(2 + len(maps) * 2 * max(0, n_interior)) * box_share)
     t0 = time.perf_counter()
     curves = perturbation_curves(net, x, cam_target, maps, steps=steps, baseline=baseline, sigma=sigma,
                                  domain=domain, region=region, reference_score=y0, batch_size=batch_size,
-                                 output_key=model.output_key, seed=seed,
-                                 progress=lambda f, m: report(0.2 + 0.6 * f, "deletion/insertion: %s" % m))
+                                 output_key=model.output_key, seed=seed, box=box,
+                                 progress=lambda f, m: report(clock.at("curves", f), "deletion/insertion: %s" % m))
     timings["curves_s"] = time.perf_counter() - t0
     stages = []
     if sanity_stages:
         t0 = time.perf_counter()
-        order = parameter_layers(net, x)
+        order = _execution_order(net, x)
         stages = [s.to_dict() for s in model_randomization(
             net, x, cam_target, resolved, methods, sanity_stages, reference=reference, seed=seed, order=order,
             domain=domain, segment=dilate(region_on_grid(region, spatial), dilation)[0], output_key=model.output_key,
-            progress=lambda f, m: report(0.8 + 0.19 * f, m), **method_options)]
+            progress=lambda f, m: report(clock.at("stages", f), m), **method_options)]
         timings["sanity_s"] = time.perf_counter() - t0
     rows = []
     for index, ((method, layer), pair) in enumerate(zip(labels, curves)):
@@ -242,9 +306,15 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         "layers": resolved, "methods": methods,
         "options": {"steps": steps, "baseline": baseline, "sigma_voxels": sigma, "dilation_voxels": dilation,
                     "batch_size": batch_size, "sanity_stages": sanity_stages, "random_targets": list(random_targets),
-                    "seed": seed, "method_options": dict(method_options)},
+                    "seed": seed, "method_options": dict(method_options), "exact": bool(exact), "margin": margin},
+        "shortcut": None if exact else {
+            "box": None if box is None else [[b.start, b.stop] for b in box], "box_share": box_share,
+            "margin_voxels": margin, "fractions": curves[0]["deletion"].fractions if curves else None,
+            "y0_box": curves[0]["deletion"].reference if curves else None,
+            "note": "perturbed inputs run on the target's bounding box + margin (exact where the margin covers the "
+                    "receptive field of a network without global operations); --exact runs the full computation"},
         "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),
-                 "perturbation_forwards": 1 + n_maps * 2 * n_inner},
+                 "perturbation_forwards": 1 + (box is not None) + n_maps * 2 * n_inner},
         "timings": timings,
         "normalization": "AUC of score / y0 over the perturbed fraction in [0, 1] (trapezoid); NaN if y0 <= 0",
     }

@@ -242,7 +242,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
                   overlap: float = 0.25, blend: str = "constant", amp: bool = False,
                   session_cache: Optional[dict] = None, model_card=None, per_channel: bool = False,
                   slice_axis: Optional[str] = None, slice_context: int = 0, slice_batch: Optional[int] = None,
-                  **method_options) -> ImageExplanation:
+                  memory_budget=None, check: Optional[str] = None, **method_options) -> ImageExplanation:
     """Explain ``targets`` on an image; heatmaps come back on exactly the image grid (float32).
 
     ``layers="auto"`` uses the model's known-good default layer when it declares one. With ``roi_size`` the
@@ -266,7 +266,19 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     A 2D model on a 3D image runs slice by slice (:mod:`.slices`, ``docs/slice_models.md``): ``slice_axis``
     (axial, coronal, sagittal; default the card's, else axial), ``slice_context`` (neighbouring slices on each
     side as channels), ``slice_batch`` (slices per forward pass) and ``normalization="per-slice"`` apply there.
+
+    ``memory_budget``: bytes or a size (``"4G"``); ``None``/``"auto"``: half the available memory; ``"none"``: no
+    budget. Without ``roi_size``, the run's memory is estimated first (:mod:`.memory`) and windows are chosen when
+    the estimate exceeds the budget; ``metadata["memory"]`` records the estimate, the budget and the choice.
+
+    ``check="quick"``: a one-line verdict on the first heatmap (:mod:`.check`: model randomisation of the layer's
+    downstream and a few-step deletion AUC against a random ranking, about one more explain run) in
+    ``metadata["verdict"]``, its numbers in ``metadata["check"]``.
     """
+    from .check import check_name
+    from .memory import parse_memory_budget, plan_model_run
+    budget = parse_memory_budget(memory_budget)  # a bad budget fails before any work
+    check = check_name(check)
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
     channels = stack_channels(image, geometry, (model.card or {}).get("channels"),
@@ -307,6 +319,21 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     names = [layers] if isinstance(layers, str) else list(layers)
     names = [model.default_layer if (n == "auto" and model.default_layer != "auto") else n for n in names]
     cam_targets = [build_target(t, space, model) for t in targets]
+    memory = {"choice": "windows given (roi_size)"} if roi_size is not None else {"choice": "no budget"}
+    plan = None
+    plan_key = (id(model.network), _fingerprint(np.asarray(image)), geometry, tuple(names), str(dev), budget)
+    if roi_size is None and budget != 0 and not per_channel:
+        stored = (session_cache or {}).get("memory")
+        if stored is not None and stored[0] == plan_key:
+            plan = stored[1]
+        else:
+            report(0.02, "estimating memory")
+            plan = plan_model_run(model, x, np.asarray(image), memory_budget, "explain", names, method,
+                                  len(cam_targets), targets[0].class_index if targets else 1, **method_options)
+        memory = plan.describe()
+        if plan.windowed:
+            roi_size = plan.roi_size
+            report(0.04, plan.message())
     t0 = time.perf_counter()
     engine_progress = lambda f, m: report(0.05 + 0.85 * f, m)  # noqa: E731
     key = None
@@ -336,6 +363,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
         results = session.explain(cam_targets, method, relu=relu, normalization=normalization, **method_options)
     if session_cache is not None:
         session_cache.update(key=key, session=session)
+        if plan is not None:
+            session_cache["memory"] = (plan_key, plan)
     timings["cam_s"] = time.perf_counter() - t0
     report(0.92, "mapping back to the image grid")
     t0 = time.perf_counter()
@@ -352,13 +381,29 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     error_tables(results[0].output, cam_targets, targets, space, heatmaps)
     attributions = [channel_attribution(model, x, space, t, channels.names) for t in cam_targets] if per_channel else []
     timings["postprocess_s"] = time.perf_counter() - t0
+    checked = None
+    if check is not None:
+        from .check import image_domain, quick_check
+        report(0.95, "quick check: model randomisation and deletion")
+        if roi_size is not None:
+            checked = {"verdict": "not checked: the check runs on the whole input, this run used windows"}
+        else:
+            divisible = model.preprocessing.divisible_by
+            checked = quick_check(model.network, x, cam_targets[0], results[0], image_domain(space, dev),
+                                  model.output_key, divisible if isinstance(divisible, int) else 1,
+                                  **method_options)
+        timings["check_s"] = time.perf_counter() - t0 - timings["postprocess_s"]
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")
     metadata = {
         "seghirescam_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": str(dev), "model": model.describe(), "model_space": space.describe(), "timings": timings,
-        "model_output": dict(model.resolved.get("output", {})),
+        "model_output": dict(model.resolved.get("output", {})), "memory": memory,
     }
+    if checked is not None:
+        from .check import with_agreement
+        metadata["check"] = with_agreement(checked, metadata)
+        metadata["verdict"] = metadata["check"]["verdict"]
     if channels.channels > 1:
         metadata["channels"] = channels.describe()
     if attributions:
@@ -370,11 +415,14 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
 def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device: str = "auto",
                   progress: Optional[ProgressCallback] = None, model_card=None, slice_axis: Optional[str] = None,
                   slice_context: int = 0, slice_batch: Optional[int] = None,
-                  tta: bool = False) -> Tuple[np.ndarray, dict]:
+                  tta: bool = False, memory_budget=None) -> Tuple[np.ndarray, dict]:
     """The model's label map on the image grid, and metadata (one forward pass, no gradients);
     ``model_card`` and the ``slice_*`` options (a 2D model on a 3D image) as in :func:`explain_image`. An nnU-Net
     model predicts as ``nnUNetv2_predict`` (:mod:`.nnunet_predict`; ``tta``: its mirroring; a 2d configuration
-    slice by slice along the first array axis, as nnU-Net)."""
+    slice by slice along the first array axis, as nnU-Net). ``memory_budget`` as in :func:`explain_image`: windows
+    (blended as in windowed CAM) when the estimate exceeds it."""
+    from .memory import parse_memory_budget, plan_model_run, windowed_prediction
+    budget = parse_memory_budget(memory_budget)
     if model_card is not None:
         model = apply_card(model, as_card(model_card))
     image = stack_channels(image, geometry, (model.card or {}).get("channels"),
@@ -397,12 +445,21 @@ def predict_image(model: SegModel, image: np.ndarray, geometry: Geometry, device
     report(0.0, "preparing the image")
     x, space, dev = model_input(model, image, geometry, device)
     check_input(model.network, x)
-    report(0.1, "forward pass")
-    with model_guard(model.network, freeze_parameters=False), torch.no_grad():
-        output = main_output(run_model(model.network, x), model.output_key)
+    memory = {"choice": "no budget"}
+    plan = None
+    if budget != 0:
+        report(0.05, "estimating memory")
+        plan = plan_model_run(model, x, np.asarray(image), memory_budget, "predict")
+        memory = plan.describe()
+    report(0.1, plan.message() if plan is not None and plan.windowed else "forward pass")
+    if plan is not None and plan.windowed:
+        output = windowed_prediction(model.network, x, plan.roi_size, model.output_key)
+    else:
+        with model_guard(model.network, freeze_parameters=False), torch.no_grad():
+            output = main_output(run_model(model.network, x), model.output_key)
     labels = labels_on_image(output, model, space)
     report(1.0, "done")
     meta = {"seghirescam_version": __version__, "device": str(dev), "model": model.describe(),
             "model_space": space.describe(), "timings": {"total_s": time.perf_counter() - started},
-            "model_output": dict(model.resolved.get("output", {}))}
+            "model_output": dict(model.resolved.get("output", {})), "memory": memory}
     return labels, meta

@@ -174,6 +174,19 @@ def fit_picture(path: str, image: np.ndarray, geometry: Geometry, model) -> Tupl
     return image, [note] if note else []
 
 
+def add_memory_arg(p: argparse.ArgumentParser) -> None:
+    """``--memory-budget``: above it, windows are chosen by themselves (:mod:`..analysis.memory`)."""
+    from ..analysis.memory import BUDGET_HELP
+    p.add_argument("--memory-budget", default="auto", help=BUDGET_HELP)
+
+
+def print_memory(meta: dict) -> None:
+    """The one line saying that windows were chosen to stay within the memory budget (if they were)."""
+    memory = meta.get("memory") or {}
+    if memory.get("choice") == "windows" and memory.get("message"):
+        print("seghirescam: note: %s" % memory["message"], file=sys.stderr)
+
+
 def add_image_arg(p: argparse.ArgumentParser, help: str = IMAGE_HELP, channels: bool = False) -> None:
     """``--image``, required; with ``channels`` repeatable (one per input channel, ``NAME=path`` binds by name)."""
     if channels:
@@ -231,7 +244,7 @@ class Progress:
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=100, file=sys.stderr, unit="%", leave=False, disable=None,
-                                bar_format="{desc:<32.32} {bar} {percentage:3.0f}% {elapsed}")
+                                bar_format="{desc:<32.32} {bar} {percentage:3.0f}% {elapsed}<{remaining}")
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 self.bar = None
 

@@ -11,7 +11,7 @@ from typing import List, Tuple, Union
 import numpy as np
 
 from .. import catalog
-from ..engine.faithfulness import BASELINES, RANDOM_TARGETS
+from ..engine.faithfulness import BASELINES, DEFAULT_MARGIN, RANDOM_TARGETS
 from ..errors import InputError
 from . import common
 
@@ -49,7 +49,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--methods", nargs="+", default=methods, choices=methods,
                    metavar="METHOD", help="default: all (%s)" % ", ".join(methods))
     p.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER", help="default: auto")
-    p.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (default 10: 0, 10, ..., 100%%)")
+    p.add_argument("--steps", type=int, help="deletion/insertion steps (default: with --exact 10: 0, 10, ..., 100%%; "
+                   "else 2 interior points placed at the target's share of the image and halfway to the end)")
+    p.add_argument("--exact", action="store_true",
+                   help="the full computation: every perturbed input runs on the whole image (slow on 3D scans); "
+                   "default: only the target's bounding box plus --margin runs (see benchmarks/results/evaluate.md)")
+    p.add_argument("--margin", type=int, help="voxels of the model grid added around the target's bounding box "
+                   "(default %d; ignored with --exact)" % DEFAULT_MARGIN)
     p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="replacement of removed voxels")
     p.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur sigma in model voxels (default 5)")
     p.add_argument("--dilation", type=int, default=3, help="radius of the dilated segment in model voxels (default 3)")
@@ -85,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     common.check_outputs(outputs, protect)
     if len({os.path.abspath(p) for p in outputs}) != len(outputs):
         raise InputError("--out-json, --out-md and --plot must be different files")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise InputError("--steps must be >= 1, got %d" % args.steps)
+    if args.margin is not None and args.margin < 0:
+        raise InputError("--margin must be >= 0 voxels, got %d" % args.margin)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be >= 1, got %d" % args.batch_size)
     image, geometry, mask, _ = common.read_image_and_mask(args.image, args.segment)
@@ -100,9 +108,13 @@ def run(args: argparse.Namespace) -> int:
     if args.crop and model.preprocessing.min_size is not None:
         model = dataclasses.replace(model, preprocessing=dataclasses.replace(model.preprocessing, min_size=None))
     maps = len(args.methods) * len(args.layers) + (0 if args.no_random_reference else 1)
+    interior = (args.steps - 1) if args.steps is not None else (9 if args.exact else 2)
     if not args.quiet:
         print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
-              "steps + 1)" % (1 + maps * 2 * max(0, args.steps - 1), maps, max(0, args.steps - 1)), file=sys.stderr)
+              "steps + %d)%s" % (1 + maps * 2 * interior + (0 if args.exact else 1), maps, interior,
+                                 1 if args.exact else 2,
+                                 "" if args.exact else " on the target's bounding box (--exact: the whole image)"),
+              file=sys.stderr)
     spec = TargetSpec(class_index=model.class_index(args.class_), mask=mask, label=args.label, score=args.score)
     progress = common.Progress(args.quiet)
     try:
@@ -111,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                                     dilation=args.dilation, batch_size=args.batch_size,
                                     sanity_stages=_stages(args.sanity_stages), random_targets=args.random_targets,
                                     random_reference=not args.no_random_reference, device=args.device,
-                                    seed=args.seed, progress=progress, **common.method_options(args, args.methods))
+                                    seed=args.seed, progress=progress, exact=args.exact, margin=args.margin,
+                                    **common.method_options(args, args.methods))
     finally:
         progress.close()
     data = evaluation.to_dict()

@@ -54,6 +54,11 @@ def add_parser(subparsers) -> None:
                    "the members' maps) here; the JSON records their agreement")
     p.add_argument("--per-channel", action="store_true", help="also write one gradient x input map per input "
                    "channel next to --out (<out>_channel-<name>.nii.gz) and the channel shares in --json")
+    common.add_memory_arg(p)
+    p.add_argument("--check", choices=["quick", "none"], default="none",
+                   help="quick: a one-line verdict on the heatmap (model randomisation of the layer's downstream, a "
+                   "few-step deletion AUC against a random ranking; about one more explain run), printed and stored "
+                   "in --json as \"verdict\"")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -99,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
     from ..imaging.resample import read_mask_on_grid
     from ..imaging.channels import channel_file_name, parse_image_arg
     from ..reporting.writers import write_json
+    from ..analysis.memory import parse_memory_budget
     from ..imaging.pictures import is_picture, overlay_path, write_overlay
     paths = [parse_image_arg(text)[1] for text in args.image]
     protect = paths + [path for path in (args.segment, args.reference) if path]
     overlay = overlay_path(args.out) if len(paths) == 1 and is_picture(paths[0]) else None  # a picture's overlay
     common.check_outputs([args.out, args.json, args.prediction, args.spread, overlay], protect)
+    parse_memory_budget(args.memory_budget)  # a bad budget fails before reading anything
     models = common.load_models(args)
     model = models[0]
     slice_axes = None
@@ -145,10 +152,14 @@ def run(args: argparse.Namespace) -> int:
         result = run_explain(image, geometry, [spec], layers=args.layer, method=args.method,
                              device=args.device, relu=not args.no_relu, normalization=args.normalize,
                              progress=progress, roi_size=roi, overlap=args.overlap, blend=args.blend,
-                             amp=args.amp, **common.method_options(args, [args.method]),
+                             amp=args.amp, memory_budget=args.memory_budget, check=args.check,
+                             **common.method_options(args, [args.method]),
                              **common.slice_options(args))
     finally:
         progress.close()
+    common.print_memory(result.metadata)
+    if result.metadata.get("verdict"):
+        print("seghirescam: check: %s" % result.metadata["verdict"], file=sys.stderr)
     heat = result.heatmaps[0]
     io.write_image(args.out, heat.array, geometry, protect=protect)
     if overlay:

@@ -308,6 +308,7 @@ class ExplainLogic(ComputeLogic):
                 modelFiles=";".join(os.path.basename(p) for p in hashes),
                 modelFileHash=";".join(hashes.values()), device=result.metadata.get("device", ""),
                 version=__version__, warnings="; ".join(result.info.get("warnings", [])),
+                checkVerdict=result.metadata.get("verdict") or "",
                 metadata=provenance.dumps({"cam": result.info, **result.metadata}, indent=None), **request.extra))
             if request.addPrediction:
                 segmentation = (scene.GetNodeByID(request.predictionSegmentationID)

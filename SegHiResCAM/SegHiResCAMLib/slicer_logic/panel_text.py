@@ -9,6 +9,9 @@ Example:
     >>> resultSummary({"method": "seg-hires-grad-cam", "layer": "context5", "target": "model prediction",
     ...                "classIndex": "1", "className": "brain", "model": "hd-bet"})
     'seg-hires-grad-cam at layer context5 | target: model prediction, class 1 (brain) | model: hd-bet'
+    >>> resultSummary({"method": "layer-cam", "layer": "dec", "target": "segment", "model": "toy",
+    ...                "checkVerdict": "passes model randomisation (rho 0.10)"})
+    'layer-cam at layer dec | target: segment | model: toy | check: passes model randomisation (rho 0.10)'
     >>> progressText("forward pass", 0.25, 10.0)
     'Forward pass: 25%, about 30 s left'
 """
@@ -65,7 +68,7 @@ def evaluationVerdict(rows: Sequence[Mapping[str, object]], method: str, layer: 
 def resultSummary(values: Mapping[str, object]) -> str:
     """One line on a heatmap from its provenance (its ``SegHiResCAM.*`` attributes, without the prefix): method,
     layer, target (with the class name unless it is only "class N"), model and, when present, ``verdict``
-    (:func:`evaluationVerdict`)."""
+    (:func:`evaluationVerdict`), and ``checkVerdict``, the line of a quick check (``explain --check quick``)."""
     target = str(values.get("target") or values.get("targetKind") or "?")
     if values.get("classIndex") not in (None, ""):
         target += ", class %s" % values["classIndex"]
@@ -75,6 +78,8 @@ def resultSummary(values: Mapping[str, object]) -> str:
              "model: %s" % (values.get("model") or "?")]
     if values.get("verdict"):
         parts.append(str(values["verdict"]))
+    if values.get("checkVerdict"):
+        parts.append("check: %s" % values["checkVerdict"])
     return SEPARATOR.join(parts)
 
 

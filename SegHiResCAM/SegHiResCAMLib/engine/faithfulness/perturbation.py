@@ -223,7 +223,8 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
                         baseline: str = "blur", sigma: float = 5.0, domain: Optional[torch.Tensor] = None,
                         region: Optional[torch.Tensor] = None, reference_score: Optional[float] = None,
                         batch_size: Optional[int] = None, output_key: Optional[str] = None, seed: int = 0,
-                        eval_mode: bool = True, progress: Optional[ProgressCallback] = None) -> List[Dict[str, Curve]]:
+                        eval_mode: bool = True, progress: Optional[ProgressCallback] = None,
+                        box: Optional[Sequence[slice]] = None, rescore_box: bool = True) -> List[Dict[str, Curve]]:
     """Deletion and insertion curves of several heatmaps of one input and target.
 
     Args:
@@ -242,6 +243,11 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         batch_size: perturbed inputs per forward pass; ``None`` picks one from free memory
             (:func:`auto_batch_size`); halved automatically on an out-of-memory error.
         seed: tie-breaking permutation of :func:`saliency_order`.
+        box: run every scored input on this box of the input grid only (:func:`.shortcut.target_box`: the
+            region M and its receptive field); ranks, fractions and the baseline still come from the whole input,
+            and the score of the unperturbed box is taken again (one more forward pass) as ``y0``. Needs a model
+            whose output lies on the input grid. ``rescore_box=False`` keeps the given ``reference_score`` (one
+            forward pass less; the curve then starts from the whole input's score).
 
     Returns:
         For every heatmap, ``{mode: Curve}``. Both end points are shared by all maps (the unperturbed input and
@@ -279,11 +285,25 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         reference_score = float(target(out, region.to(out.device))[0]) if reference_score is None else reference_score
     region = region.to(x.device).bool()
     region = region[None] if region.ndim == len(spatial) else region
-    scorer = _Scorer(model, target, region, output_key, int(batch_size), eval_mode)
     base = baseline_input(x, baseline, sigma, dom)
     replaced = base if dom is None else torch.where(dom, base, x)
+    cut = (slice(None), slice(None))
+    if box is not None:
+        box = tuple(box)
+        if len(box) != len(spatial) or tuple(region.shape[1:]) != spatial:
+            raise InputError("a crop box needs one slice per spatial axis (%d) and a model output on the input "
+                             "grid %s (the region is %s)" % (len(spatial), spatial, tuple(region.shape[1:])))
+        cut = cut + box
+        region = region[(slice(None),) + box]
+        if bool(region.sum() == 0):
+            raise InputError("the crop box holds none of the region's voxels")
+    scorer = _Scorer(model, target, region, output_key, int(batch_size), eval_mode)
+    x_cut, base_cut, replaced_cut = x[cut], base[cut], replaced[cut]
+    if box is not None and rescore_box:
+        report(0.0, "score of the unperturbed box")
+        reference_score = scorer(lambda i: x_cut, 1)[0]
     report(0.0, "score of the fully replaced input")
-    y_base = scorer(lambda i: replaced, 1)[0]
+    y_base = scorer(lambda i: replaced_cut, 1)[0]
     total_voxels = int(dom.sum()) if dom is not None else int(torch.tensor(spatial).prod())
     counts = [int(round(f * total_voxels)) for f in fractions]
     interior = list(range(1, len(fractions) - 1))
@@ -294,8 +314,8 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         m, mode, i = jobs[j]
         mask = torch.zeros(x[0, 0].numel(), dtype=torch.bool, device=x.device)
         mask[orders[m][:counts[i]]] = True
-        mask = mask.view(spatial)
-        return torch.where(mask, base, x) if mode == "deletion" else torch.where(mask, x, replaced)
+        mask = mask.view(spatial)[cut[2:]]
+        return torch.where(mask, base_cut, x_cut) if mode == "deletion" else torch.where(mask, x_cut, replaced_cut)
 
     scores = scorer(make, len(jobs), lambda done: report(done / max(1, len(jobs)), "perturbed input %d/%d"
                                                        % (done, len(jobs)))) if jobs else []

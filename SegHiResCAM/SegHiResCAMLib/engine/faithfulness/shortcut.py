@@ -1,0 +1,62 @@
+"""The shortcuts that make deletion/insertion affordable on whole 3D scans (docs/algorithms.md, "Faithfulness
+checks"; used by :func:`~.perturbation.perturbation_curves` and ``seghirescam evaluate`` without ``--exact``).
+
+- **Crop to the target** (:func:`target_box`): the score ``y^c_M`` sums the output over M only, and an output
+  voxel depends only on the input inside its receptive field. The perturbed inputs are therefore run on the
+  bounding box of M grown by ``margin`` voxels (aligned to the network's down-sampling, so pooling grids stay the
+  same); voxels outside the box are still ranked and counted (the fractions are of the whole domain) but
+  perturbing them cannot change the score. Exact when ``margin`` covers the receptive field of a network without
+  global operations; otherwise (instance normalisation, a margin smaller than the receptive field) an
+  approximation whose error ``benchmarks/results/evaluate.md`` measures against the full computation.
+- **Fewer, well-placed steps** (:func:`placed_fractions`): the deletion/insertion curves of a map that ranks the
+  target's evidence first change fastest over the first ``r`` of the domain (``r``: the fraction of the domain the
+  target covers), so two interior points at ``r`` and ``(1 + r) / 2`` replace ten equal steps.
+"""
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ...errors import InputError
+
+#: margin (model voxels) around the target's bounding box in the shortcut (``seghirescam evaluate --margin``)
+DEFAULT_MARGIN = 16
+
+
+def target_box(region: torch.Tensor, spatial: Sequence[int], margin: int = DEFAULT_MARGIN,
+               align: int = 1) -> Optional[Tuple[slice, ...]]:
+    """The bounding box of ``region`` (boolean ``[*S]`` or ``[1, *S]``) grown by ``margin`` voxels on every side,
+    with start and size multiples of ``align`` (cut at the input's end, which the model input's padding already
+    aligns). ``None`` when the box is the whole input (nothing to save) or the region is empty."""
+    if isinstance(margin, bool) or int(margin) != margin or margin < 0:
+        raise InputError("crop margin must be a whole number of voxels >= 0, got %r" % (margin,))
+    spatial = tuple(int(s) for s in spatial)
+    mask = region.detach().bool().reshape((-1,) + spatial).any(0)
+    if not bool(mask.any()):
+        return None
+    align = max(1, int(align))
+    box = []
+    for axis, size in enumerate(spatial):
+        other = tuple(a for a in range(len(spatial)) if a != axis)
+        hits = mask.any(dim=other).nonzero().squeeze(1) if other else mask.nonzero().squeeze(1)
+        lo = max(0, int(hits.min()) - int(margin))
+        hi = min(size, int(hits.max()) + 1 + int(margin))
+        lo = lo // align * align
+        length = int(math.ceil((hi - lo) / align) * align)
+        box.append(slice(lo, min(size, lo + length)))  # cut at the input's end: aligned where the input is
+    if all(s.start == 0 and s.stop == n for s, n in zip(box, spatial)):
+        return None
+    return tuple(box)
+
+
+def placed_fractions(region_fraction: float) -> List[float]:
+    """The deletion/insertion fractions of the shortcut: ``[0, r, (1 + r) / 2, 1]`` with ``r`` the fraction of
+    the domain covered by the target, kept within [0.02, 0.5] (a point at 0 or 1 would repeat an end point)."""
+    if not math.isfinite(float(region_fraction)):
+        raise InputError("the region fraction must be a number in [0, 1], got %r" % (region_fraction,))
+    r = min(0.5, max(0.02, float(region_fraction)))
+    return [0.0, round(r, 6), round((1.0 + r) / 2.0, 6), 1.0]
+
+
+__all__ = ["DEFAULT_MARGIN", "placed_fractions", "target_box"]

@@ -1,0 +1,183 @@
+"""The evaluate shortcut against the full computation, on the committed faithfulness study's cases (issue 18).
+
+For every case of ``docs/faithfulness/`` (the ROBEX atlas and the MNI152 template, HD-BET fold 0, the study's 64^3
+model-voxel box, 18 maps = 6 methods x 3 layers, plus the random-order row) this runs the deletion/insertion curves
+the way ``seghirescam evaluate`` now does by default (perturbed inputs on the target's bounding box + 16 voxels,
+two well-placed interior steps; :mod:`SegHiResCAMLib.engine.faithfulness.shortcut`) and compares them with the full
+computation stored by the study (``--exact``: every input on the whole box, 8 equal steps):
+
+- the AUC differences per map (shortcut - full), normalised deletion and insertion AUC;
+- the study's ranking (:func:`studies.faithfulness.recommend`, per scan, and :func:`recommend_combined`, across
+  scans) with the full AUCs and with the shortcut's, every other criterion (sanity checks, heat on the whole scan)
+  taken from the stored study;
+- the wall time and the forward passes of the curves, next to the stored full computation's (which ran at
+  another time: compare the forward-pass counts and the seconds per pass, and the load averages).
+
+Run from the repository root (after ``make install``)::
+
+    .venv/bin/python studies/benchmark/bench_evaluate.py            # -> benchmarks/results/evaluate.{json,md}
+
+The timing of the default ``seghirescam evaluate`` on a whole MRI is measured by the command line itself (see
+``benchmarks/results/evaluate.md``, which names the command and the JSON it wrote).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "studies"))
+import faithfulness as study  # noqa: E402 - the study's cases, boxes and ranking rules
+
+from SegHiResCAMLib.analysis.evaluate import METHOD_NAMES, crop_image, evaluate_image  # noqa: E402
+from SegHiResCAMLib.analysis.explain import TargetSpec  # noqa: E402
+from SegHiResCAMLib.analysis.provenance import dumps  # noqa: E402
+from SegHiResCAMLib.engine.outputs import flush_denormals  # noqa: E402
+from SegHiResCAMLib.imaging import files as io  # noqa: E402
+from SegHiResCAMLib.imaging.sample_data import mni152_template, robex_atlas  # noqa: E402
+from SegHiResCAMLib.models import load_model  # noqa: E402
+
+STUDY = os.path.join(ROOT, "docs", "faithfulness")
+OUT = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _image(name):
+    path = robex_atlas()[0] if name == "robex" else mni152_template().t1
+    image, geometry = io.read_image(path)
+    return image.astype(np.float32), geometry
+
+
+def run_case(name, model, batch_size):
+    with open(os.path.join(STUDY, "%s.json" % name)) as handle:
+        one = json.load(handle)
+    image, geometry = _image(name)
+    box = [slice(a, b) for a, b in one["crop"]["box"]]
+    size = [s.stop - s.start for s in box]
+    box_image, box_geometry, got = crop_image(image, geometry, size, [s.start + n // 2 for s, n in zip(box, size)])
+    assert [[s.start, s.stop] for s in got] == one["crop"]["box"], "the study's box could not be rebuilt"
+    load = list(os.getloadavg())
+    t0 = time.perf_counter()
+    ev = evaluate_image(model, box_image, box_geometry, TargetSpec(class_index=1), methods=METHOD_NAMES,
+                        layers=list(study.LAYERS), steps=None, batch_size=batch_size, sanity_stages=None,
+                        random_targets=(), device="cpu", exact=False, pool_size=2)
+    seconds = time.perf_counter() - t0
+    full_rows = one["evaluation"]["rows"]
+    fast = {(r["method"], r["layer"]): r for r in ev.rows}
+    rows, diffs = [], []
+    for row in full_rows:
+        mine = fast[(row["method"], row["layer"])]
+        merged = dict(row, deletion_auc=mine["deletion_auc"], insertion_auc=mine["insertion_auc"])
+        rows.append(merged)
+        diffs.append({"method": row["method"], "layer": row["layer"],
+                      "deletion_auc_full": row["deletion_auc"], "deletion_auc_shortcut": mine["deletion_auc"],
+                      "insertion_auc_full": row["insertion_auc"], "insertion_auc_shortcut": mine["insertion_auc"],
+                      "deletion_diff": mine["deletion_auc"] - row["deletion_auc"],
+                      "insertion_diff": mine["insertion_auc"] - row["insertion_auc"]})
+    energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one.get("whole_scan", {}).get("rows", [])}
+    table_full, ranked_full = study.recommend(full_rows, energy)
+    table_fast, ranked_fast = study.recommend(rows, energy)
+    meta, full_meta = ev.metadata, one["evaluation"]["metadata"]
+    return {
+        "case": name, "box": one["crop"]["box"], "load_average_start": load, "load_average_end": list(os.getloadavg()),
+        "shortcut": {"curves_s": meta["timings"]["curves_s"], "total_s": seconds,
+                     "forwards": meta["cost"]["perturbation_forwards"], "box": meta["shortcut"]["box"],
+                     "box_share": meta["shortcut"]["box_share"], "fractions": meta["shortcut"]["fractions"],
+                     "seconds_per_forward": meta["timings"]["curves_s"] / meta["cost"]["perturbation_forwards"]},
+        "full": {"curves_s": full_meta["timings"]["curves_s"], "forwards": full_meta["cost"]["perturbation_forwards"],
+                 "steps": full_meta["options"]["steps"],
+                 "seconds_per_forward": full_meta["timings"]["curves_s"] / full_meta["cost"]["perturbation_forwards"],
+                 "source": "docs/faithfulness/%s.json (studies/faithfulness.py)" % name},
+        "auc": diffs,
+        "max_abs_deletion_diff": max(abs(d["deletion_diff"]) for d in diffs),
+        "max_abs_insertion_diff": max(abs(d["insertion_diff"]) for d in diffs),
+        "ranking_full": [(t["method"], t["layer"]) for t in ranked_full],
+        "ranking_shortcut": [(t["method"], t["layer"]) for t in ranked_fast],
+        "tables": {"full": table_full, "shortcut": table_fast},
+    }
+
+
+def markdown(result):
+    lines = ["# evaluate: the shortcut against the full computation", "",
+             "Made by `%s` (HD-BET fold 0, %d torch threads, CPU). The full computation is the committed "
+             "faithfulness study (`docs/faithfulness/<case>.json`, `studies/faithfulness.py`, `--exact`, 8 equal "
+             "steps); the shortcut is `seghirescam evaluate`'s default (target's box + 16 voxels, 2 well-placed "
+             "interior steps). Raw numbers: `benchmarks/results/evaluate.json`." % (result["command"],
+                                                                                   result["threads"]), ""]
+    lines += ["## Rankings (the study's rule; sanity and whole-scan criteria from the stored study)", "",
+              "| scan | full computation | shortcut | same |", "|---|---|---|---|"]
+    for c in result["cases"]:
+        lines.append("| %s | %s | %s | %s |" % (c["case"], ", ".join("%s @ %s" % k for k in c["ranking_full"]),
+                                                ", ".join("%s @ %s" % k for k in c["ranking_shortcut"]),
+                                                "yes" if c["ranking_full"] == c["ranking_shortcut"] else "**no**"))
+    if result.get("combined"):
+        comb = result["combined"]
+        lines.append("| all scans | %s | %s | %s |" % (", ".join("%s @ %s" % k for k in comb["full"]),
+                                                       ", ".join("%s @ %s" % k for k in comb["shortcut"]),
+                                                       "yes" if comb["full"] == comb["shortcut"] else "**no**"))
+    lines += ["", "## AUC error of the shortcut (shortcut - full, normalised AUC)", "",
+              "| scan | max abs deletion | max abs insertion | mean abs deletion | mean abs insertion |",
+              "|---|---|---|---|---|"]
+    for c in result["cases"]:
+        lines.append("| %s | %.3f | %.3f | %.3f | %.3f |" % (
+            c["case"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
+            float(np.mean([abs(d["deletion_diff"]) for d in c["auc"]])),
+            float(np.mean([abs(d["insertion_diff"]) for d in c["auc"]]))))
+    lines += ["", "## Cost of the curves", "",
+              "| scan | full: forwards, s, s/forward | shortcut: forwards, box share, s, s/forward "
+              "| load avg (shortcut) |",
+              "|---|---|---|---|"]
+    for c in result["cases"]:
+        f, s = c["full"], c["shortcut"]
+        lines.append("| %s | %d, %.0f, %.1f | %d, %.2f, %.0f, %.1f | %.1f-%.1f |" % (
+            c["case"], f["forwards"], f["curves_s"], f["seconds_per_forward"], s["forwards"], s["box_share"],
+            s["curves_s"], s["seconds_per_forward"], c["load_average_start"][0], c["load_average_end"][0]))
+    lines += ["", "The full computation's seconds were measured when the study ran (its own load is in "
+              "`docs/faithfulness/summary.json`); compare the forward-pass counts, which do not depend on the load."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="robex,mni152", help="study cases (default robex,mni152)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2, help="as the study (default 2)")
+    parser.add_argument("--out", default=OUT, help="folder of evaluate.json and evaluate.md")
+    args = parser.parse_args(argv)
+    flush_denormals()
+    torch.set_num_threads(args.threads)
+    model = load_model("hd-bet")
+    boxed = study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(model.preprocessing,
+                                                                                     min_size=None))
+    result = {"command": "python studies/benchmark/bench_evaluate.py " + " ".join(argv or sys.argv[1:]),
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cases": []}
+    for name in [c for c in args.cases.split(",") if c]:
+        print("case %s ..." % name, flush=True)
+        result["cases"].append(run_case(name, boxed, args.batch_size))
+        c = result["cases"][-1]
+        print("  same ranking: %s; max |dAUC| deletion %.3f insertion %.3f; curves %.0f s"
+              % (c["ranking_full"] == c["ranking_shortcut"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
+                 c["shortcut"]["curves_s"]), flush=True)
+    if len(result["cases"]) > 1:
+        full = study.recommend_combined({c["case"]: c["tables"]["full"] for c in result["cases"]})
+        fast = study.recommend_combined({c["case"]: c["tables"]["shortcut"] for c in result["cases"]})
+        result["combined"] = {"full": [(o["method"], o["layer"]) for o in full],
+                              "shortcut": [(o["method"], o["layer"]) for o in fast]}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "evaluate.json"), "w") as handle:
+        handle.write(dumps(study.portable(result), indent=1))
+    with open(os.path.join(args.out, "evaluate.md"), "w") as handle:
+        handle.write(markdown(result))
+    same = all(c["ranking_full"] == c["ranking_shortcut"] for c in result["cases"]) and \
+        (not result.get("combined") or result["combined"]["full"] == result["combined"]["shortcut"])
+    print("rankings the same: %s" % same)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
