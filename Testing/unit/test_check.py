@@ -84,3 +84,15 @@ def test_cli_prints_and_stores_the_verdict(tmp_path, capsys):
     assert len(lines) == 1 and lines[0] == "seghirescam: check: " + meta["verdict"]
     assert VERDICT.match(meta["verdict"]) and meta["check"]["deletion"]["auc_random"] == pytest.approx(
         meta["check"]["deletion"]["auc_random"])
+
+
+def test_ensemble_verdict_carries_the_fold_agreement_and_checks_one_member():
+    from SegHiResCAMLib.analysis.ensemble import explain_ensemble
+    model, image, geometry, mask = _case()
+    got = explain_ensemble(model, image, geometry, [TargetSpec(1, mask=mask)], tta=[0], layers="dec", device="cpu",
+                           check="quick")
+    agreement = got.metadata["agreement"]
+    assert agreement is not None and got.metadata["verdict"].endswith("; fold agreement %.2f" % agreement)
+    assert VERDICT.match(got.metadata["verdict"].rsplit("; fold agreement", 1)[0])
+    timings = got.metadata["ensemble"]["timings"]
+    assert len(timings) == 2 and "check_s" in timings[0] and "check_s" not in timings[1]
