@@ -20,7 +20,7 @@ that are not scored get 0.
 """
 
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from ..geometry import Geometry
 from ..imaging.model_space import ModelSpace
 from ..models.base import SegModel
 from .explain import labels_on_image
-from .slices import on_slices, slice_setup
+from .slices import input_slice_index, on_slices, slice_setup
 
 #: how the scores of the slices are combined (recorded in the metadata)
 AGGREGATION = "mean over the target slices of each slice's score (NaN values left out)"
@@ -170,7 +170,7 @@ def sa_score_slices(model: SegModel, image: np.ndarray, geometry: Geometry, refe
                       "aggregation": AGGREGATION}
     empty = torch.empty(0)  # the guide, output and masks differ per slice: a volume report keeps none of them
     report = SAReport(layers_out, features, _nanmean(per_slice)[None], empty, empty, empty, empty, {}, info)
-    index = _input_slice_index(setup)
+    index = input_slice_index(setup)
     meta_slices = dict(info["slices"], target_slices=[index[k] for k in ks_all],
                        mean_sa_per_slice=[float(v) for v in per_slice],
                        reoriented=setup.reorient.code if setup.reorient.index is not None else None)
@@ -179,16 +179,6 @@ def sa_score_slices(model: SegModel, image: np.ndarray, geometry: Geometry, refe
     progress(1.0, "done")
     sa_map = None if sa_volume is None else setup.reorient.back(sa_volume)
     return SliceSA(report, setup.reorient.back(labels), space, sa_map, chosen, metadata)
-
-
-def _input_slice_index(setup) -> Dict[int, int]:
-    """Slice ``k`` of the run -> its index along ``array_axis`` of the input (a card orientation may reverse it)."""
-    volume = np.zeros(setup.reorient.grid.array_shape, np.int32)
-    moved = setup.slicer.moved(volume)
-    for k in range(setup.slicer.count):
-        moved[k] = k
-    back = np.moveaxis(setup.reorient.back(volume), setup.array_axis, 0)
-    return {int(back[j].flat[0]): j for j in range(back.shape[0])}
 
 
 __all__ = ["AGGREGATION", "SliceSA", "sa_score_slices", "slice_model_input"]

@@ -209,6 +209,17 @@ def on_slices(setup: "SliceSetup", array: np.ndarray, geometry: Geometry) -> np.
     return setup.slicer.moved(_Reorientation(np.asarray(array), geometry, setup.reorient.code).image)
 
 
+def input_slice_index(setup: "SliceSetup") -> Dict[int, int]:
+    """Slice ``k`` of the run -> its index along ``setup.array_axis`` of the input (a card orientation may reverse
+    the slice order)."""
+    volume = np.zeros(setup.reorient.grid.array_shape, np.int32)
+    moved = setup.slicer.moved(volume)
+    for k in range(setup.slicer.count):
+        moved[k] = k
+    back = np.moveaxis(setup.reorient.back(volume), setup.array_axis, 0)
+    return {int(back[j].flat[0]): j for j in range(back.shape[0])}
+
+
 def _batches(items: Sequence[int], size: int) -> List[List[int]]:
     items = list(items)
     return [items[i:i + size] for i in range(0, len(items), size)]
@@ -543,5 +554,5 @@ def predict_slices(model: SegModel, image: np.ndarray, geometry: Geometry, devic
 
 
 __all__ = ["NORMALIZATIONS", "SLICE_AXES", "SLICE_BATCH_VOXELS", "SliceHeatmap", "SliceRun", "SliceSetup",
-           "explain_slices", "on_slices", "predict_slices", "resolve_slice_axis", "runs_in_slices", "slice_array_axis",
-           "slice_setup"]
+           "explain_slices", "input_slice_index", "on_slices", "predict_slices", "resolve_slice_axis",
+           "runs_in_slices", "slice_array_axis", "slice_setup"]

@@ -1,0 +1,79 @@
+"""``evaluate`` of a 2D model on a 3D scan: the maps are evaluated on the target's slices, each as a 2D image, and
+the rows are the mean over those slices (docs/slice_models.md)."""
+
+import numpy as np
+import pytest
+import torch
+
+import nets
+from SegHiResCAMLib.analysis.evaluate import evaluate_image
+from SegHiResCAMLib.analysis.explain import TargetSpec, labels_on_image, predict_image
+from SegHiResCAMLib.analysis.slice_evaluate import evaluate_slices
+from SegHiResCAMLib.errors import InputError
+from SegHiResCAMLib.geometry import Geometry
+from SegHiResCAMLib.models.base import SegModel
+
+SIZE = (8, 10, 6)  # x, y, z: the numpy array is (6, 10, 8)
+SPACING = (1.0, 1.5, 2.0)
+GEOMETRY = Geometry(size=SIZE, spacing=SPACING, origin=(3.0, -2.0, 7.5), direction=tuple(np.eye(3).flatten()))
+OPTIONS = dict(methods=["seg-grad-cam", "seg-hires-grad-cam"], layers=["dec"], steps=4, sanity_stages=1,
+               random_targets=("shift",), device="cpu")
+
+
+def plane(axis):
+    rest = [a for a in range(3) if a != axis]
+    shape = tuple(SIZE[::-1][a] for a in rest)
+    return Geometry(size=shape[::-1], spacing=tuple(SPACING[2 - a] for a in rest[::-1]), origin=(0, 0),
+                    direction=(1, 0, 0, 1))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.RandomState(3).randn(*SIZE[::-1]).astype(np.float32)
+
+
+def unet2d(seed=7):
+    torch.manual_seed(seed)
+    return SegModel(nets.TinyUNet(nd=2).eval(), "tiny-2d", spatial_dims=2)
+
+
+def assert_rows_are_the_mean(rows, singles):
+    assert [(r["method"], r["layer"]) for r in rows] == [(r["method"], r["layer"]) for r in singles[0].rows]
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            values = [s.rows[i][key] for s in singles]
+            if isinstance(value, float):
+                finite = [v for v in values if not np.isnan(v)]
+                expected = np.mean(finite) if finite else float("nan")
+                np.testing.assert_allclose(value, expected, rtol=1e-6, equal_nan=True, err_msg=key)
+
+
+def test_a_segment_is_evaluated_on_its_largest_slices_and_the_rows_are_their_mean(image):
+    model = unet2d()
+    segment = np.zeros(image.shape, np.uint8)
+    segment[1:5, 3:6, 2:7] = 1  # coronal slices 3, 4, 5 with 20 voxels each ...
+    segment[2, 3, 2:4] = 0  # ... but slice 3 with 18
+    got = evaluate_slices(model, image, GEOMETRY, TargetSpec(1, mask=segment), evaluate_image, labels_on_image,
+                          slice_axis="coronal", slice_count=2, **OPTIONS)
+    assert got.metadata["slices"]["evaluated"] == [4, 5] and got.metadata["slices"]["target_voxels"] == [20, 20]
+    singles = [evaluate_image(model, np.ascontiguousarray(image[:, k]), plane(1), TargetSpec(1, mask=segment[:, k]),
+                              **OPTIONS) for k in (4, 5)]
+    assert_rows_are_the_mean(got.rows, singles)
+    assert got.rows[0]["deletion_auc"] != singles[0].rows[0]["deletion_auc"]  # two different slices averaged
+    assert got.curves.keys() == singles[0].curves.keys()
+    assert got.metadata["slices"]["curves_of"] == 4 and got.metadata["slices"]["axis"] == "coronal"
+
+
+def test_the_prediction_target_takes_the_slices_where_the_class_is_predicted_most(image):
+    model = unet2d(seed=10)  # class 1 on every axial slice, 7 to 14 voxels
+    labels = predict_image(model, image, GEOMETRY, device="cpu")[0]
+    sizes = [int((labels[k] == 1).sum()) for k in range(image.shape[0])]
+    top = sorted(sorted(range(len(sizes)), key=lambda k: (-sizes[k], k))[:2])
+    got = evaluate_slices(model, image, GEOMETRY, TargetSpec(1), evaluate_image, labels_on_image, slice_count=2,
+                          **OPTIONS)
+    assert got.metadata["slices"]["evaluated"] == top and len(set(sizes)) > 1
+    singles = [evaluate_image(model, image[k], plane(0), TargetSpec(1), **OPTIONS) for k in top]
+    assert_rows_are_the_mean(got.rows, singles)
+    with pytest.raises(InputError, match="takes a segment .* or the model's prediction"):
+        evaluate_slices(model, image, GEOMETRY, TargetSpec(1, whole=True), evaluate_image, labels_on_image,
+                        **OPTIONS)
