@@ -77,3 +77,34 @@ def test_the_prediction_target_takes_the_slices_where_the_class_is_predicted_mos
     with pytest.raises(InputError, match="takes a segment .* or the model's prediction"):
         evaluate_slices(model, image, GEOMETRY, TargetSpec(1, whole=True), evaluate_image, labels_on_image,
                         **OPTIONS)
+
+
+def test_evaluate_image_and_the_command_line_dispatch_a_2d_model_on_a_volume(image, tmp_path, capsys):
+    import json
+    from SegHiResCAMLib.cli import main
+    from SegHiResCAMLib.imaging import files as io
+    from SegHiResCAMLib.models import load_model
+    segment = np.zeros(image.shape, np.uint8)
+    segment[1:5, 3:6, 2:7] = 1
+    segment[2, 3, 2:4] = 0
+    path, seg, weights, out = (str(tmp_path / n) for n in ("scan.nrrd", "seg.nrrd", "w.pt", "eval.json"))
+    io.write_image(path, image, GEOMETRY)
+    io.write_image(seg, segment, GEOMETRY)
+    torch.manual_seed(7)
+    torch.save(nets.TinyUNet(nd=2).state_dict(), weights)
+    code = main(["evaluate", "--model", "toy_models:unet2d", "--weights", weights, "--image", path, "--segment", seg,
+                 "--methods", "seg-grad-cam", "seg-hires-grad-cam", "--layers", "dec", "--steps", "4",
+                 "--sanity-stages", "1", "--random-targets", "shift", "--slice-axis", "coronal", "--slice-count",
+                 "2", "--device", "cpu", "--out-json", out, "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    model = load_model("toy_models:unet2d", weights=weights)
+    got = evaluate_image(model, image, GEOMETRY, TargetSpec(1, mask=segment), slice_axis="coronal", slice_count=2,
+                         **OPTIONS)
+    direct = evaluate_slices(model, image, GEOMETRY, TargetSpec(1, mask=segment), evaluate_image, labels_on_image,
+                             slice_axis="coronal", slice_count=2, **OPTIONS)
+    assert json.dumps(got.rows) == json.dumps(direct.rows) and got.metadata["slices"]["evaluated"] == [4, 5]
+    record = json.load(open(out))
+    assert record["metadata"]["slices"]["evaluated"] == [4, 5]
+    for row, expected in zip(record["rows"], got.rows):
+        assert row["method"] == expected["method"]
+        np.testing.assert_allclose(row["deletion_auc"], expected["deletion_auc"], rtol=1e-9)

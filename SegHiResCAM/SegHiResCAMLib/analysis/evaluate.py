@@ -44,7 +44,9 @@ from ..errors import InputError
 from ..geometry import Geometry
 from ..models.base import SegModel
 from .check import image_domain
-from .explain import TargetSpec, build_target, model_input
+from .explain import TargetSpec, build_target, labels_on_image, model_input
+from .slice_evaluate import evaluate_slices
+from .slices import runs_in_slices
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -171,7 +173,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
                    sanity_stages: Union[int, Sequence[str], None] = 3,
                    random_targets: Sequence[str] = ("shift", "class"), random_reference: bool = True,
                    device: str = "auto", seed: int = 0, progress: Optional[ProgressCallback] = None,
-                   exact: bool = False, margin: Optional[int] = None, **method_options) -> Evaluation:
+                   exact: bool = False, margin: Optional[int] = None, slice_axis: Optional[str] = None,
+                   slice_context: int = 0, slice_count: Optional[int] = None, **method_options) -> Evaluation:
     """Faithfulness and sanity metrics of every method x layer for one target on one image.
 
     Args:
@@ -195,10 +198,20 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             target's bounding box grown by ``margin`` model voxels (default
             :data:`~SegHiResCAMLib.engine.faithfulness.DEFAULT_MARGIN`), and ``steps=None`` means well-placed
             fractions. Its error against ``exact`` is measured in ``benchmarks/results/evaluate.md``.
+        slice_axis, slice_context, slice_count: a 2D model on a 3D scan is evaluated on the ``slice_count``
+            (default 3) slices with the most target voxels, each as a 2D image, and every row is the mean over them
+            (:mod:`.slice_evaluate`, ``docs/slice_models.md``).
         **method_options: e.g. ``pool_size`` for ``seg-xres-cam``.
 
     ``progress`` messages end with an estimate of the time left (from the passes done so far).
     """
+    if runs_in_slices(model, geometry):  # a 2D model on a 3D scan: its target's slices, each as a 2D image
+        return Evaluation(*evaluate_slices(
+            model, image, geometry, target if target is not None else TargetSpec(class_index=1), evaluate_image,
+            labels_on_image, slice_axis, slice_context, slice_count, progress, methods=methods, layers=layers,
+            steps=steps, baseline=baseline, sigma=sigma, dilation=dilation, batch_size=batch_size,
+            sanity_stages=sanity_stages, random_targets=random_targets, random_reference=random_reference,
+            device=device, seed=seed, exact=exact, margin=margin, **method_options))
     clock = _Clock(progress or (lambda f, m: None))
     report = clock
     for kind in random_targets:

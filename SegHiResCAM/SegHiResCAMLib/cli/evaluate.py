@@ -75,6 +75,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-md", help="write a Markdown report here")
     p.add_argument("--plot", help="write the deletion/insertion curves here (PNG)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = p.add_argument_group("2D models on 3D scans", "the maps are evaluated on the target's slices, each as "
+                                 "a 2D image, and each row is the mean over them (docs/slice_models.md)")
+    group.add_argument("--slice-axis", help="the slices: %s (default: the model card's, else axial)"
+                       % ", ".join(catalog.SLICE_AXES))
+    group.add_argument("--slice-context", type=int, default=0, metavar="K",
+                       help="a 2.5D model: K neighbouring slices on each side as channels (default 0)")
+    group.add_argument("--slice-count", type=int, metavar="N",
+                       help="evaluate the N slices with the most target voxels (default 3)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                                     sanity_stages=_stages(args.sanity_stages), random_targets=args.random_targets,
                                     random_reference=not args.no_random_reference, device=args.device,
                                     seed=args.seed, progress=progress, exact=args.exact, margin=args.margin,
+                                    slice_axis=args.slice_axis, slice_context=args.slice_context,
+                                    slice_count=args.slice_count,
                                     **common.method_options(args, args.methods))
     finally:
         progress.close()
