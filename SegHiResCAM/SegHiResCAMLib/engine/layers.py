@@ -48,7 +48,8 @@ def trace_layers(model: nn.Module, x: torch.Tensor,
         ``None``), and the shape of the model's main output.
     """
     layers = named_layers(model)
-    seen: Dict[str, dict] = {name: {"calls": 0, "shape": None, "order": -1, "ptr": None} for name in layers}
+    seen: Dict[str, dict] = {name: {"calls": 0, "shape": None, "order": -1, "ptr": None, "ref": None}
+                             for name in layers}
     counter = [0]
     handles = []
 
@@ -61,6 +62,7 @@ def trace_layers(model: nn.Module, x: torch.Tensor,
             if torch.is_tensor(output):
                 rec["shape"] = tuple(output.shape)
                 rec["ptr"] = (output.data_ptr(), tuple(output.shape))
+                rec["ref"] = weakref.ref(output)
         return hook
 
     try:
@@ -73,12 +75,12 @@ def trace_layers(model: nn.Module, x: torch.Tensor,
             handle.remove()
     out = main_output(raw, output_key)
     target = (out.data_ptr(), tuple(out.shape))
-    head = None
     finished = sorted((rec["order"], name) for name, rec in seen.items() if rec["order"] >= 0)
-    for _, name in finished:
-        if seen[name]["ptr"] == target:
-            head = name
-            break
+    # a freed intermediate of the output's shape may have left its address to the output: a match whose tensor
+    # is still alive comes first; a dead one only when none is alive (the output is a view of the head's tensor)
+    matches = [name for _, name in finished if seen[name]["ptr"] == target]
+    alive = [name for name in matches if seen[name]["ref"] is not None and seen[name]["ref"]() is not None]
+    head = (alive or matches or [None])[0]
     infos = [LayerInfo(name, type(module).__name__, seen[name]["shape"], seen[name]["calls"], seen[name]["order"])
              for name, module in layers.items()]
     return infos, head, tuple(out.shape)
