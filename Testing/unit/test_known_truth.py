@@ -169,6 +169,12 @@ def test_smoke_run_of_the_pipeline(study, tmp_path):
     assert "## Ranking by the known truth" in (tmp_path / "out" / "summary.md").read_text()
     assert len(summary["truth_ranking"]) == len(catalog.method_names()) * 4
     assert set(summary["curve_agreement"]) <= {"basic-unet", "residual-unet"}  # none where y0 <= 0 (NaN AUCs)
+    # the tables rebuilt from the CSV alone give the same ranking
+    again_summary, again_rows = study.rerank(str(tmp_path / "out"))
+    assert len(again_rows) == len(table)
+    assert [(r["method"], r["layer_role"]) for r in again_summary["truth_ranking"]] == \
+        [(r["method"], r["layer_role"]) for r in summary["truth_ranking"]]
+    assert os.path.exists(tmp_path / "out" / "known_truth.png")
     # cached weights are read back, not trained again
     again = study.load_or_train("residual-unet", study.TOY_MODELS["residual-unet"], str(tmp_path / "weights"), 32)
     assert again[1]["cached"] is True
