@@ -35,7 +35,8 @@ evidence E = T u C):
 - ``spearman_evidence``: Spearman's rank correlation between the map and the binary evidence map over the volume.
 - ``deletion_auc`` / ``insertion_auc`` / ``spearman_model_randomised`` / ``spearman_target_shift`` /
   ``spearman_target_class``: the scores of :func:`SegHiResCAMLib.analysis.evaluate.evaluate_image` (the
-  faithfulness study's), for the ``prediction`` target; with a random-order row and an **oracle** row whose map
+  faithfulness study's, ``exact=True``: every perturbed input runs on the whole volume), for the ``prediction``
+  target; with a random-order row and an **oracle** row whose map
   is the evidence E itself (what deletion and insertion give the true explanation).
 
 A flat map (no positive heat) has NaN mass and Spearman and scores 0 in the pointing game; the summary tables
@@ -407,7 +408,8 @@ def score_case(model, case, config, index, methods, curve_kinds=("prediction",),
         if started is not None:
             log(started, "%s case %d: deletion/insertion and randomisation (%s)" % (model.name, index, kind))
         evaluation = evaluate_image(model, case.image, geo, specs[kind], methods=methods, layers=layers,
-                                    steps=steps, sanity_stages=sanity_stages, device="cpu", seed=SEED, batch_size=4)
+                                    steps=steps, sanity_stages=sanity_stages, device="cpu", seed=SEED, batch_size=4,
+                                    exact=True)
         last = evaluation.sanity["model"][-1]["label"] if evaluation.sanity["model"] else None
         for row in evaluation.rows:
             for r in [r for r, name in roles.items() if name == row["layer"]] or ["-"]:
