@@ -35,6 +35,7 @@ from ..imaging.channels import image_channels, stack_channels
 from .channels import channel_attribution
 from .slices import explain_slices, predict_slices, runs_in_slices
 from .nnunet_predict import is_nnunet, nnunet_input, nnunet_windows, predict_nnunet
+from .nnunet_slices import check_nnunet_slice_options, explain_nnunet_slices, runs_nnunet_slices
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -263,7 +264,8 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     per target, the gradient x input map of every input channel on the image grid and the channel shares
     (``ImageExplanation.channels``, ``metadata["channel_shares"]``; :mod:`.channels`).
 
-    A 2D model on a 3D image runs slice by slice (:mod:`.slices`, ``docs/slice_models.md``): ``slice_axis``
+    An nnU-Net 2d configuration on a 3D image is explained as nnU-Net predicts it (:mod:`.nnunet_slices`). Any
+    other 2D model on a 3D image runs slice by slice (:mod:`.slices`, ``docs/slice_models.md``): ``slice_axis``
     (axial, coronal, sagittal; default the card's, else axial), ``slice_context`` (neighbouring slices on each
     side as channels), ``slice_batch`` (slices per forward pass) and ``normalization="per-slice"`` apply there.
 
@@ -287,6 +289,16 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     if per_channel and (roi_size is not None or model.roi_size is not None):
         raise InputError("per-channel maps run the whole image in one pass; they cannot be combined with windows "
                          "(--roi-size or the card's patch_size): leave per_channel off, or run without windows")
+    if runs_nnunet_slices(model, geometry):  # nnU-Net 2d: nnU-Net's volume preprocessing and windows per slice
+        check_nnunet_slice_options(roi_size, per_channel, slice_axis, slice_context)
+        if session_cache is not None:
+            session_cache.clear()
+        run = explain_nnunet_slices(model, image, geometry, targets, layers, method, resolve_device(device), relu,
+                                    normalization, progress or (lambda f, m: None), build_target, amp,
+                                    **method_options)
+        heatmaps = [Heatmap(*h) for h in run.heatmaps]
+        slice_error_tables(heatmaps, targets, run.prediction, geometry)
+        return ImageExplanation(heatmaps, run.prediction, run.space, run.metadata)
     if runs_in_slices(model, geometry):
         if per_channel:
             raise InputError("per-channel maps are not available for a 2D model on a 3D scan yet; leave "
