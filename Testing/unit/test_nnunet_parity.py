@@ -336,3 +336,83 @@ def test_cli_explain_totalsegmentator_structure(nnunet_oracle, tmp_path, monkeyp
     assert info["target"]["class"] == 2 and "Dataset291" in info["model"]["name"]
     heat, geometry = io.read_image(out)
     assert geometry.same_grid(io.read_image(source)[1], atol=1e-6) and heat.max() > 0
+
+
+def test_explain_2d_configuration_on_a_volume_is_nnunets(nnunet_oracle):
+    """An nnU-Net 2d configuration on a 3D image is explained as nnU-Net predicts (``analysis/nnunet_slices.py``):
+    the reported prediction is ``nnUNetPredictor``'s, the map is on the image grid, zero on the slices without
+    target voxels, and equal to a per-slice sliding-window CAM on the volume preprocessed once by nnU-Net's
+    preprocessing, normalised over the volume and mapped back as nnU-Net's probabilities."""
+    from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image
+    from SegHiResCAMLib.analysis.nnunet_predict import nnunet_input
+    from SegHiResCAMLib.engine import MaskRegion, SegmentTarget
+    from SegHiResCAMLib.engine.windows import WindowedCAM
+    root, done = nnunet_oracle
+    model = load_nnunet(_model_folder(root, done, "2d"), fold="all")
+    image, geometry = io.read_image(os.path.join(root, "images", "flipped.nii.gz"))
+    want = np.load(os.path.join(root, "oracle.npz"))["2d/flipped/plain/seg"]
+    keep = (3, 4, 5)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[list(keep)] = want[list(keep)] == 1
+    before = image.copy()
+    result = explain_image(model, image, geometry, [TargetSpec(class_index=2), TargetSpec(class_index=1, mask=mask)],
+                           device="cpu")
+    assert np.array_equal(image, before)
+    dices = [dice(result.prediction == c, want == c) for c in (1, 2)]
+    print("nnU-Net 2d explain prediction vs nnUNetPredictor: Dice %s" % ["%.4f" % d for d in dices])
+    assert result.prediction.shape == want.shape and min(dices) >= MIN_DICE
+    heat = result.heatmaps[1]
+    assert all(h.array.shape == image.shape and np.isfinite(h.array).all() for h in result.heatmaps)
+    assert result.heatmaps[0].array.max() > 0 and heat.info["options"]["windows"] > 1
+    others = [z for z in range(image.shape[0]) if z not in keep]
+    assert not heat.array[others].any() and all(heat.array[z].max() > 0 for z in keep)
+    assert result.metadata["slices"]["slices_run"][1] == len(keep)
+    # the same map, computed independently slice by slice on nnU-Net's preprocessed volume
+    x_np, space = nnunet_input(model, image, geometry)
+    x = torch.from_numpy(x_np)[None]
+    on_model = space.to_model(mask, "nearest") != 0
+    patch = tuple(model.inference["patch_size"])
+    volume = np.zeros(x_np.shape[1:], np.float32)
+    for z in range(x.shape[2]):
+        if not on_model[z].any():
+            continue
+        cam = WindowedCAM(model.network, x[:, :, z], patch, [heat.layer], overlap=0.5,
+                          importance=nnunet_gaussian(patch).float())
+        target = SegmentTarget(1, MaskRegion(torch.from_numpy(on_model[z])[None]), activation=model.activation)
+        volume[z] = cam.explain([target], heat.method, normalization="none")[0].map[0].numpy()
+    assert sorted(z for z in range(volume.shape[0]) if volume[z].any()) == list(keep)
+    volume /= volume.max()
+    expected = np.zeros(image.shape, np.float32)
+    for part, values in space.channel_to_image(volume, 0.0):
+        expected[part] = values
+    print("nnU-Net 2d explain vs per-slice recomputation: max |diff| %.2e" % np.abs(heat.array - expected).max())
+    np.testing.assert_allclose(heat.array, expected, atol=1e-5)
+
+
+def test_explain_2d_configuration_refuses_generic_slice_options(nnunet_oracle):
+    """``--roi-size``, ``--slice-axis`` and ``--slice-context`` do not apply to nnU-Net's own slicing: one clear
+    error each (the generic slice path would accept them and explain another prediction)."""
+    from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image
+    from SegHiResCAMLib.errors import InputError
+    root, done = nnunet_oracle
+    model = load_nnunet(_model_folder(root, done, "2d"), fold="all")
+    image, geometry = io.read_image(os.path.join(root, "images", "flipped.nii.gz"))
+    for options in ({"roi_size": (32, 32)}, {"slice_axis": "coronal"}, {"slice_context": 1}):
+        with pytest.raises(InputError, match="nnU-Net 2d configuration"):
+            explain_image(model, image, geometry, [TargetSpec(class_index=1)], device="cpu", **options)
+
+
+def test_cli_explain_2d_configuration_uses_nnunets_slicing(nnunet_oracle, tmp_path):
+    """``seghirescam explain`` on an nnU-Net 2d folder and a 3D image: nnU-Net's slicing (recorded in the JSON),
+    the heatmap on the input's grid."""
+    from SegHiResCAMLib.cli import main
+    root, done = nnunet_oracle
+    source = os.path.join(root, "images", "flipped.nii.gz")
+    out, meta = str(tmp_path / "heat.nii.gz"), str(tmp_path / "heat.json")
+    assert main(["explain", "--model", _model_folder(root, done, "2d"), "--model-args", '{"fold": "all"}',
+                 "--image", source, "--class", "2", "--out", out, "--json", meta, "--device", "cpu", "--quiet"]) == 0
+    with open(meta) as handle:
+        info = json.load(handle)
+    assert info["slices"]["axis"] == "nnunet" and info["slices"]["preprocessing"] == "nnU-Net (whole volume)"
+    heat, geometry = io.read_image(out)
+    assert geometry.same_grid(io.read_image(source)[1], atol=1e-6) and heat.max() > 0
