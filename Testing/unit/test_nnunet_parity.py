@@ -4,6 +4,7 @@ The session fixture ``nnunet_oracle`` trains a tiny real nnU-Net v2 model on a s
 own planning, preprocessing and trainer, and predicts test images with ``nnUNetPredictor``
 (``Testing/nnunet_oracle.py``); the result is cached on disk (``$SEGHIRESCAM_TEST_CACHE`` or
 ``~/.cache/seghirescam-test``), keyed by that script and the nnunetv2/torch versions, so reruns cost nothing.
+``nnunet_lowres_oracle`` does the same for a 3d_lowres configuration (``Testing/nnunet_oracle_lowres.py``).
 """
 
 import hashlib
@@ -27,6 +28,7 @@ from SegHiResCAMLib.models.nnunet.loader import load_nnunet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORACLE = os.path.join(os.path.dirname(HERE), "nnunet_oracle.py")
+ORACLE_LOWRES = os.path.join(os.path.dirname(HERE), "nnunet_oracle_lowres.py")
 #: the agreement asked of the parity tests (issue #17)
 MAX_PROBABILITY_DIFF = 1e-3
 MIN_DICE = 0.99
@@ -37,17 +39,21 @@ def _cache_root() -> str:
                                                                     "seghirescam-test")
 
 
-@pytest.fixture(scope="session")
-def nnunet_oracle():
-    """``(folder of the oracle's outputs, its done.json)``; made once (see the module docstring)."""
-    with open(ORACLE, "rb") as handle:
-        key = hashlib.sha256(handle.read() + version("nnunetv2").encode() + torch.__version__.encode()).hexdigest()
-    folder = os.path.join(_cache_root(), "nnunet-oracle-%s" % key[:16])
+def _oracle(script: str):
+    """``(folder of the outputs of the oracle ``script``, its done.json)``; made once, cached on disk."""
+    with open(script, "rb") as handle:
+        text = handle.read()
+    if script != ORACLE:  # a script that imports the main one depends on it too
+        with open(ORACLE, "rb") as handle:
+            text += handle.read()
+    key = hashlib.sha256(text + version("nnunetv2").encode() + torch.__version__.encode()).hexdigest()
+    prefix = os.path.splitext(os.path.basename(script))[0].replace("_", "-")
+    folder = os.path.join(_cache_root(), "%s-%s" % (prefix, key[:16]))
     if not os.path.isfile(os.path.join(folder, "done.json")):
         os.makedirs(_cache_root(), exist_ok=True)
-        work = tempfile.mkdtemp(prefix="nnunet-oracle-", dir=_cache_root())
+        work = tempfile.mkdtemp(prefix=prefix + "-", dir=_cache_root())
         env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-        run = subprocess.run([sys.executable, ORACLE, work], env=env, capture_output=True, text=True, timeout=1800)
+        run = subprocess.run([sys.executable, script, work], env=env, capture_output=True, text=True, timeout=1800)
         if run.returncode != 0:
             shutil.rmtree(work, ignore_errors=True)
             raise AssertionError("the nnU-Net oracle failed:\n%s" % (run.stdout[-3000:] + run.stderr[-3000:]))
@@ -58,6 +64,19 @@ def nnunet_oracle():
             shutil.rmtree(work, ignore_errors=True)
     with open(os.path.join(folder, "done.json")) as handle:
         return folder, json.load(handle)
+
+
+@pytest.fixture(scope="session")
+def nnunet_oracle():
+    """``(folder of the oracle's outputs, its done.json)``; made once (see the module docstring)."""
+    return _oracle(ORACLE)
+
+
+@pytest.fixture(scope="session")
+def nnunet_lowres_oracle():
+    """The same data planned for a tiny GPU, so that nnU-Net's planner makes a 3d_lowres configuration
+    (``Testing/nnunet_oracle_lowres.py``)."""
+    return _oracle(ORACLE_LOWRES)
 
 
 def _model_folder(root: str, done: dict, configuration: str) -> str:
@@ -416,3 +435,14 @@ def test_cli_explain_2d_configuration_uses_nnunets_slicing(nnunet_oracle, tmp_pa
     assert info["slices"]["axis"] == "nnunet" and info["slices"]["preprocessing"] == "nnU-Net (whole volume)"
     heat, geometry = io.read_image(out)
     assert geometry.same_grid(io.read_image(source)[1], atol=1e-6) and heat.max() > 0
+
+
+@pytest.mark.parametrize("name,tta", [("oblique", False), ("flipped", True)])
+def test_3d_lowres_prediction_matches_nnunet(nnunet_lowres_oracle, name, tta):
+    """3d_lowres (planned by nnU-Net for a 0.01 GB GPU: spacing 3.43 x 1.6 x 1.6 mm, patch 8 x 20 x 16, many
+    windows): probabilities and labels on the image grid are nnUNetPredictor's."""
+    root, done = nnunet_lowres_oracle
+    diff, dices, result = _compare(root, done, "3d_lowres", name, tta)
+    assert result["space"].model_spacing[1] > 1.5 and result["windows"] > 1  # the low-resolution grid, windowed
+    assert diff <= MAX_PROBABILITY_DIFF
+    assert min(dices) >= MIN_DICE
