@@ -28,6 +28,7 @@ from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, in
 from SegHiResCAMLib.slicer_logic.job import ProcessRunner
 from SegHiResCAMLib.slicer_logic.panel_text import progressText
 from SegHiResCAMLib.slicer_logic.channel_panel import ChannelPanel
+from SegHiResCAMLib.slicer_logic.input_panel import InputPanel
 
 #
 # SegHiResCAM
@@ -128,12 +129,8 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         # widgets without a parameter-node connector: synchronised by hand
-        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSegmentationChanged)
-        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self._onSegmentChanged)
-        self.ui.layerComboBox.connect("currentTextChanged(QString)", self._onLayerChanged)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._onModelPathChanged)
+        self.inputPanel = InputPanel(self.ui, lambda: self._parameterNode, BUNDLED_MODEL)
         self.channelPanel = ChannelPanel(self.ui, lambda: self._parameterNode)  # model card and channels 2-4
-        self.ui.pointNodeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.pointPlaceWidget.setCurrentNode)
         self.ui.loadLayersButton.connect("clicked(bool)", self.onLoadLayers)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.evaluateButton.connect("clicked(bool)", lambda: self.onAnalysis(EVALUATION))
@@ -202,44 +199,15 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._observedPoints = node
 
     # ------------------------------------------------------------------ GUI <-> parameter node
-    def _onSegmentationChanged(self, node) -> None:
-        if self._parameterNode:
-            self._parameterNode.segmentationNode = node
-
-    def _onSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode:
-            self._parameterNode.segmentId = segmentId or ""
-
-    def _onLayerChanged(self, text) -> None:
-        if self._parameterNode:
-            self._parameterNode.layer = text or "auto"
-
-    def _onModelPathChanged(self, path) -> None:
-        if self._parameterNode:
-            self._parameterNode.modelPath = path or ""
-
     def _updateGUI(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if p is None:
             return
         self.logic.dropOutputsOfOtherInputs(p)  # a new input gets new output nodes
         self._observePoints(p.pointNode)
-        path = "" if p.modelPath == "." else p.modelPath  # "." was stored by an older version for no path
-        if self.ui.modelPathLineEdit.currentPath != path:
-            self.ui.modelPathLineEdit.currentPath = path
-        self.ui.modelPathLineEdit.enabled = p.modelSource != BUNDLED_MODEL
+        self.inputPanel.update(p)
         self.channelPanel.update(p)
-        for widget, kinds in ((self.ui.segmentGroup, ("segment", "errors")), (self.ui.pointGroup, ("point",)),
-                              (self.ui.errorGroup, ("errors",))):
-            widget.visible = p.targetKind in kinds
-        self.ui.thresholdSpinBox.enabled = p.useThreshold
         self.ui.summaryLabel.text = self.logic.summaryOf(p.outputVolume)  # what am I looking at
-        if self.ui.segmentSelector.currentNode() != p.segmentationNode:
-            self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
-        if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
-            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
-        if self.ui.layerComboBox.currentText != p.layer:
-            self.ui.layerComboBox.setEditText(p.layer)
         reason = self.logic.whyCannotApply(p)
         running = self._job is not None
         self.ui.applyButton.enabled = running or reason is None
@@ -257,11 +225,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._startJob("layerNames", (spec,), self._setLayers, _("Loading the model"))
 
     def _setLayers(self, names) -> None:
-        current = self._parameterNode.layer
-        self.ui.layerComboBox.clear()
-        self.ui.layerComboBox.addItems(names)
-        self._parameterNode.layer = current  # clear() and addItems() chose the first item
-        self.ui.layerComboBox.setEditText(current)
+        self.inputPanel.setLayers(names)
         self.ui.statusLabel.text = _("The model has {count} layers.").format(count=len(names) - 1)
 
     def onApplyButton(self) -> None:
