@@ -29,6 +29,7 @@ from SegHiResCAMLib.slicer_logic.job import ProcessRunner
 from SegHiResCAMLib.slicer_logic.panel_text import progressText
 from SegHiResCAMLib.slicer_logic.channel_panel import ChannelPanel
 from SegHiResCAMLib.slicer_logic.input_panel import InputPanel
+from SegHiResCAMLib.slicer_logic.cohort_panel import CohortPanel
 
 #
 # SegHiResCAM
@@ -95,6 +96,9 @@ class SegHiResCAMParameterNode:
     evaluateSteps: Annotated[int, WithinRange(2, 50)] = 5
     evaluateAllMethods: bool = False
     evaluateCropVoxels: Annotated[int, WithinRange(0, 512)] = 0
+    tta: bool = False  # mirroring TTA: the mean map, plus the spread map as a second volume
+    cohortFolder: str = ""  # a finished cohort's output folder; with cohortCase bound by hand (slicer_logic.cohort_panel)
+    cohortCase: str = ""
 
 
 #
@@ -131,6 +135,8 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # widgets without a parameter-node connector: synchronised by hand
         self.inputPanel = InputPanel(self.ui, lambda: self._parameterNode, BUNDLED_MODEL)
         self.channelPanel = ChannelPanel(self.ui, lambda: self._parameterNode)  # model card and channels 2-4
+        self.cohortPanel = CohortPanel(self.ui, lambda: self._parameterNode,  # browse a finished cohort's cases
+                                       lambda: slicer.util.tryWithErrorDisplay(_("Cannot show the case.")))
         self.ui.loadLayersButton.connect("clicked(bool)", self.onLoadLayers)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.evaluateButton.connect("clicked(bool)", lambda: self.onAnalysis(EVALUATION))
@@ -207,6 +213,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observePoints(p.pointNode)
         self.inputPanel.update(p)
         self.channelPanel.update(p)
+        self.cohortPanel.update(p)
         self.ui.summaryLabel.text = self.logic.summaryOf(p.outputVolume)  # what am I looking at
         reason = self.logic.whyCannotApply(p)
         running = self._job is not None

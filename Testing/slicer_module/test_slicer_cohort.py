@@ -71,3 +71,57 @@ def test_step_through_the_flagged_cases(finished):
 def test_a_folder_without_a_cohort_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="holds no cohort.csv"):
         CohortBrowser(str(tmp_path))
+
+
+def test_panel_lists_the_cases_and_steps_through_the_flagged_ones(finished, monkeypatch):
+    """The module panel's "Cohort results" section (stand-in widgets of the real .ui): choosing the folder lists the
+    cases flagged first; selecting a row and Show loads its four nodes; Next/Previous replace them; a failed case
+    reports one error and adds nothing."""
+    import SegHiResCAM
+    out, frame = finished
+    slicer_fixtures.clear_scene()
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
+    app = slicer.app
+    app.loadModule(SegHiResCAM)
+    widget = app.selectModule("SegHiResCAM")
+    try:
+        ui, p = widget.ui, widget._parameterNode
+        assert not ui.cohortShowButton.enabled and not ui.cohortNextButton.enabled
+        assert "Choose the output folder" in ui.cohortNextButton.toolTip
+        ui.cohortFolderLineEdit.currentPath = out  # the user picks the folder: the node follows, the list fills
+        assert p.cohortFolder == out and p.cohortCase == ""
+        flagged = CohortBrowser(out).flagged_ids()
+        assert len(ui.cohortCaseComboBox.items) == len(frame) and ui.cohortCaseComboBox.currentIndex == -1
+        assert [item.split(":")[0] for item in ui.cohortCaseComboBox.items[:len(flagged)]] == flagged
+        assert ui.cohortCaseComboBox.items[0].startswith("degraded: flagged, Dice ")
+        assert ui.cohortNextButton.enabled and not ui.cohortShowButton.enabled
+        before = slicer_fixtures.node_ids()
+        second = ui.cohortCaseComboBox.items.index(next(i for i in ui.cohortCaseComboBox.items if "not flagged" in i))
+        ui.cohortCaseComboBox.currentIndex = second  # select a row (an unflagged case): the node follows
+        case = p.cohortCase
+        assert case == ui.cohortCaseComboBox.items[second].split(":")[0] and ui.cohortShowButton.enabled
+        ui.cohortShowButton.click()
+        shown = [n for n in slicer_fixtures.node_ids() if n not in before
+                 and mrml.get_attributes(slicer.mrmlScene.GetNodeByID(n)).get("role") == ROLE]
+        parts = sorted(mrml.get_attributes(slicer.mrmlScene.GetNodeByID(n)).get("part") for n in shown)
+        assert parts == ["heatmap", "image", "prediction", "reference"] and not errors, errors
+        assert all(mrml.get_attributes(slicer.mrmlScene.GetNodeByID(n)).get("case") == case for n in shown)
+        assert "showing %s" % case in ui.cohortStatusLabel.text
+        ui.cohortNextButton.click()  # from an unflagged case: the first flagged case, the previous nodes go
+        assert p.cohortCase == flagged[0] and ui.cohortCaseComboBox.currentIndex == 0
+        assert all(slicer.mrmlScene.GetNodeByID(n) is None for n in shown) and not errors, errors
+        first = slicer_fixtures.node_ids()
+        assert "showing %s" % flagged[0] in ui.cohortStatusLabel.text
+        with pytest.raises(InputError, match="case broken has no results"):  # shown, then raised on (PythonQt prints it)
+            ui.cohortPreviousButton.click()  # wraps to the last flagged case: "broken" failed: one error, nothing added
+        assert p.cohortCase == flagged[-1] == "broken" and len(errors) == 1 and "broken" in errors[0]
+        assert slicer_fixtures.node_ids() == first
+        ui.cohortNextButton.click()  # steps past it to the first flagged case again
+        assert p.cohortCase == flagged[0] and len(errors) == 1
+        p.cohortFolder = ""  # the node drives the widgets: the list empties, the case's nodes go
+        assert ui.cohortFolderLineEdit.currentPath == "" and ui.cohortCaseComboBox.items == []
+        assert not ui.cohortNextButton.enabled and not any(
+            mrml.get_attributes(slicer.mrmlScene.GetNodeByID(n)).get("role") == ROLE for n in slicer_fixtures.node_ids())
+    finally:
+        app.quit()

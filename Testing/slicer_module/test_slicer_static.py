@@ -153,7 +153,8 @@ def test_ui_binds_existing_parameters_with_fitting_widgets(parameters):
             types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
             assert types == [parameters[name].type.__name__], (name, types)
     # the parameters without a connector are synchronised by hand in the widget
-    assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath", "modelCardPath"}
+    assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath", "modelCardPath",
+                                             "cohortFolder", "cohortCase"}
 
 
 def test_widget_code_uses_only_widgets_of_the_ui():
@@ -163,6 +164,9 @@ def test_widget_code_uses_only_widgets_of_the_ui():
     from SegHiResCAMLib.slicer_logic import channel_panel  # the panel's model card and channel widgets
     used = set(re.findall(r"\bui\.(\w+)", read("SegHiResCAM", "SegHiResCAMLib", "slicer_logic", "channel_panel.py")))
     assert used and not (used | set(channel_panel.CHANNEL_LABELS)) - names
+    for module in ("input_panel.py", "cohort_panel.py"):  # the panel's other hand-bound widgets
+        used = set(re.findall(r"\bui\.(\w+)", read("SegHiResCAM", "SegHiResCAMLib", "slicer_logic", module)))
+        assert used and not used - names, (module, sorted(used - names))
     connections = ET.parse(UI).getroot().find("connections")
     scene_receivers = {c.find("receiver").text for c in connections if c.find("slot").text.startswith("setMRMLScene")}
     top = ET.parse(UI).getroot().find("widget")  # the panel itself emits mrmlSceneChanged
