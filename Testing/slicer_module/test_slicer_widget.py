@@ -346,3 +346,37 @@ def test_progress_shows_the_stage_and_the_time_left(panel):
     ui.applyButton.click()  # Cancel
     panel.app.runEventLoop(until=lambda: widget._job is None, timeout=2.0)
     assert widget._job is None and "Cancelled" in ui.statusLabel.text
+
+
+def test_tta_checkbox_adds_the_spread_map_and_the_agreement(panel):
+    """Mirroring TTA (issue 18): the heatmap is the mean of the mirrorings' maps, the spread map a second volume
+    referenced from it, the agreement in the summary line; a rerun with TTA off is a plain run again."""
+    import numpy as np
+    widget, ui, p, logic = panel.widget, panel.ui, panel.p, panel.widget.logic
+    panel.ui.ttaCheckBox.checked = True  # bound to the parameter node
+    assert p.tta is True
+    before = node_ids()
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    heatmap = p.outputVolume
+    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
+    assert spread is not None and spread.GetName() == "scan heatmap spread (TTA)"
+    assert len(node_ids()) > len(before) and spread.GetID() in node_ids()
+    expected = logic.compute(logic.prepareFromParameters(p))  # the same engine call: explain_ensemble, 8 mirrorings
+    assert expected.spread is not None and expected.info["ensemble"]["members"] == 8
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected.heatmap, atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), expected.spread, atol=1e-6)
+    np.testing.assert_allclose(mrml.ijk_to_ras(spread), mrml.ijk_to_ras(panel.volume))
+    agreement = "%.3f" % expected.info["ensemble"]["agreement"]
+    assert "TTA: mean of 8 maps, agreement %s" % agreement in ui.summaryLabel.text
+    assert mrml.get_attributes(spread)["role"] == "spread" and mrml.get_attributes(heatmap)["agreement"] == agreement
+    ui.ttaCheckBox.checked = False  # off: a plain run, as before
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert p.outputVolume is heatmap and heatmap.GetNodeReference("SegHiResCAMSpread") is None
+    assert "TTA" not in ui.summaryLabel.text and "agreement" not in ui.summaryLabel.text
+    plain = logic.compute(logic.prepareFromParameters(p))
+    assert plain.spread is None and "ensemble" not in plain.info
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), plain.heatmap, atol=1e-6)
+    assert not np.allclose(plain.heatmap, expected.heatmap)  # the mean of the mirrorings differs from one map

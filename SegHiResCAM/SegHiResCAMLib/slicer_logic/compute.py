@@ -53,6 +53,7 @@ class ExplainRequest:
     modelCard: object = None  # a model card: path or JSON data (docs/model_card.md), applied in the engine step
     sliceAxis: Optional[str] = None  # a 2D model on a 3D scan: axial, coronal, sagittal (None: the card's, else axial)
     sliceContext: int = 0  # a 2.5D model: neighbouring slices on each side as input channels
+    tta: bool = False  # mirroring TTA (analysis/ensemble.py): the mean map of every mirroring, and the spread map
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ExplainResult:
     info: dict
     metadata: dict
     classNames: List[str]
+    spread: Optional[np.ndarray] = None  # TTA: the voxel-wise spread map (std / mean) of the mirrorings' maps
 
 
 @dataclass
@@ -163,16 +165,22 @@ class ComputeLogic:
         spec = TargetSpec(**request.target)
         if not hasattr(self, "_sessionCache"):
             self._sessionCache = {}  # the last forward pass: a new target on the same scan costs a backward pass
-        explanation = explain_image(model, request.image, request.geometry, [spec], layers=request.layer,
-                                    method=request.method, device=request.device,
-                                    progress=lambda f, m: report(0.02 + 0.98 * f, m),
-                                    session_cache=self._sessionCache, slice_axis=request.sliceAxis,
-                                    slice_context=request.sliceContext)
+        options = dict(layers=request.layer, method=request.method, device=request.device,
+                       progress=lambda f, m: report(0.02 + 0.98 * f, m), slice_axis=request.sliceAxis,
+                       slice_context=request.sliceContext)
+        if getattr(request, "tta", False):  # the CLI's --tta: every mirroring of the scan, combined
+            from ..analysis.ensemble import explain_ensemble
+            explanation = explain_ensemble(model, request.image, request.geometry, [spec], tta=True, **options)
+        else:
+            explanation = explain_image(model, request.image, request.geometry, [spec],
+                                        session_cache=self._sessionCache, **options)
         heat = explanation.heatmaps[0]
         array = np.nan_to_num(heat.array.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+        spread = (None if heat.spread is None
+                  else np.nan_to_num(heat.spread.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0))
         return ExplainResult(heatmap=np.clip(array, 0.0, 1.0), prediction=explanation.prediction, layer=heat.layer,
                              method=heat.method, info=heat.info, metadata=explanation.metadata,
-                             classNames=list(model.class_names))
+                             classNames=list(model.class_names), spread=spread)
 
     def computeAnalysis(self, request: AnalysisRequest, progress: Optional[ProgressCallback] = None):
         """The evaluation (``Evaluation``) or the segmentation ability (``ImageSA``); no MRML (any thread)."""

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .. import __version__, catalog
 from ..analysis import provenance
 from . import bridge as mrml
-from . import channel_panel, panel_text
+from . import channel_panel, panel_text, spread_node
 from ..errors import InputError, ModelError
 from .compute import ComputeLogic, ExplainRequest, ExplainResult, ProgressCallback
 
@@ -202,7 +202,8 @@ class ExplainLogic(ComputeLogic):
             errorKind=parameters.errorKind if errors else None,
             component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None,
             modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters),
-            sliceAxis=getattr(parameters, "sliceAxis", None), sliceContext=getattr(parameters, "sliceContext", 0))
+            sliceAxis=getattr(parameters, "sliceAxis", None), sliceContext=getattr(parameters, "sliceContext", 0),
+            tta=bool(getattr(parameters, "tta", False)))
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
@@ -211,7 +212,7 @@ class ExplainLogic(ComputeLogic):
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
-                sliceAxis: Optional[str] = None, sliceContext: int = 0) -> ExplainRequest:
+                sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         _choice("sliceAxis", sliceAxis, (None, "auto") + catalog.SLICE_AXES)
@@ -271,7 +272,7 @@ class ExplainLogic(ComputeLogic):
             image=image, geometry=geometry, model=model, weights=weights, target=target, targetKind=kind,
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
-            sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceContext=int(sliceContext),
+            sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceContext=int(sliceContext), tta=bool(tta),
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
             extra=dict({"errorKind": errorKind or "",
@@ -324,6 +325,7 @@ class ExplainLogic(ComputeLogic):
                 heatmap.SetNodeReferenceID("SegHiResCAMPrediction", segmentation.GetID())
             else:  # a rerun without the prediction: the heatmap no longer goes with the earlier one
                 heatmap.RemoveNodeReferenceIDs("SegHiResCAMPrediction")
+            spread_node.applySpread(scene, heatmap, inputVolume, getattr(result, "spread", None), result.info)
             self.updateSummary(heatmap)
             if show:
                 mrml.show_heatmap(heatmap, inputVolume)
@@ -356,7 +358,7 @@ class ExplainLogic(ComputeLogic):
                 predictionSegmentation=None, weights: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
-                sliceAxis: Optional[str] = None, sliceContext: int = 0):
+                sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -379,6 +381,9 @@ class ExplainLogic(ComputeLogic):
             sliceAxis: a 2D model on a 3D scan runs slice by slice: ``axial``, ``coronal`` or ``sagittal``
                 (``None``/``auto``: the model card's, else axial; docs/slice_models.md); ``sliceContext``: a 2.5D
                 model gets each slice and this many neighbours on each side as input channels.
+            tta: mirroring test-time augmentation (the CLI's ``--tta``): the heatmap is the mean map of the scan
+                and its mirror images; the spread map becomes a second volume (``"<scan> heatmap spread (TTA)"``,
+                the heatmap's node reference ``SegHiResCAMSpread``) and the agreement a heatmap attribute.
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
             modelCard: the model's card (docs/model_card.md): a path to its JSON file or its data as a dict;
@@ -394,7 +399,7 @@ class ExplainLogic(ComputeLogic):
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
                                predictionSegmentation, weights, errorKind=errorKind, component=component,
                                modelCard=modelCard, channelVolumes=channelVolumes,
-                               sliceAxis=sliceAxis, sliceContext=sliceContext)
+                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta)
         return self.apply(request, self.compute(request, progress), show=show)
 
 

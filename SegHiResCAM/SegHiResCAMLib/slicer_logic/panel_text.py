@@ -67,8 +67,15 @@ def evaluationVerdict(rows: Sequence[Mapping[str, object]], method: str, layer: 
 
 def resultSummary(values: Mapping[str, object]) -> str:
     """One line on a heatmap from its provenance (its ``SegHiResCAM.*`` attributes, without the prefix): method,
-    layer, target (with the class name unless it is only "class N"), model and, when present, ``verdict``
-    (:func:`evaluationVerdict`), and ``checkVerdict``, the line of a quick check (``explain --check quick``)."""
+    layer, target (with the class name unless it is only "class N"), model, the agreement of a TTA run's maps
+    (``agreement``, ``members``) and, when present, ``verdict`` (:func:`evaluationVerdict`), and ``checkVerdict``,
+    the line of a quick check (``explain --check quick``).
+
+    Example:
+        >>> resultSummary({"method": "seg-grad-cam", "layer": "dec", "target": "model prediction", "model": "m",
+        ...                "agreement": "0.912", "members": "8"})
+        'seg-grad-cam at layer dec | target: model prediction | model: m | TTA: mean of 8 maps, agreement 0.912'
+    """
     target = str(values.get("target") or values.get("targetKind") or "?")
     if values.get("classIndex") not in (None, ""):
         target += ", class %s" % values["classIndex"]
@@ -76,6 +83,8 @@ def resultSummary(values: Mapping[str, object]) -> str:
             target += " (%s)" % values["className"]
     parts = ["%s at layer %s" % (values.get("method") or "?", values.get("layer") or "?"), "target: " + target,
              "model: %s" % (values.get("model") or "?")]
+    if values.get("agreement") not in (None, ""):  # a TTA run: the mean of the mirrorings' maps
+        parts.append("TTA: mean of %s maps, agreement %s" % (values.get("members") or "?", values["agreement"]))
     if values.get("verdict"):
         parts.append(str(values["verdict"]))
     if values.get("checkVerdict"):
