@@ -97,7 +97,8 @@ class SegHiResCAMParameterNode:
     evaluateAllMethods: bool = False
     evaluateCropVoxels: Annotated[int, WithinRange(0, 512)] = 0
     tta: bool = False  # mirroring TTA: the mean map, plus the spread map as a second volume
-    cohortFolder: str = ""  # a finished cohort's output folder; with cohortCase bound by hand (slicer_logic.cohort_panel)
+    quickCheck: bool = False  # a one-line verdict on the map (explain --check quick) in the summary line
+    cohortFolder: str = ""  # a finished cohort's output folder; with cohortCase: bound by hand (cohort_panel)
     cohortCase: str = ""
 
 

@@ -380,3 +380,21 @@ def test_tta_checkbox_adds_the_spread_map_and_the_agreement(panel):
     assert plain.spread is None and "ensemble" not in plain.info
     np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), plain.heatmap, atol=1e-6)
     assert not np.allclose(plain.heatmap, expected.heatmap)  # the mean of the mirrorings differs from one map
+
+
+def test_quick_check_checkbox_puts_the_verdict_in_the_summary(panel):
+    """The Quick check checkbox (explain --check quick): the verdict of analysis/check.py in the summary line and
+    the heatmap's ``checkVerdict`` attribute; unticked, the next run has none."""
+    widget, ui, p, logic = panel.widget, panel.ui, panel.p, panel.widget.logic
+    ui.quickCheckCheckBox.checked = True  # bound to the parameter node
+    assert p.quickCheck is True
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    verdict = mrml.get_attributes(p.outputVolume)["checkVerdict"]
+    expected = logic.compute(logic.prepareFromParameters(p)).metadata["verdict"]
+    assert verdict == expected and verdict and ui.summaryLabel.text.endswith(" | check: %s" % verdict)
+    ui.quickCheckCheckBox.checked = False
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert "check:" not in ui.summaryLabel.text and not mrml.get_attributes(p.outputVolume)["checkVerdict"]

@@ -54,6 +54,7 @@ class ExplainRequest:
     sliceAxis: Optional[str] = None  # a 2D model on a 3D scan: axial, coronal, sagittal (None: the card's, else axial)
     sliceContext: int = 0  # a 2.5D model: neighbouring slices on each side as input channels
     tta: bool = False  # mirroring TTA (analysis/ensemble.py): the mean map of every mirroring, and the spread map
+    check: Optional[str] = None  # "quick": a one-line verdict on the map (analysis/check.py), metadata["verdict"]
 
 
 @dataclass
@@ -167,7 +168,7 @@ class ComputeLogic:
             self._sessionCache = {}  # the last forward pass: a new target on the same scan costs a backward pass
         options = dict(layers=request.layer, method=request.method, device=request.device,
                        progress=lambda f, m: report(0.02 + 0.98 * f, m), slice_axis=request.sliceAxis,
-                       slice_context=request.sliceContext)
+                       slice_context=request.sliceContext, check=getattr(request, "check", None))
         if getattr(request, "tta", False):  # the CLI's --tta: every mirroring of the scan, combined
             from ..analysis.ensemble import explain_ensemble
             explanation = explain_ensemble(model, request.image, request.geometry, [spec], tta=True, **options)

@@ -203,7 +203,8 @@ class ExplainLogic(ComputeLogic):
             component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None,
             modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters),
             sliceAxis=getattr(parameters, "sliceAxis", None), sliceContext=getattr(parameters, "sliceContext", 0),
-            tta=bool(getattr(parameters, "tta", False)))
+            tta=bool(getattr(parameters, "tta", False)),
+            check="quick" if getattr(parameters, "quickCheck", False) else None)
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
@@ -212,10 +213,12 @@ class ExplainLogic(ComputeLogic):
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
                 predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
-                sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False) -> ExplainRequest:
+                sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False,
+                check: Optional[str] = None) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         _choice("sliceAxis", sliceAxis, (None, "auto") + catalog.SLICE_AXES)
+        _choice("check", check, (None, "quick"))
         if isinstance(sliceContext, bool) or int(sliceContext) != sliceContext or sliceContext < 0:
             raise InputError("sliceContext must be a number of slices >= 0 (on each side), got %r" % (sliceContext,))
         if isinstance(model, str):
@@ -273,6 +276,7 @@ class ExplainLogic(ComputeLogic):
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
             sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceContext=int(sliceContext), tta=bool(tta),
+            check=check,
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
             extra=dict({"errorKind": errorKind or "",
@@ -358,7 +362,8 @@ class ExplainLogic(ComputeLogic):
                 predictionSegmentation=None, weights: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
-                sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False):
+                sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False,
+                check: Optional[str] = None):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -384,6 +389,8 @@ class ExplainLogic(ComputeLogic):
             tta: mirroring test-time augmentation (the CLI's ``--tta``): the heatmap is the mean map of the scan
                 and its mirror images; the spread map becomes a second volume (``"<scan> heatmap spread (TTA)"``,
                 the heatmap's node reference ``SegHiResCAMSpread``) and the agreement a heatmap attribute.
+            check: ``"quick"`` (the CLI's ``--check quick``): a one-line verdict on the map (model randomisation
+                and a few-step deletion AUC; about one more run) in the attribute ``SegHiResCAM.checkVerdict``.
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
             modelCard: the model's card (docs/model_card.md): a path to its JSON file or its data as a dict;
@@ -399,7 +406,7 @@ class ExplainLogic(ComputeLogic):
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
                                predictionSegmentation, weights, errorKind=errorKind, component=component,
                                modelCard=modelCard, channelVolumes=channelVolumes,
-                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta)
+                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta, check=check)
         return self.apply(request, self.compute(request, progress), show=show)
 
 
