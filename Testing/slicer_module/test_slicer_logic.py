@@ -264,6 +264,15 @@ def test_background_job_reports_errors_and_late_cancel():
     job = slicer_logic_job.BackgroundJob(lambda progress: job.cancel() or "result")
     status = job.start().wait(timeout=10)
     assert status.cancelled and status.result is None  # a result finished after Cancel is dropped
+    job = slicer_logic_job.BackgroundJob(lambda progress: "result")
+    assert job.start().wait(timeout=10).result == "result"  # finished before the main thread saw it...
+    job.cancel()  # ...and the user clicks Cancel before the next poll: the result is dropped, not added
+    status = job.poll()
+    assert status.finished and status.cancelled and status.result is None
+    job = slicer_logic_job.BackgroundJob(lambda progress: 1 / 0)
+    job.start().wait(timeout=10)
+    job.cancel()  # a failure stays a failure
+    assert isinstance(job.poll().error, ZeroDivisionError)
     failures, _ = doctest.testmod(slicer_logic_job)
     assert failures == 0
 

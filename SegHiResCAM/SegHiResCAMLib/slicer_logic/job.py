@@ -88,7 +88,10 @@ class BackgroundJob:
             with self._lock:
                 final = JobStatus(self._status.fraction, "cancelled" if isinstance(exc, CancelledError)
                                   else "failed", True, error=exc)
-        with self._lock:
+        with self._lock:  # a Cancel that came while the result was being made drops it (see cancel())
+            if self._cancel.is_set() and final.error is None:
+                final = JobStatus(final.fraction, "cancelled", True,
+                                  error=CancelledError("cancelled by the user; nothing was written"))
             self._status = final
 
     def start(self) -> "BackgroundJob":
@@ -100,8 +103,14 @@ class BackgroundJob:
         return self
 
     def cancel(self) -> None:
-        """Ask the function to stop at its next progress report."""
-        self._cancel.set()
+        """Ask the function to stop at its next progress report. A result that is ready but not yet taken by
+        the main thread is dropped: after Cancel nothing reaches the scene, however the race between the
+        worker finishing and the click goes."""
+        with self._lock:
+            self._cancel.set()
+            if self._status.finished and self._status.error is None:
+                self._status = JobStatus(self._status.fraction, "cancelled", True,
+                                         error=CancelledError("cancelled by the user; nothing was written"))
 
     @property
     def cancelling(self) -> bool:
