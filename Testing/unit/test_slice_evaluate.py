@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nets
+from slice_cases import SIZE, SPACING, plane, random_image
 from SegHiResCAMLib.analysis.evaluate import evaluate_image
 from SegHiResCAMLib.analysis.explain import TargetSpec, labels_on_image, predict_image
 from SegHiResCAMLib.analysis.slice_evaluate import evaluate_slices
@@ -13,23 +14,16 @@ from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.geometry import Geometry
 from SegHiResCAMLib.models.base import SegModel
 
-SIZE = (8, 10, 6)  # x, y, z: the numpy array is (6, 10, 8)
-SPACING = (1.0, 1.5, 2.0)
 GEOMETRY = Geometry(size=SIZE, spacing=SPACING, origin=(3.0, -2.0, 7.5), direction=tuple(np.eye(3).flatten()))
 OPTIONS = dict(methods=["seg-grad-cam", "seg-hires-grad-cam"], layers=["dec"], steps=4, sanity_stages=1,
                random_targets=("shift",), device="cpu")
 
 
-def plane(axis):
-    rest = [a for a in range(3) if a != axis]
-    shape = tuple(SIZE[::-1][a] for a in rest)
-    return Geometry(size=shape[::-1], spacing=tuple(SPACING[2 - a] for a in rest[::-1]), origin=(0, 0),
-                    direction=(1, 0, 0, 1))
 
 
 @pytest.fixture(scope="module")
 def image():
-    return np.random.RandomState(3).randn(*SIZE[::-1]).astype(np.float32)
+    return random_image()
 
 
 def unet2d(seed=7):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nets
+from slice_cases import SIZE, SPACING, plane, random_image
 from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image, predict_image
 from SegHiResCAMLib.analysis.segmentation_ability import sa_score_image
 from SegHiResCAMLib.cli import main
@@ -22,22 +23,14 @@ from SegHiResCAMLib.imaging import files as io
 from SegHiResCAMLib.models import load_model
 from SegHiResCAMLib.models.base import SegModel
 
-SIZE = (8, 10, 6)  # x, y, z: the numpy array is (6, 10, 8)
-SPACING = (1.0, 1.5, 2.0)
 GEOMETRY = Geometry(size=SIZE, spacing=SPACING, origin=(3.0, -2.0, 7.5), direction=tuple(np.eye(3).flatten()))
 
 
-def plane(axis):
-    """The 2D grid of a slice perpendicular to numpy axis ``axis`` (in-plane spacing, ITK order)."""
-    rest = [a for a in range(3) if a != axis]
-    shape = tuple(SIZE[::-1][a] for a in rest)
-    return Geometry(size=shape[::-1], spacing=tuple(SPACING[2 - a] for a in rest[::-1]), origin=(0, 0),
-                    direction=(1, 0, 0, 1))
 
 
 @pytest.fixture(scope="module")
 def image():
-    return np.random.RandomState(3).randn(*SIZE[::-1]).astype(np.float32)
+    return random_image()
 
 
 @pytest.fixture(scope="module")
