@@ -119,10 +119,9 @@ def run(args: argparse.Namespace) -> int:
     interior = (args.steps - 1) if args.steps is not None else (9 if args.exact else 2)
     if not args.quiet:
         print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
-              "steps + %d)%s" % (1 + maps * 2 * interior + (0 if args.exact else 1), maps, interior,
-                                 1 if args.exact else 2,
-                                 "" if args.exact else " on the target's bounding box (--exact: the whole image)"),
-              file=sys.stderr)
+              "steps + 1)%s" % (1 + maps * 2 * interior, maps, interior,
+                                "" if args.exact else " on the target's bounding box + margin (one more pass when "
+                                "that box is smaller than the image; --exact: the whole image)"), file=sys.stderr)
     spec = TargetSpec(class_index=model.class_index(args.class_), mask=mask, label=args.label, score=args.score)
     progress = common.Progress(args.quiet)
     try:
