@@ -62,3 +62,45 @@ def test_slice_axis_of_the_parameters_reaches_the_engine(case):
         logic.process(volume, model=SPEC2D, weights=case["weights"], sliceAxis="oblique")
     with pytest.raises(ValueError):
         p.sliceAxis = "oblique"
+
+
+def test_evaluate_and_sa_score_of_the_panel_take_the_slice_axis_of_the_parameters(case):
+    """The panel's Evaluate and SA buttons (prepareAnalysisFromParameters -> computeAnalysis, in this process and
+    in the worker process) run a 2D model along the parameter node's sliceAxis: the results equal the Python calls
+    with that axis, and differ from the default axial ones."""
+    from SegHiResCAMLib.analysis.evaluate import evaluate_image
+    from SegHiResCAMLib.analysis.segmentation_ability import sa_score_image
+    from SegHiResCAMLib.slicer_logic import job as slicer_job
+    logic = SegHiResCAM.SegHiResCAMLogic()
+    p = logic.getParameterNode()
+    p.inputVolume, p.modelSource, p.modelPath = case["volume"], "file", "/unused"
+    p.targetKind, p.segmentationNode, p.segmentId = "segment", case["segmentation"], case["segmentId"]
+    p.sliceAxis, p.evaluateSteps, p.layer = "coronal", 2, "dec"
+    logic.modelSpec = lambda parameters: SPEC2D
+    volume = case["volume"]
+    geometry = mrml.volume_geometry(volume)
+    mask = mrml.segment_mask(case["segmentation"], case["segmentId"], volume)
+    model = load_model(SPEC2D, weights=case["weights"])
+    requests = {}
+    for kind in ("evaluation", "segmentation-ability"):
+        requests[kind] = logic.prepareAnalysisFromParameters(p, kind)
+        requests[kind].explain.weights = case["weights"]
+        assert requests[kind].explain.sliceAxis == "coronal"
+    evaluation = logic.computeAnalysis(requests["evaluation"])
+    expected = {axis: evaluate_image(model, case["image"], geometry, TargetSpec(1, mask=mask), methods=[p.method],
+                                     layers="dec", steps=2, slice_axis=axis) for axis in ("coronal", "axial")}
+    assert evaluation.metadata["slices"]["axis"] == "coronal"
+    np.testing.assert_equal(evaluation.table(), expected["coronal"].table())  # NaN (n/a) cells equal too
+    with pytest.raises(AssertionError):
+        np.testing.assert_equal(expected["axial"].table(), expected["coronal"].table())
+    sa = {axis: sa_score_image(model, case["image"], geometry, reference=mask, class_index=1, layers="all",
+                               map_layer="dec", slice_axis=axis) for axis in ("coronal", "axial")}
+    assert sa["coronal"].mean_sa != pytest.approx(sa["axial"].mean_sa, abs=1e-6)
+    runner = slicer_job.ProcessRunner()  # the panel's worker process gets the same request (pickled)
+    try:
+        status = runner.submit("computeAnalysis", requests["segmentation-ability"]).wait(120)
+    finally:
+        runner.close()
+    assert status.finished and status.error is None, status.error
+    assert status.result.mean_sa == pytest.approx(sa["coronal"].mean_sa, abs=1e-9)
+    np.testing.assert_array_equal(status.result.sa_map, sa["coronal"].sa_map)

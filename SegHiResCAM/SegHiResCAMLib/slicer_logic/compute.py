@@ -189,19 +189,21 @@ class ComputeLogic:
         report(0.0, "loading the model")
         r = request.explain
         model = self.requestModel(r)
+        # a 2D model on a 3D scan: the axis and context of the request, as for the heatmap (compute)
+        slices = dict(slice_axis=getattr(r, "sliceAxis", None), slice_context=getattr(r, "sliceContext", 0))
         if request.kind == EVALUATION:
             from ..analysis.evaluate import evaluate_image
             from ..analysis.explain import TargetSpec
             image, geometry, target = cropRequest(request)
             return evaluate_image(model, image, geometry, TargetSpec(**target), methods=request.methods,
                                   layers=r.layer, steps=request.steps, device=r.device,
-                                  progress=lambda f, m: report(0.02 + 0.98 * f, m))
+                                  progress=lambda f, m: report(0.02 + 0.98 * f, m), **slices)
         from ..engine.protoseg import LAST_FEATURE
         from ..analysis.segmentation_ability import sa_score_image
         return sa_score_image(model, r.image, r.geometry, reference=r.target.get("mask"),
                               class_index=r.target["class_index"], layers="all",
                               map_layer=LAST_FEATURE if r.layer == "auto" else r.layer, device=r.device,
-                              progress=lambda f, m: report(0.02 + 0.98 * f, m))
+                              progress=lambda f, m: report(0.02 + 0.98 * f, m), **slices)
 
     def runJob(self, method: str, args: Sequence[object], progress: Optional[ProgressCallback] = None):
         """``method(*args, progress)`` for one of :data:`JOB_METHODS` (what a thread or worker-process job runs)."""
