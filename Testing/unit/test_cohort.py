@@ -144,6 +144,49 @@ def test_changed_inputs_or_options_are_computed_again(manifest, first_run, tmp_p
     assert frame["mean_sa"].isna().all() and frame.set_index("case_id").loc["clean0", "dice"] == 1.0
 
 
+def test_check_quick_adds_the_verdict_and_its_numbers_and_is_part_of_the_hash(manifest, first_run, tmp_path,
+                                                                              monkeypatch):
+    """``--check quick`` (issue 19): every case is computed again (the option is in the case hash), the verdict and
+    the check's numbers are columns of cohort.csv, equal to explain_image(check="quick") on the case, cohort.md shows
+    each case's verdict, and the other columns stay those of the run without the check."""
+    from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image
+    out = str(tmp_path / "out")
+    shutil.copytree(first_run[0], out)
+    counter = Counter(monkeypatch)
+    assert main(["cohort", manifest, "--out", out, "--model", MODEL.spec, "--scheduler", "none", "--quiet",
+                 "--device", "cpu", "--threads", "1", "--check", "quick"]) == 0
+    assert counter.calls == CASES
+    frame = pd.read_csv(os.path.join(out, cohort.TABLE_FILE), keep_default_na=False, na_values=[""])
+    assert list(frame.columns) == list(cohort.COLUMNS)
+    rows = frame.set_index("case_id")
+    done = rows[rows["status"] == "done"]
+    assert len(done) == 5
+    assert done["check_verdict"].str.match(r"^(passes|fails) model randomisation \(rho -?[0-9.]+\); deletion AUC "
+                                           r"[0-9.-]+ vs random [0-9.-]+$").all(), done["check_verdict"]
+    assert np.isfinite(done[["check_rho", "check_deletion_auc", "check_deletion_auc_random"]].values).all()
+    assert pd.isna(rows.loc["broken", "check_verdict"]) and np.isnan(rows.loc["broken", "check_rho"])
+    case = read_manifest(manifest)[0]
+    image, geometry = read_image(case.images[0])
+    direct = explain_image(MODEL.load(), image, geometry, [TargetSpec(class_index=1)], method=OPTIONS.method,
+                           device="cpu", check="quick").metadata
+    assert rows.loc[case.case_id, "check_verdict"] == direct["verdict"]
+    assert rows.loc[case.case_id, "check_rho"] == pytest.approx(
+        direct["check"]["model_randomization"]["spearman_in_segment"], rel=1e-6)
+    assert rows.loc[case.case_id, "check_deletion_auc"] == pytest.approx(direct["check"]["deletion"]["auc"], rel=1e-6)
+    assert rows.loc[case.case_id, "check_deletion_auc_random"] == pytest.approx(
+        direct["check"]["deletion"]["auc_random"], rel=1e-6)
+    assert np.allclose(frame["mean_sa"], first_run[1]["mean_sa"], equal_nan=True)
+    assert np.allclose(frame["dice"], first_run[1]["dice"], equal_nan=True)
+    report = open(os.path.join(out, "cohort.md")).read().split("## Quick check of the heatmaps")[1]
+    for case_id, verdict in done["check_verdict"].items():
+        assert "| %s | %s | %s |" % (case_id, done.loc[case_id, "class"], verdict) in report
+    # the run without the check keeps its hash from before the option existed: its cases are reused as they were
+    assert "quick_check" not in OPTIONS.describe() and "quick_check" in CohortOptions(quick_check="quick").describe()
+    assert not first_run[1]["check_verdict"].astype(bool).any()
+    with pytest.raises(InputError, match="checks the heatmap"):
+        CohortOptions(explain=False, quick_check="quick").check()
+
+
 def test_failed_cases_are_kept_and_retried_on_request(manifest, first_run, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     shutil.copytree(first_run[0], out)

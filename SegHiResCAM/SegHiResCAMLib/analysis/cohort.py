@@ -5,7 +5,8 @@ for a model with several input channels, stacked in that order), an optional ``r
 optional target (``class``: index or name; ``segment``: a mask file explained instead of the model's prediction,
 with ``label``: its value to use). Relative paths are read from the manifest's folder.
 
-For every case :func:`run_case` does what :class:`CohortOptions` asks (heatmap, mean SA score, prediction) and
+For every case :func:`run_case` does what :class:`CohortOptions` asks (heatmap, mean SA score, prediction, the quick
+check of the heatmap: its verdict and numbers become columns of the table) and
 writes ``<out>/cases/<case_id>/``: ``prediction.nii.gz``, ``heatmap.nii.gz`` (float32, on the case's grid) and
 ``result.json`` (the table row, the case's hash and the provenance). The folder is written under a temporary name
 and renamed into place, so a case folder is either complete or absent. The hash covers the input files' contents,
@@ -55,7 +56,8 @@ TABLE_FILE = "cohort.csv"
 PARQUET_FILE = "cohort.parquet"
 #: the columns of the table, in order (``*_s`` are timings in seconds)
 COLUMNS = ("case_id", "class", "status", "error", "dice", "mean_sa", "sa_rank", "flagged", "heat_in_target",
-           "heat_out_target", "prediction_voxels", "reference_voxels", "read_s", "explain_s", "sa_s",
+           "heat_out_target", "check_verdict", "check_rho", "check_deletion_auc", "check_deletion_auc_random",
+           "prediction_voxels", "reference_voxels", "read_s", "explain_s", "sa_s",
            "predict_s", "total_s", "reused", "key")
 #: columns that change from run to run even when the results do not
 RUN_COLUMNS = ("read_s", "explain_s", "sa_s", "predict_s", "total_s", "reused")
@@ -242,6 +244,9 @@ class CohortOptions:
         explain: a heatmap of the target (``method`` at ``layer``) and its mass in/out of the target.
         sa_score: the mean SA score (ProtoSeg; ground-truth free) with ``sa_layers`` (``features``: one pass).
         predict: the prediction (always written; alone, one forward pass without gradients).
+        quick_check: ``"quick"``: the quick check of the heatmap (:mod:`.check`; needs ``explain``): its verdict and its
+            numbers (model-randomisation rho in the dilated target, deletion AUC of the map and of a random
+            ranking) in the table; ``None``: none (and, then, not part of the hash: earlier results stay valid).
         class_: the class of cases whose manifest gives none (index or name).
         device, threads: where to run; torch threads per process (``None``: leave torch's setting). Neither is
             part of the case hash.
@@ -257,12 +262,15 @@ class CohortOptions:
     sa_layers: str = "features"
     device: str = "auto"
     threads: Optional[int] = None
+    quick_check: Optional[str] = None
 
     def describe(self) -> dict:
         """The options that change results (hashed)."""
         out = asdict(self)
         for name in ("device", "threads"):
             out.pop(name)
+        if out["quick_check"] in (None, "", "none"):  # without the check: the hash from before the option existed
+            out.pop("quick_check")
         return out
 
     def check(self) -> None:
@@ -274,6 +282,9 @@ class CohortOptions:
             raise InputError("score must be one of %s, got %r" % (", ".join(catalog.SCORES), self.score))
         if self.threads is not None and self.threads < 1:
             raise InputError("threads must be >= 1, got %r" % self.threads)
+        from .check import check_name
+        if check_name(self.quick_check) is not None and not self.explain:
+            raise InputError("the quick check (--check quick) checks the heatmap; ask for explain (--explain) too")
 
 
 def case_key(case: Case, model_fingerprint: dict, options: CohortOptions) -> str:
@@ -346,7 +357,7 @@ def compute_case(case: Case, model, options: CohortOptions
         t0 = time.perf_counter()
         spec = TargetSpec(class_index=class_index, mask=segment, score=options.score)
         result = explain_image(model, image, geometry, [spec], layers=options.layer, method=options.method,
-                               device=options.device)
+                               device=options.device, check=options.quick_check)
         heat = result.heatmaps[0]
         arrays["heatmap"], arrays["prediction"] = heat.array, result.prediction
         target = segment if segment is not None else (result.prediction == class_index)
@@ -354,6 +365,8 @@ def compute_case(case: Case, model, options: CohortOptions
         mass = float(positive.sum())
         inside = float(positive[target != 0].sum()) / mass if mass > 0 else float("nan")
         row.update(heat_in_target=inside, heat_out_target=1.0 - inside if mass > 0 else float("nan"))
+        if "verdict" in result.metadata:
+            row.update(check_row(result.metadata))
         meta["explain"] = dict(result.metadata, method=heat.method, layer=heat.layer, cam=heat.info,
                                target_kind=spec.kind())
         timings["explain_s"] = time.perf_counter() - t0
@@ -378,6 +391,21 @@ def compute_case(case: Case, model, options: CohortOptions
         row["reference_voxels"] = int(np.count_nonzero(reference))
     row.update(timings)
     return row, arrays, geometry, meta
+
+
+def check_row(metadata: dict) -> dict:
+    """The table's check columns from an explanation's metadata (``check="quick"``); NaN where the check did not
+    run (e.g. windows)."""
+    check = metadata.get("check") or {}
+    randomization, deletion = check.get("model_randomization") or {}, check.get("deletion") or {}
+
+    def number(value) -> float:
+        return float("nan") if value is None else float(value)
+
+    return {"check_verdict": metadata.get("verdict", ""),
+            "check_rho": number(randomization.get("spearman_in_segment")),
+            "check_deletion_auc": number(deletion.get("auc")),
+            "check_deletion_auc_random": number(deletion.get("auc_random"))}
 
 
 def case_folder(out: str, case_id: str) -> str:
@@ -495,16 +523,19 @@ def cohort_table(cases: Sequence[Case], out: str, reused: Sequence[str] = ()):
     for case in cases:
         record = read_result(out, case.case_id)
         row = dict(record["row"]) if record else {"case_id": case.case_id, "status": "pending", "error": ""}
-        row = {k: (float("nan") if v is None and k not in ("error", "class", "sa_rank") else v) for k, v in row.items()}
+        row = {k: (float("nan") if v is None and k not in ("error", "class", "sa_rank", "check_verdict") else v)
+               for k, v in row.items()}
         row["reused"] = case.case_id in reused
         rows.append(row)
     _rank(rows)
     frame = pd.DataFrame([{c: row.get(c) for c in COLUMNS} for row in rows], columns=list(COLUMNS))
-    for column in ("dice", "mean_sa", "heat_in_target", "heat_out_target", "read_s", "explain_s",
+    for column in ("dice", "mean_sa", "heat_in_target", "heat_out_target", "check_rho", "check_deletion_auc",
+                   "check_deletion_auc_random", "read_s", "explain_s",
                    "sa_s", "predict_s", "total_s", "prediction_voxels", "reference_voxels"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     frame["sa_rank"] = frame["sa_rank"].astype("Int64")
     frame["error"] = frame["error"].fillna("")
+    frame["check_verdict"] = frame["check_verdict"].fillna("")
     return frame
 
 

@@ -33,6 +33,10 @@ def add_parser(subparsers) -> None:
     work.add_argument("--explain", action="store_true", help="heatmap of the target and its mass in/out of it")
     work.add_argument("--sa-score", action="store_true", help="mean SA score (ProtoSeg; needs no ground truth)")
     work.add_argument("--predict", action="store_true", help="the prediction (alone: one pass, no gradients)")
+    work.add_argument("--check", choices=["quick", "none"], default="none",
+                      help="quick: a one-line verdict on each case's heatmap (model randomisation rho, deletion AUC "
+                           "vs random; about one more explain run per case) in cohort.csv and cohort.md; implies "
+                           "--explain")
     common.add_class_arg(p)
     p.add_argument("--method", default=catalog.DEFAULT_METHOD, choices=sorted(catalog.method_names()),
                    help="default: %(default)s")
@@ -61,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     explain, sa = args.explain, args.sa_score
     if not (explain or sa or args.predict):
         explain = sa = True
+    check = None if args.check == "none" else args.check
+    explain = explain or check is not None  # the check is of the heatmap
     options = CohortOptions(explain=explain, sa_score=sa, predict=True, class_=args.class_, method=args.method,
                             layer=args.layer, score=args.score, sa_layers=args.sa_layers, device=args.device,
-                            threads=args.threads)
+                            threads=args.threads, quick_check=check)
     model = ModelSpec(args.model, weights=common.weights_file(args), trust_model=args.trust_model, card=common.model_card(args),
                       model_args=json.dumps(json.loads(args.model_args), sort_keys=True) if args.model_args else None)
     try:

@@ -192,6 +192,16 @@ def cohort_markdown(frame, stats: Tuple[int, float, float], gallery: List[str], 
         lines += ["", "![cases ranked by mean SA score](%s)" % figures["ranking"]]
     if gallery:
         lines += ["", "## The worst cases (%s)" % ", ".join(gallery), "", "![gallery](%s)" % figures["gallery"]]
+    checked = frame[frame["check_verdict"].fillna("").astype(str) != ""] if "check_verdict" in frame else frame[:0]
+    if len(checked):
+        lines += ["", "## Quick check of the heatmaps (--check quick)", "",
+                  "Model randomisation of the explained layer's downstream (passes when the rank correlation rho in "
+                  "the dilated target is at most 0.5) and the deletion AUC of the map against a random ranking (lower "
+                  "is better); the numbers are the check_* columns of cohort.csv.", "",
+                  "| case | class | verdict |", "|---|---|---|"]
+        for _, row in checked.iterrows():
+            verdict = str(row["check_verdict"]).replace("|", "\\|")
+            lines.append("| %s | %s | %s |" % (row["case_id"], row["class"], verdict))
     if len(failed):
         lines += ["", "## Failed cases", "", "| case | error |", "|---|---|"]
         for _, row in failed.iterrows():
