@@ -209,35 +209,68 @@ def test_an_interrupted_case_writes_nothing_and_the_rerun_finishes(manifest, fir
     pd.testing.assert_frame_equal(results(frame), results(first_run[1]))
 
 
+#: the ``seghirescam cohort`` process of the kill test: the real command, except that it stops for good while it
+#: writes the result.json of its 4th case (clean2; the file is open, its images are in its temporary folder) and says
+#: so with a marker file. The kill then always lands at the same point, however loaded the machine is.
+HELD_RUN = """
+import sys, time
+from SegHiResCAMLib.analysis import cohort
+from SegHiResCAMLib.cli import main
+marker, real, written = sys.argv.pop(1), cohort.dumps, []
+
+def held(record, **kw):
+    if isinstance(record, dict) and "row" in record:
+        written.append(record["row"]["case_id"])
+        if len(written) == 4:
+            open(marker, "w").close()
+            while True:
+                time.sleep(60)
+    return real(record, **kw)
+
+cohort.dumps = held
+sys.exit(main())
+"""
+
+
 def test_a_killed_run_restarted_computes_only_the_unfinished_cases(manifest, first_run, tmp_path, monkeypatch):
-    """A ``seghirescam cohort`` process killed with SIGKILL after two cases; the rerun (command line, in this
-    process) computes the others only, leaves the finished folders untouched and writes the full table."""
+    """A ``seghirescam cohort`` process killed with SIGKILL in the middle of its 4th case (clean2: its temporary
+    folder half written) after three finished ones; the rerun (command line, in this process) computes the others
+    only, leaves the finished folders untouched, removes the half-made folder and writes the full table."""
     out = str(tmp_path / "out")
-    slow = ["--model", cohort_model.SPEC, "--model-args", '{"delay": 0.4}', "--device", "cpu", "--threads", "1",
+    run = ["--model", cohort_model.SPEC, "--model-args", '{"delay": 0.05}', "--device", "cpu", "--threads", "1",
             "--scheduler", "none"]
     source = os.path.dirname(os.path.dirname(os.path.abspath(SegHiResCAMLib.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([source] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    process = subprocess.Popen([sys.executable, "-c", "import sys; from SegHiResCAMLib.cli import main; "
-                                "sys.exit(main())", "cohort", manifest, "--out", out, "--quiet", "--no-report"] + slow,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    cases = os.path.join(out, cohort.CASES_DIR)
-    deadline = time.time() + 120
+    marker, log = str(tmp_path / "held"), str(tmp_path / "stderr.txt")
+    with open(log, "wb") as stderr:  # a file, not a pipe: a chatty child never blocks on a full pipe
+        process = subprocess.Popen([sys.executable, "-c", HELD_RUN, marker, "cohort", manifest, "--out", out,
+                                    "--quiet", "--no-report"] + run, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    deadline = time.time() + 600  # only against a hang: the loop ends when the child holds (or exits)
     try:
-        while time.time() < deadline and process.poll() is None:
-            finished = [n for n in os.listdir(cases) if not n.startswith(".")] if os.path.isdir(cases) else []
-            if len(finished) >= 2:
-                break
-            time.sleep(0.02)
+        while time.time() < deadline and process.poll() is None and not os.path.exists(marker):
+            time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert os.path.exists(marker), "the child did not reach its 4th case (exit %s): %s" % (
+        process.returncode, open(log).read())
+    cases = os.path.join(out, cohort.CASES_DIR)
     finished = sorted(n for n in os.listdir(cases) if not n.startswith("."))
-    assert 2 <= len(finished) < len(CASES), process.stderr.read().decode()
-    before = folder_state(out)
+    assert finished == ["broken", "clean0", "clean1"], open(log).read()
+    half = [n for n in os.listdir(cases) if n.startswith(".tmp-") and n.endswith("-clean2")]
+    assert len(half) == 1  # its images written, its result.json opened but still empty
+    assert os.path.getsize(os.path.join(cases, half[0], cohort.RESULT_FILE)) == 0
+    assert os.path.getsize(os.path.join(cases, half[0], cohort.HEATMAP_FILE)) > 0
+    def finished_files():
+        return [entry for entry in folder_state(out) if entry[0].split(os.sep)[1] in finished]
+
+    before = finished_files()
+    assert len(before) == 2 * 3 + 1  # prediction, heatmap, result.json of clean0 and clean1; broken's result.json
     counter = Counter(monkeypatch)
-    assert main(["cohort", manifest, "--out", out, "--quiet"] + slow) == 0
-    assert sorted(counter.calls) == sorted(set(CASES) - set(finished))
-    assert [entry for entry in folder_state(out) if entry[0].split(os.sep)[1] in finished] == before
+    assert main(["cohort", manifest, "--out", out, "--quiet"] + run) == 0
+    assert counter.calls == ["clean2", "clean3", "degraded"]
+    assert finished_files() == before
     frame = pd.read_csv(os.path.join(out, cohort.TABLE_FILE), keep_default_na=False, na_values=[""])
     assert list(frame["case_id"]) == CASES and list(frame["reused"]) == [c in finished for c in CASES]
     assert np.allclose(frame["mean_sa"], first_run[1]["mean_sa"], equal_nan=True)
