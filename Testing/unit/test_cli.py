@@ -187,6 +187,10 @@ def test_console_script_entry_point(case):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "unknown layer" in done.stderr
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "seghirescam" in done.stdout
+    # the same command as a module, for a Python without the console script (Slicer's)
+    done = subprocess.run([sys.executable, "-m", "SegHiResCAMLib.cli", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "seghirescam" in done.stdout
 
 
 def test_windowed_explain_with_one_window_equals_whole_volume(case, capsys):
