@@ -385,7 +385,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     per_target = len(results) // len(cam_targets)  # results are target-major
     for i, res in enumerate(results):
         spec = targets[i // per_target]
-        array = space.to_image(res.map[0].float().cpu().numpy(), "linear")
+        array = space.to_image(res.map[0].float().cpu().numpy(), "linear", copy=False)  # the map itself, no copy
         info = res.describe()
         info["flat"] = bool(res.flat[0])
         info["warnings"] = list(res.warnings)

@@ -58,15 +58,20 @@ class ModelSpace:
                         origin=tuple(np.asarray(self.grid.origin) + offset), direction=self.grid.direction)
         return geom, tuple(slice(b, b + n) for b, n in zip(before, inner))
 
-    def to_image(self, array: np.ndarray, interpolator: str = "linear") -> np.ndarray:
-        """Map an array on the model grid (``grid.array_shape``) onto the image grid."""
+    def to_image(self, array: np.ndarray, interpolator: str = "linear", copy: bool = True) -> np.ndarray:
+        """Map an array on the model grid (``grid.array_shape``) onto the image grid.
+
+        ``copy=False``: where the grids coincide and ``array`` (float32 for ``linear``) needs no cropping, it is
+        returned itself instead of a copy (a caller that drops ``array`` saves a whole-volume copy)."""
         array = np.asarray(array)
         if array.shape != self.grid.array_shape:
             raise InputError("array shape %s does not match the model grid %s" % (array.shape, self.grid.array_shape))
         inner, crop = self._unpadded()
         cropped = array[crop]
         if inner.same_grid(self.image, atol=1e-6):
-            return np.ascontiguousarray(cropped.astype(np.float32) if interpolator == "linear" else cropped)
+            if interpolator == "linear":
+                cropped = cropped.astype(np.float32, copy=copy)
+            return np.ascontiguousarray(cropped)
         return resample_to_grid(array, self.grid, self.image, interpolator)
 
     def to_model(self, array: np.ndarray, interpolator: str = "nearest") -> np.ndarray:
@@ -114,8 +119,9 @@ class ModelSpace:
             raise InputError("array shape %s does not match the model grid %s" % (channel.shape, self.grid.array_shape))
         inner, crop = self._unpadded()
         cropped = channel[crop]
-        if inner.same_grid(self.image, atol=1e-6):
-            yield slice(None), np.ascontiguousarray(cropped)
+        if inner.same_grid(self.image, atol=1e-6):  # slab by slab too: callers' temporaries stay slab-sized
+            for part, _ in self._slabs():
+                yield part, cropped[part]
             return
         # edge values repeated two voxels beyond each side: linear interpolation there is the clamped one of
         # nnU-Net's resizing (SimpleITK's own extrapolator takes the nearest voxel along every axis instead)
@@ -163,10 +169,11 @@ class ModelSpace:
         for c in range(channels):
             for part, values in self.channel_to_image(scores(c), self.outside_score(c, channels, activation)):
                 better = values > best[part]
-                labels[part][better] = c + 1 if activation == "sigmoid" else c
+                np.copyto(labels[part], c + 1 if activation == "sigmoid" else c, where=better)  # no index arrays
                 np.maximum(best[part], values, out=best[part])
         if activation == "sigmoid":
-            labels[best <= 0] = 0
+            for part, _ in self._slabs():
+                np.copyto(labels[part], 0, where=best[part] <= 0)
         return labels
 
     def image_index_to_model(self, index: Sequence[int]) -> Tuple[int, ...]:
@@ -203,54 +210,63 @@ def _resampled_grid(geom: Geometry, spacing: Sequence[float]) -> Geometry:
     return Geometry(size=tuple(size), spacing=tuple(new), origin=tuple(origin), direction=geom.direction)
 
 
-def normalize_intensities(values: np.ndarray, prep: Preprocessing) -> np.ndarray:
+def normalize_intensities(values: np.ndarray, prep: Preprocessing, inplace: bool = False) -> np.ndarray:
     """The intensity steps of ``prep``: percentile clipping, ``normalization``, the ``then`` normalisations,
-    ``scale``/``shift`` (the last three are a model card's; only the first step of ``channels`` schemes)."""
+    ``scale``/``shift`` (the last three are a model card's; only the first step of ``channels`` schemes).
+
+    ``inplace=True``: ``values`` is a float32 array the caller owns; it is overwritten and returned (the same
+    numbers as without, no whole-volume temporaries: what :func:`prepare` does with its own copy of a scan)."""
+    inplace = bool(inplace) and values.dtype == np.float32 and values.flags.writeable
     values = values.astype(np.float32, copy=False)
     if prep.channels is not None:  # one scheme per channel; a single channel has no channel axis here
         if len(prep.channels) == 1:
-            return normalize_intensities(values, prep.channels[0])
+            return normalize_intensities(values, prep.channels[0], inplace)
         if values.shape[-1] != len(prep.channels):
             raise InputError("the model normalises %d channels separately but the image has %d"
                              % (len(prep.channels), values.shape[-1]))
         return np.stack([normalize_intensities(values[..., c], scheme) for c, scheme in enumerate(prep.channels)], axis=-1)
+    out = values if inplace else None  # ``out=None``: every step makes a new array, as numpy's operators do
     if prep.clip_percentiles is not None:
         low, high = np.percentile(values, prep.clip_percentiles)
-        values = np.clip(values, np.float32(low), np.float32(high))
-    values = _normalize(values, prep.normalization, prep)
+        values = np.clip(values, np.float32(low), np.float32(high), out=out)
+    values = _normalize(values, prep.normalization, prep, out)
     for how in prep.then:
-        values = _normalize(values, how, prep)
+        values = _normalize(values, how, prep, out)
     if (prep.scale, prep.shift) != (1.0, 0.0):
-        values = values * np.float32(prep.scale) + np.float32(prep.shift)
+        values = np.add(np.multiply(values, np.float32(prep.scale), out=out), np.float32(prep.shift), out=out)
     return values.astype(np.float32, copy=False)
 
 
-def _normalize(values: np.ndarray, how: str, prep: Preprocessing) -> np.ndarray:
+def _normalize(values: np.ndarray, how: str, prep: Preprocessing, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """One normalisation; ``out`` (``values`` itself, or ``None``) receives every step in place."""
     if how == "none":
         return values
     if how == "zscore":
         std = float(values.std())
-        return (values - float(values.mean())) / (std if std > _EPS else 1.0)
+        mean = float(values.mean())
+        return np.divide(np.subtract(values, mean, out=out), std if std > _EPS else 1.0, out=out)
     if how == "zscore-nonzero":
         inside = values != 0
         if not inside.any():
             return values
         mean, std = float(values[inside].mean()), float(values[inside].std())
-        out = (values - mean) / (std if std > _EPS else 1.0)
-        out[~inside] = 0.0
-        return out
+        result = np.divide(np.subtract(values, mean, out=out), std if std > _EPS else 1.0, out=out)
+        result[~inside] = 0.0
+        return result
     if how == "minmax":
         low, high = float(values.min()), float(values.max())
-        return (values - low) / (high - low if high - low > _EPS else 1.0)
+        return np.divide(np.subtract(values, low, out=out), high - low if high - low > _EPS else 1.0, out=out)
     if how == "range":  # MONAI ScaleIntensityRange: [a_min, a_max] -> [b_min, b_max], optionally clipped
         (a_min, a_max), (b_min, b_max) = prep.intensity_range, prep.output_range
-        out = (values - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
-        return np.clip(out, min(b_min, b_max), max(b_min, b_max)) if prep.clip else out
+        result = np.subtract(values, a_min, out=out)
+        result = np.divide(result, a_max - a_min, out=out)
+        result = np.add(np.multiply(result, b_max - b_min, out=out), b_min, out=out)
+        return np.clip(result, min(b_min, b_max), max(b_min, b_max), out=out) if prep.clip else result
     if how == "clip-zscore":  # nnU-Net CTNormalization: clip to dataset percentiles, dataset mean and std
         (low, high), (mean, std) = prep.intensity_range, prep.mean_std
-        return (np.clip(values, low, high) - mean) / max(std, 1e-8)
+        return np.divide(np.subtract(np.clip(values, low, high, out=out), mean, out=out), max(std, 1e-8), out=out)
     low, high = prep.ct_window
-    return (np.clip(values, low, high) - low) / float(high - low)
+    return np.divide(np.subtract(np.clip(values, low, high, out=out), low, out=out), float(high - low), out=out)
 
 
 def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_dims: int,
@@ -281,14 +297,18 @@ def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_
                          "channel(s)" % (in_channels, channels, in_channels))
     if image.dtype.kind not in "iufb":
         raise InputError("image voxels of type %s cannot be used; give a numeric image" % image.dtype)
-    if not np.isfinite(image).all():
+    if not _all_finite(image):
         raise InputError("the image holds NaN or infinite voxels; fix or mask them before explaining")
     steps = []
-    sitk_image = to_sitk(image.astype(np.float32, copy=False), geometry)
+    # one float32 copy of the scan, whatever is done to it (the caller's array is never written to, nor handed
+    # on); steps that change nothing keep it (no SimpleITK round trip: that held three whole-volume copies)
+    values, grid = image.astype(np.float32, copy=True), geometry
     if prep.orientation not in (None, "keep"):
-        sitk_image = sitk.DICOMOrient(sitk_image, prep.orientation)
+        sitk_image = sitk.DICOMOrient(to_sitk(values, geometry), prep.orientation)
+        del values
+        values, grid = from_sitk(sitk_image)
+        del sitk_image
         steps.append("reoriented to %s" % prep.orientation)
-    values, grid = from_sitk(sitk_image)
     if prep.spacing is not None:
         if len(prep.spacing) != grid.ndim:
             raise InputError("the model spacing %s has %d entries for a %dD image" % (prep.spacing, len(prep.spacing), grid.ndim))
@@ -309,7 +329,7 @@ def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_
             grid = target
     if channels == 1 and values.ndim == grid.ndim + 1:
         values = values[..., 0]
-    values = normalize_intensities(values, prep)
+    values = normalize_intensities(values, prep, inplace=True)  # our own copy: no further whole-volume copies
     if prep.clip_percentiles is not None:
         steps.append("intensity clipped to percentiles %g-%g" % prep.clip_percentiles)
     if prep.normalization != "none":
@@ -341,6 +361,14 @@ def prepare(image: np.ndarray, geometry: Geometry, prep: Preprocessing, spatial_
         steps.append("padded by %s voxels to a multiple of %d" % ([list(p) for p in pad], k))
     x = values[None] if values.ndim == len(shape) else np.moveaxis(values, -1, 0)
     return np.ascontiguousarray(x, dtype=np.float32), ModelSpace(geometry, grid, pad, steps)
+
+
+def _all_finite(image: np.ndarray) -> bool:
+    """No NaN or infinite voxel (integers always; floats checked slab by slab, not with a whole-volume mask)."""
+    if image.dtype.kind not in "fc":
+        return True
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(image.shape[1:], dtype=np.int64))))
+    return all(bool(np.isfinite(image[i:i + step]).all()) for i in range(0, max(1, image.shape[0]), step))
 
 
 def _resample_extrapolate(values: np.ndarray, src: Geometry, dst: Geometry, mode: str = "linear") -> np.ndarray:
