@@ -113,6 +113,7 @@ def commit_of(tree: str) -> str:
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
+        name = name if len(name) <= 80 else name[:77] + "..."
         return name + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
