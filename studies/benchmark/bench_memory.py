@@ -93,9 +93,9 @@ def make_case(work: str, shape, seed: int = 0) -> dict:
     return {"image": image, "weights": weights}
 
 
-def command(case: dict, out_dir: str, roi: int, threads: int) -> list:
+def command(case: dict, out_dir: str, roi: int, threads: int, layer: str = LAYER) -> list:
     return ["explain", "--model", "monai:UNet", "--model-args", json.dumps(MODEL_ARGS, separators=(",", ":")),
-            "--weights", case["weights"], "--image", case["image"], "--roi-size", str(roi), "--layer", LAYER,
+            "--weights", case["weights"], "--image", case["image"], "--roi-size", str(roi), "--layer", layer,
             "--card-ct-window", "40,400", "--device", "cpu", "--threads", str(threads), "--quiet",
             "--out", os.path.join(out_dir, "heat.nii.gz"), "--prediction", os.path.join(out_dir, "labels.nii.gz"),
             "--json", os.path.join(out_dir, "run.json")]
@@ -119,13 +119,13 @@ def commit_of(tree: str) -> str:
         return "unknown (not a git checkout)"
 
 
-def measure(label: str, tree: str, case: dict, work: str, roi: int, threads: int) -> dict:
-    out_dir = os.path.join(work, "out-" + label)
+def measure(label: str, tree: str, case: dict, work: str, roi: int, threads: int, layer: str = LAYER) -> dict:
+    out_dir = os.path.join(work, "out-%s-%s" % (label, layer.replace(".", "_")))
     os.makedirs(out_dir, exist_ok=True)
     stages = os.path.join(out_dir, "stages.json")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.abspath(tree), "SegHiResCAM"),
                OMP_NUM_THREADS=str(threads))
-    argv = command(case, out_dir, roi, threads)
+    argv = command(case, out_dir, roi, threads, layer)
     started = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", RUNNER, stages] + argv, env=env,
                           capture_output=True, text=True)
@@ -157,16 +157,17 @@ def compare(results) -> None:
         res["identical_to_" + first["label"]] = same
 
 
-def write_report(results, shape, roi, threads: int, out: str, quick: bool) -> None:
+def write_report(results, shape, roi, threads: int, out: str, quick: bool, layer: str = LAYER) -> None:
     with open(out + ".json", "w") as fh:
-        json.dump({"shape_zyx": list(shape), "roi": roi, "threads": threads,
+        json.dump({"shape_zyx": list(shape), "roi": roi, "threads": threads, "layer": layer,
                    "results": [{k: v for k, v in r.items() if k != "out_dir"} for r in results]}, fh, indent=1)
     lines = ["# Peak memory of the whole `explain` command (issue 16, part 4)", "",
-             "Made by `studies/benchmark/bench_memory.py%s` (its docstring describes the case). Input: a %s "
+             "Made by `studies/benchmark/bench_memory.py%s%s` (its docstring describes the case). Input: a %s "
              "(z, y, x) int16 CT-like NIfTI; MONAI UNet 16-256 channels, 2 residual units, seeded weights; layer "
-             "`%s`; %d^3 windows on the CPU. Peak = `/usr/bin/time -v` maximum resident set size of the whole "
-             "process (Python, torch, MONAI and SimpleITK included). Target: <= 4 GiB." % (
-                 " --quick" if quick else "", "x".join(map(str, shape)), LAYER, roi), "",
+             "`%s`; %d^3 windows on the CPU, %d torch threads. Peak = `/usr/bin/time -v` maximum resident set size "
+             "of the whole process (Python, torch, MONAI and SimpleITK included). Target: <= 4 GiB." % (
+                 " --quick" if quick else "", "" if layer == LAYER else " --layer " + layer,
+                 "x".join(map(str, shape)), layer, roi, threads), "",
              "Command (per tree, with `PYTHONPATH=<tree>/SegHiResCAM`): `%s`" % results[0]["command"], "",
              "| tree | commit | exit | peak RSS GiB | <= 4 GiB | wall s | heatmap / labels identical to the first |",
              "|---|---|---|---|---|---|---|"]
@@ -194,6 +195,8 @@ def main() -> int:
                         "this one, as 'current')")
     parser.add_argument("--quick", action="store_true", help="64x128x128 input, 64^3 windows")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layer", default=LAYER, help="explained layer (default %(default)s; auto: the "
+                        "command's default); results in memory.md, or memory-<layer>.md for another layer")
     parser.add_argument("--work", help="scratch folder (default: seghirescam-bench-memory[-quick] in the system's "
                         "temporary folder)")
     args = parser.parse_args()
@@ -204,13 +207,14 @@ def main() -> int:
     results = []
     for label, tree in trees:
         print("measuring %s (%s) ..." % (label, tree), file=sys.stderr, flush=True)
-        results.append(measure(label, tree, case, work, roi, args.threads))
+        results.append(measure(label, tree, case, work, roi, args.threads, args.layer))
         print(json.dumps(results[-1], indent=1), file=sys.stderr, flush=True)
     compare(results)
     out_dir = os.path.join(work, "report") if args.quick else os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
-    write_report(results, shape, roi, args.threads, os.path.join(out_dir, "memory"), args.quick)
-    print("wrote %s.{md,json}" % os.path.join(out_dir, "memory"), file=sys.stderr)
+    name = "memory" if args.layer == LAYER else "memory-" + args.layer.replace(".", "_")
+    write_report(results, shape, roi, args.threads, os.path.join(out_dir, name), args.quick, args.layer)
+    print("wrote %s.{md,json}" % os.path.join(out_dir, name), file=sys.stderr)
     return 0 if all(r["status"] == 0 for r in results) else 1
 
 
