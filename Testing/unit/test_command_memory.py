@@ -139,3 +139,37 @@ def test_to_image_without_copy_hands_back_the_map_itself():
     assert same is heat or np.shares_memory(same, heat)
     copied = space.to_image(heat, "linear")
     assert not np.shares_memory(copied, heat) and copied.tobytes() == heat.tobytes()
+
+
+COUNT_SCRIPT = r"""
+import resource, sys
+import torch
+from SegHiResCAMLib.engine import SegmentTarget, WholeRegion
+from SegHiResCAMLib.engine.cam import CAMResult
+from SegHiResCAMLib.engine.regions import MaskRegion
+mask = torch.zeros((1, 256, 256, 256), dtype=torch.bool)  # 16 MiB; as int64 it would be 128 MiB
+mask[0, 10:20, 30:70, 5:9] = True
+target = SegmentTarget(1, WholeRegion(), reduction="mean")
+target.region_size(mask[:, :2])  # kernels and allocator set up outside the measurement
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+before = peak()
+size = int(target.region_size(mask)[0])
+none = torch.zeros(1)
+info = CAMResult(target, "layer", "method", none, none, none, mask, torch.zeros(1, dtype=torch.bool), none).describe()
+voxels = MaskRegion(mask[0]).describe()["mask_voxels"]
+print(size, info["region_voxels"][0], voxels, peak() - before)
+"""
+
+
+def test_counting_a_region_makes_no_whole_volume_int64_copy():
+    """The voxels of M are counted with ``count_nonzero``: a bool ``sum`` first casts the whole mask to int64
+    (640 MiB for a CT's prediction; the JSON's ``region_voxels`` and ``reduction="mean"`` count it)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", COUNT_SCRIPT], capture_output=True, text=True, env=env, check=True)
+    size, region_voxels, mask_voxels, grown = (int(v) for v in out.stdout.split())
+    assert size == region_voxels == mask_voxels == 10 * 40 * 4
+    assert grown < 48 << 20, "counting a 16 MiB mask grew the resident set by %d MiB" % (grown >> 20)

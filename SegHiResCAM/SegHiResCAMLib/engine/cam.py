@@ -64,7 +64,7 @@ class CAMResult:
     def describe(self) -> dict:
         """JSON-friendly provenance (no tensors)."""
         return {"method": self.method, "layer": self.layer, "target": self.target.describe(),
-                "score": [float(s) for s in self.score], "region_voxels": [int(r.sum()) for r in self.region],
+                "score": [float(s) for s in self.score], "region_voxels": [int(torch.count_nonzero(r)) for r in self.region],  # a bool .sum() casts to int64 first
                 "flat": [bool(f) for f in self.flat], "layer_grid": list(self.raw.shape[1:]),
                 "options": dict(self.options), "warnings": list(self.warnings)}
 

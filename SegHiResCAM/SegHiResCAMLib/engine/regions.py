@@ -121,7 +121,7 @@ class MaskRegion(Region):
         return selected.expand((output.shape[0],) + spatial) if selected.ndim == len(spatial) else selected
 
     def describe(self):
-        return {"region": "mask", "label": self.label, "mask_voxels": int((self.mask != 0).sum())}
+        return {"region": "mask", "label": self.label, "mask_voxels": int(torch.count_nonzero(self.mask))}
 
 
 class ComponentRegion(Region):
