@@ -33,7 +33,7 @@ from ..engine import SegmentTarget, WholeRegion, compute_cams, main_output
 from ..engine.hooks import model_guard, resolve_layer
 from ..engine.layers import auto_layer
 from ..engine.methods import DEFAULT_METHOD
-from ..engine.outputs import run_model
+from ..engine.outputs import available_bytes as engine_available_bytes, run_model
 from ..errors import InputError
 
 #: side of the probe crop (model voxels; raised to the network's down-sampling where that is larger)
@@ -81,15 +81,9 @@ def _budget_error(value) -> str:
 
 def available_bytes(device: torch.device) -> int:
     """Free GPU memory on CUDA; ``MemAvailable`` of ``/proc/meminfo`` (or psutil) on the CPU; 8 GiB if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    free = engine_available_bytes(device)
+    if free is not None:
+        return free
     try:  # pragma: no cover - platforms without /proc
         import psutil
         return int(psutil.virtual_memory().available)

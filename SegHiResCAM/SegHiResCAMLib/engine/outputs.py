@@ -77,3 +77,18 @@ def run_model(model: nn.Module, x: torch.Tensor):
                                 "on a smaller image, or on another device (--device cpu|cuda)"
                                 % (tuple(x.shape),)) from exc
         raise ModelError("the model failed on an input of shape %s: %s" % (tuple(x.shape), text)) from exc
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for a new run: free GPU memory on CUDA, ``MemAvailable`` of ``/proc/meminfo`` on the CPU;
+    ``None`` where the platform does not say (callers pick their own fallback)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

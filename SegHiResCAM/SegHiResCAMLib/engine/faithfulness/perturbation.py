@@ -28,7 +28,7 @@ from torch import nn
 from ...errors import InputError, InternalError, ModelError, SegHiResCAMError
 from ..cam import ProgressCallback, check_input
 from ..hooks import model_guard
-from ..outputs import main_output
+from ..outputs import available_bytes, main_output
 from ..targets import SegmentTarget
 
 BASELINES = ("blur", "mean", "zero")
@@ -143,25 +143,13 @@ def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(sum((x1 - x0) * (y0 + y1) / 2.0 for x0, x1, y0, y1 in zip(xs[:-1], xs[1:], ys[:-1], ys[1:])))
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30  # unknown platform: assume 4 GiB
-
-
 def auto_batch_size(x: torch.Tensor, bytes_per_voxel: int = AUTO_BYTES_PER_VOXEL) -> int:
     """Perturbed inputs per forward pass: half the free memory over ``bytes_per_voxel`` per input voxel,
     at most 4 on CPU (batching barely speeds CPU convolutions up) and 16 on a GPU."""
     need = max(1, x[0, 0].numel() * bytes_per_voxel)
     cap = 16 if x.device.type == "cuda" else 4
-    return max(1, min(cap, int(0.5 * _available_bytes(x.device) // need)))
+    free = available_bytes(x.device) or 4 << 30  # a platform that does not say: assume 4 GiB
+    return max(1, min(cap, int(0.5 * free // need)))
 
 
 class _OutOfMemory(InternalError):
