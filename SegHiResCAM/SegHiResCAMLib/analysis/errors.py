@@ -43,16 +43,22 @@ def check_error_spec(spec) -> None:
                           "%s: drop one of them" % (spec.error, ", ".join(others)))
 
 
+def binary_mask(values, label: Optional[float], what: str) -> np.ndarray:
+    """``values`` (a mask or label map on the image grid) as a 0/1 ``uint8`` mask: the voxels equal to ``label``,
+    or every non-zero voxel without one; a label that does not occur is a :class:`TargetError` naming ``what``."""
+    values = np.asarray(values)
+    if label is not None:
+        if not np.any(values == label):
+            found = np.unique(values)[:20]
+            raise TargetError("label %g does not occur in the %s; its values are: %s"
+                              % (label, what, ", ".join("%g" % v for v in found)))
+        values = values == label
+    return (values != 0).astype(np.uint8)
+
+
 def reference_mask(spec) -> np.ndarray:
     """The reference of ``spec`` as a 0/1 ``uint8`` mask on the image grid (``reference_label`` selects a value)."""
-    reference = np.asarray(spec.reference)
-    if spec.reference_label is not None:
-        if not np.any(reference == spec.reference_label):
-            values = np.unique(reference)[:20]
-            raise TargetError("label %g does not occur in the reference; its values are: %s"
-                              % (spec.reference_label, ", ".join("%g" % v for v in values)))
-        reference = reference == spec.reference_label
-    return (reference != 0).astype(np.uint8)
+    return binary_mask(spec.reference, spec.reference_label, "reference")
 
 
 def error_region(spec, space) -> ErrorRegion:

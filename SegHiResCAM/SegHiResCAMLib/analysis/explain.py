@@ -30,7 +30,7 @@ from ..models.base import SegModel
 from ..models.card import apply_card, as_card
 from ..models.output import resolve_divisible_by, resolve_output
 from ..imaging.model_space import ModelSpace, prepare
-from .errors import check_error_spec, component_labels, error_region, error_tables, slice_error_tables
+from .errors import binary_mask, check_error_spec, component_labels, error_region, error_tables, slice_error_tables
 from ..imaging.channels import image_channels, stack_channels
 from .channels import channel_attribution
 from .slices import explain_slices, predict_slices, runs_in_slices
@@ -144,14 +144,7 @@ def build_target(spec: TargetSpec, space: ModelSpace, model: SegModel) -> Segmen
         spacing = space.grid.spacing[::-1]
         region = VoxelRegion(space.image_index_to_model(index), radius=spec.radius_mm, spacing=spacing)
     elif spec.mask is not None:
-        mask = np.asarray(spec.mask)
-        if spec.label is not None:
-            if not np.any(mask == spec.label):
-                values = np.unique(mask)[:20]
-                raise TargetError("label %g does not occur in the mask; its values are: %s"
-                                  % (spec.label, ", ".join("%g" % v for v in values)))
-            mask = (mask == spec.label)
-        mask = (mask != 0).astype(np.uint8)
+        mask = binary_mask(spec.mask, spec.label, "mask")
         if not mask.any():
             raise TargetError("the target segment is empty; choose a segment with voxels, or another label")
         model_mask = space.to_model(mask, "nearest")

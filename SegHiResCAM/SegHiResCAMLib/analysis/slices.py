@@ -48,7 +48,7 @@ from ..imaging.conversion import from_sitk, to_sitk
 from ..imaging.model_space import ModelSpace, prepare
 from ..models.base import SegModel, infer_spatial_dims
 from ..models.output import probe_divisible_by, resolve_divisible_by, resolve_output
-from .errors import component_labels, error_mask
+from .errors import binary_mask, component_labels, error_mask
 
 #: the anatomical slice directions, the default first
 SLICE_AXES = catalog.SLICE_AXES
@@ -320,12 +320,7 @@ def _image_mask(spec, geometry: Geometry, labels: Optional[np.ndarray]) -> Optio
     if spec.voxel is not None:
         mask = _ball(geometry, spec.voxel, spec.radius_mm)
     elif spec.mask is not None:
-        mask = np.asarray(spec.mask)
-        if spec.label is not None:
-            if not np.any(mask == spec.label):
-                raise TargetError("label %g does not occur in the mask; its values are: %s" % (
-                    spec.label, ", ".join("%g" % v for v in np.unique(mask)[:20])))
-            mask = mask == spec.label
+        mask = binary_mask(spec.mask, spec.label, "mask")
         if not np.any(mask):
             raise TargetError("the target segment is empty; choose a segment with voxels, or another label")
     elif spec.error is not None:  # the prediction's errors against the reference
