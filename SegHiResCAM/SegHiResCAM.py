@@ -28,6 +28,7 @@ from SegHiResCAMLib.slicer_logic.explain import BUNDLED_MODEL, MODEL_SOURCES, in
 from SegHiResCAMLib.slicer_logic.job import ProcessRunner
 from SegHiResCAMLib.slicer_logic.panel_text import progressText
 from SegHiResCAMLib.slicer_logic.channel_panel import ChannelPanel
+from SegHiResCAMLib.slicer_logic.ensemble_panel import EnsemblePanel
 from SegHiResCAMLib.slicer_logic.input_panel import InputPanel
 from SegHiResCAMLib.slicer_logic.cohort_panel import CohortPanel
 
@@ -71,6 +72,8 @@ class SegHiResCAMParameterNode:
     modelSource: Annotated[str, Choice(MODEL_SOURCES)] = BUNDLED_MODEL
     modelPath: str = ""  # synchronised by hand: the Path connector would show "." for no path
     modelCardPath: str = ""  # the model card (JSON), "" for none; synchronised by hand (slicer_logic.channel_panel)
+    weightsPaths: str = ""  # weights files joined by ";" (2+: an ensemble); by hand (slicer_logic.ensemble_panel)
+    allFolds: bool = False  # an nnU-Net folder: every fold_N, one ensemble member each
     channel2Volume: vtkMRMLScalarVolumeNode  # input channels 2-4 of a multi-channel model (inputVolume is channel 1)
     channel3Volume: vtkMRMLScalarVolumeNode
     channel4Volume: vtkMRMLScalarVolumeNode
@@ -136,6 +139,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # widgets without a parameter-node connector: synchronised by hand
         self.inputPanel = InputPanel(self.ui, lambda: self._parameterNode, BUNDLED_MODEL)
         self.channelPanel = ChannelPanel(self.ui, lambda: self._parameterNode)  # model card and channels 2-4
+        self.ensemblePanel = EnsemblePanel(self.ui, lambda: self._parameterNode)  # weights files (ensembles)
         self.cohortPanel = CohortPanel(self.ui, lambda: self._parameterNode,  # browse a finished cohort's cases
                                        lambda: slicer.util.tryWithErrorDisplay(_("Cannot show the case.")))
         self.ui.loadLayersButton.connect("clicked(bool)", self.onLoadLayers)
@@ -214,6 +218,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observePoints(p.pointNode)
         self.inputPanel.update(p)
         self.channelPanel.update(p)
+        self.ensemblePanel.update(p)
         self.cohortPanel.update(p)
         self.ui.summaryLabel.text = self.logic.summaryOf(p.outputVolume)  # what am I looking at
         reason = self.logic.whyCannotApply(p)

@@ -154,7 +154,7 @@ def test_ui_binds_existing_parameters_with_fitting_widgets(parameters):
             assert types == [parameters[name].type.__name__], (name, types)
     # the parameters without a connector are synchronised by hand in the widget
     assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath", "modelCardPath",
-                                             "cohortFolder", "cohortCase"}
+                                             "cohortFolder", "cohortCase", "weightsPaths"}
 
 
 def test_widget_code_uses_only_widgets_of_the_ui():
@@ -164,7 +164,8 @@ def test_widget_code_uses_only_widgets_of_the_ui():
     from SegHiResCAMLib.slicer_logic import channel_panel  # the panel's model card and channel widgets
     used = set(re.findall(r"\bui\.(\w+)", read("SegHiResCAM", "SegHiResCAMLib", "slicer_logic", "channel_panel.py")))
     assert used and not (used | set(channel_panel.CHANNEL_LABELS)) - names
-    for module in ("input_panel.py", "cohort_panel.py"):  # the panel's other hand-bound widgets
+    # the panel's other hand-bound widgets
+    for module in ("input_panel.py", "cohort_panel.py", "ensemble_panel.py"):
         used = set(re.findall(r"\bui\.(\w+)", read("SegHiResCAM", "SegHiResCAMLib", "slicer_logic", module)))
         assert used and not used - names, (module, sorted(used - names))
     connections = ET.parse(UI).getroot().find("connections")

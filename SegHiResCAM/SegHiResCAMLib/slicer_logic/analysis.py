@@ -86,6 +86,11 @@ class AnalysisLogic(ExplainLogic):
         for method in methods:
             if method not in catalog.method_names():
                 raise InputError("method must be one of %s, got %r" % (", ".join(catalog.method_names()), method))
+        if len(getattr(request, "memberWeights", None) or []) > 1 or getattr(request, "folds", None):
+            raise InputError("the %s analyses one model, not an ensemble (%s): keep one weights file and untick All "
+                             "folds, or use Apply for the ensemble's mean map and spread map"
+                             % (kind, "%d weights files" % len(request.memberWeights) if request.memberWeights
+                                else "all folds"))
         if isinstance(steps, bool) or int(steps) != steps or steps < 2:
             raise InputError("steps must be a whole number >= 2, got %r" % (steps,))
         if isinstance(cropVoxels, bool) or int(cropVoxels) != cropVoxels or cropVoxels < 0:

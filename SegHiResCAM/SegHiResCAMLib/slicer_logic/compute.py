@@ -55,6 +55,8 @@ class ExplainRequest:
     sliceContext: int = 0  # a 2.5D model: neighbouring slices on each side as input channels
     tta: bool = False  # mirroring TTA (analysis/ensemble.py): the mean map of every mirroring, and the spread map
     check: Optional[str] = None  # "quick": a one-line verdict on the map (analysis/check.py), metadata["verdict"]
+    memberWeights: List[str] = field(default_factory=list)  # an ensemble: one member per weights file (2 or more)
+    folds: Optional[str] = None  # an nnU-Net folder: "auto" (every fold_N, one member each) or "0,1,..."
 
 
 @dataclass
@@ -68,7 +70,7 @@ class ExplainResult:
     info: dict
     metadata: dict
     classNames: List[str]
-    spread: Optional[np.ndarray] = None  # TTA: the voxel-wise spread map (std / mean) of the mirrorings' maps
+    spread: Optional[np.ndarray] = None  # an ensemble or TTA: the voxel-wise spread map (std / mean) of the maps
 
 
 @dataclass
@@ -111,33 +113,39 @@ class ComputeLogic:
     _modelCache: Dict[tuple, object] = {}
     _modelLock = threading.Lock()
 
-    def loadModel(self, model: object = "hd-bet", weights: Optional[str] = None):
-        """The :class:`~SegHiResCAMLib.models.SegModel` for a spec (cached), or ``model`` itself if already loaded."""
+    def loadModel(self, model: object = "hd-bet", weights: Optional[str] = None, folds: Optional[str] = None):
+        """The :class:`~SegHiResCAMLib.models.SegModel` for a spec (cached), or ``model`` itself if already loaded;
+        ``folds``: the folds of an nnU-Net folder (``"auto"``: every ``fold_N``, a fold ensemble)."""
         if not isinstance(model, str):
             return model
         stamp = tuple(os.path.getmtime(p) if p and os.path.exists(p) else None for p in (model, weights))
-        key = (model, weights, stamp)
+        key = (model, weights, folds, stamp)
         with self._modelLock:
             if key not in self._modelCache:
                 from ..models import load_model  # imports torch
                 try:
-                    loaded = load_model(model, weights=weights)
+                    loaded = load_model(model, weights=weights, **({"fold": folds} if folds else {}))
                 except ImportError as exc:
                     raise ModelError("model %r needs the Python package %r, which is not installed: %s"
                                      % (model, getattr(exc, "name", "") or "?", exc)) from exc
-                for stale in [k for k in self._modelCache if k[:2] == key[:2]]:  # the file changed: drop the old one
+                for stale in [k for k in self._modelCache if k[:3] == key[:3]]:  # the file changed: drop the old one
                     del self._modelCache[stale]
                 self._modelCache[key] = loaded
             return self._modelCache[key]
 
-    def requestModel(self, request: ExplainRequest):
-        """The request's model (cached) with the request's model card applied (to a copy: class names, channels,
-        preprocessing are the card's)."""
-        model = self.loadModel(request.model, request.weights)
+    def requestModel(self, request: ExplainRequest, weights: Optional[str] = None):
+        """The request's model (cached; ``weights``: this file instead of the request's) with the request's model
+        card applied (to a copy: class names, channels, preprocessing are the card's)."""
+        model = self.loadModel(request.model, weights or request.weights, getattr(request, "folds", None))
         if request.modelCard is not None:
             from ..models.card import apply_card, as_card
             model = apply_card(model, as_card(request.modelCard))
         return model
+
+    def requestModels(self, request: ExplainRequest) -> list:
+        """The request's models: one per weights file of an ensemble (``memberWeights``), else the one model."""
+        given = list(getattr(request, "memberWeights", None) or [])
+        return [self.requestModel(request, path) for path in given] if len(given) > 1 else [self.requestModel(request)]
 
     def layerNames(self, model: object = "hd-bet", weights: Optional[str] = None,
                    progress: Optional[ProgressCallback] = None) -> List[str]:
@@ -157,8 +165,10 @@ class ComputeLogic:
         """
         report = progress or (lambda fraction, message: None)
         report(0.0, "loading the model")
-        model = self.requestModel(request)
-        from ..analysis.explain import TargetSpec, explain_image  # imports torch
+        models = self.requestModels(request)
+        model = models[0]
+        from ..analysis.ensemble import explain_ensemble, fold_members  # imports torch
+        from ..analysis.explain import TargetSpec, explain_image
         if request.target["class_index"] >= model.num_classes and model.num_classes > 1:
             raise InputError("class %d does not exist: model %r has the classes %s" % (
                 request.target["class_index"], model.name,
@@ -169,9 +179,10 @@ class ComputeLogic:
         options = dict(layers=request.layer, method=request.method, device=request.device,
                        progress=lambda f, m: report(0.02 + 0.98 * f, m), slice_axis=request.sliceAxis,
                        slice_context=request.sliceContext, check=getattr(request, "check", None))
-        if getattr(request, "tta", False):  # the CLI's --tta: every mirroring of the scan, combined
-            from ..analysis.ensemble import explain_ensemble
-            explanation = explain_ensemble(model, request.image, request.geometry, [spec], tta=True, **options)
+        tta = bool(getattr(request, "tta", False))
+        if tta or sum(len(fold_members(m)) for m in models) > 1:  # as `explain --tta`, `--weights A --weights B`,
+            # an nnU-Net fold ensemble: every member's map, combined (mean, spread, agreement)
+            explanation = explain_ensemble(models, request.image, request.geometry, [spec], tta=tta, **options)
         else:
             explanation = explain_image(model, request.image, request.geometry, [spec],
                                         session_cache=self._sessionCache, **options)

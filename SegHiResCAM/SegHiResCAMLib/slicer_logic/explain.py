@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .. import __version__, catalog
 from ..analysis import provenance
 from . import bridge as mrml
-from . import channel_panel, panel_text, spread_node
+from . import channel_panel, ensemble_panel, panel_text, spread_node
 from ..errors import InputError, ModelError
 from .compute import ComputeLogic, ExplainRequest, ExplainResult, ProgressCallback
 
@@ -135,14 +135,14 @@ class ExplainLogic(ComputeLogic):
     """
 
     # ------------------------------------------------------------------ models
-    def loadModel(self, model: object = BUNDLED_MODEL, weights: Optional[str] = None):
+    def loadModel(self, model: object = BUNDLED_MODEL, weights: Optional[str] = None, folds: Optional[str] = None):
         """The :class:`~SegHiResCAMLib.models.SegModel` for a spec (cached), or ``model`` itself if already loaded."""
         missing = missingPackages(model) if isinstance(model, str) else []
         if missing:
             raise ModelError("model %r needs the Python package(s) %s, which are not installed; install them from "
                              "the module panel or with slicer.util.pip_install(%r)"
                              % (model, ", ".join(r for _, r in missing), " ".join(r for _, r in missing)))
-        return ComputeLogic.loadModel(self, model, weights)
+        return ComputeLogic.loadModel(self, model, weights, folds)
 
     # ------------------------------------------------------------------ the module panel's parameter node
     @staticmethod
@@ -179,7 +179,7 @@ class ExplainLogic(ComputeLogic):
         if parameters.targetKind == "point" and (parameters.pointNode is None
                                                  or parameters.pointNode.GetNumberOfControlPoints() == 0):
             return "Place a point on the scan (the voxel to explain)."
-        return channel_panel.whyCannotUse(parameters)
+        return channel_panel.whyCannotUse(parameters) or ensemble_panel.whyCannotUse(parameters, spec, _modelKind(spec))
 
     def prepareFromParameters(self, parameters) -> ExplainRequest:
         """:meth:`prepare` with the values of the module's parameter node."""
@@ -204,17 +204,18 @@ class ExplainLogic(ComputeLogic):
             modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters),
             sliceAxis=getattr(parameters, "sliceAxis", None), sliceContext=getattr(parameters, "sliceContext", 0),
             tta=bool(getattr(parameters, "tta", False)),
-            check="quick" if getattr(parameters, "quickCheck", False) else None)
+            check="quick" if getattr(parameters, "quickCheck", False) else None,
+            weights=ensemble_panel.weightsFiles(parameters) or None, folds=ensemble_panel.folds(parameters))
 
     # ------------------------------------------------------------------ step 1: MRML -> request (main thread)
     def prepare(self, inputVolume, model: object = BUNDLED_MODEL, segmentationNode=None, segmentId: Optional[str] = None,
                 classIndex: int = 1, method: str = catalog.DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
-                predictionSegmentation=None, weights: Optional[str] = None, errorKind: Optional[str] = None,
+                predictionSegmentation=None, weights=None, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
                 sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False,
-                check: Optional[str] = None) -> ExplainRequest:
+                check: Optional[str] = None, folds: Optional[str] = None) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         _choice("sliceAxis", sliceAxis, (None, "auto") + catalog.SLICE_AXES)
@@ -226,6 +227,9 @@ class ExplainLogic(ComputeLogic):
             if not model or not _isModelSpec(model):
                 raise ModelError("model %r is neither the bundled %r, an existing model file or folder, nor "
                                  "package.module:factory" % (model, BUNDLED_MODEL))
+        # one weights file, or several (an ensemble), and the folds of an nnU-Net folder: checked before any run
+        weightsList = ensemble_panel.checkedWeights(weights, model if isinstance(model, str) else None,
+                                                    _modelKind(model) if isinstance(model, str) else None, folds)
         _choice("method", method, catalog.method_names())
         _choice("score", score, catalog.SCORES)
         _choice("device", device, catalog.DEVICES)
@@ -272,7 +276,8 @@ class ExplainLogic(ComputeLogic):
             modelCard = checkedCard(modelCard)
             extra["modelCard"] = modelCard if isinstance(modelCard, str) else "(given as data)"
         return ExplainRequest(
-            image=image, geometry=geometry, model=model, weights=weights, target=target, targetKind=kind,
+            image=image, geometry=geometry, model=model, weights=weightsList[0] if weightsList else None,
+            memberWeights=weightsList if len(weightsList) > 1 else [], folds=folds, target=target, targetKind=kind,
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
             sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceContext=int(sliceContext), tta=bool(tta),
@@ -303,7 +308,9 @@ class ExplainLogic(ComputeLogic):
             heatmap = mrml.write_volume(result.heatmap, inputVolume, output,
                                         name=scene.GenerateUniqueName("%s heatmap" % inputVolume.GetName()))
             model = result.metadata.get("model", {})
-            hashes = model.get("file_hashes", {})
+            hashes = dict(model.get("file_hashes", {}))
+            for member in (result.metadata.get("ensemble") or {}).get("models", []):  # every member's files
+                hashes.update(member.get("file_hashes") or {})
             mrml.set_attributes(heatmap, dict(
                 role="heatmap", inputVolumeID=request.inputVolumeID, method=result.method, layer=result.layer,
                 targetKind=request.targetKind, target=request.targetDescription + componentCount(result.info),
@@ -329,7 +336,8 @@ class ExplainLogic(ComputeLogic):
                 heatmap.SetNodeReferenceID("SegHiResCAMPrediction", segmentation.GetID())
             else:  # a rerun without the prediction: the heatmap no longer goes with the earlier one
                 heatmap.RemoveNodeReferenceIDs("SegHiResCAMPrediction")
-            spread_node.applySpread(scene, heatmap, inputVolume, getattr(result, "spread", None), result.info)
+            spread_node.applySpread(scene, heatmap, inputVolume, getattr(result, "spread", None), result.info,
+                                    result.metadata, ensemble_panel.membersName(request))
             self.updateSummary(heatmap)
             if show:
                 mrml.show_heatmap(heatmap, inputVolume)
@@ -359,11 +367,11 @@ class ExplainLogic(ComputeLogic):
                 classIndex: int = 1, method: str = catalog.DEFAULT_METHOD, layer: str = "auto", outputVolume=None,
                 pointNode=None, pointIndex: int = 0, radiusMm: float = 0.0, threshold: Optional[float] = None,
                 score: str = "logits", device: str = "auto", addPrediction: bool = False,
-                predictionSegmentation=None, weights: Optional[str] = None,
+                predictionSegmentation=None, weights=None,
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
                 sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False,
-                check: Optional[str] = None):
+                check: Optional[str] = None, folds: Optional[str] = None):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -379,7 +387,12 @@ class ExplainLogic(ComputeLogic):
             threshold: explain the voxels with probability > threshold instead of the arg-max prediction.
             score: ``logits`` (default) or ``probabilities``. device: ``auto``, ``cpu`` or ``cuda``.
             addPrediction, predictionSegmentation: also store the model's prediction as segments (in that node).
-            weights: weights file of a ``package.module:factory`` model.
+            weights: the model's weights file (a state dict or checkpoint: a ``package.module:factory`` model, a
+                TorchScript file, a MONAI network or bundle, an nnU-Net checkpoint), or a list of them: with two or
+                more, an ensemble (the CLI's ``--weights A --weights B``), one member per file, as for ``tta``.
+            folds: an nnU-Net model folder's folds: ``"auto"`` (every ``fold_N``: one member per fold, the CLI's
+                ``--model-args '{"fold": "auto"}'``) or ``"0,1,..."``; the mean map, spread map and agreement as
+                for ``tta`` (the spread volume is then ``"<scan> heatmap spread (ensemble)"``).
             errorKind: ``"fp"`` or ``"fn"``: ``segmentationNode``/``segmentId`` is then the *reference* and the
                 prediction's false positives (why was this segmented?) or false negatives (what suppressed the class
                 there?) against it are explained; ``component``: one connected component of them (0 = largest).
@@ -406,7 +419,7 @@ class ExplainLogic(ComputeLogic):
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
                                predictionSegmentation, weights, errorKind=errorKind, component=component,
                                modelCard=modelCard, channelVolumes=channelVolumes,
-                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta, check=check)
+                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta, check=check, folds=folds)
         return self.apply(request, self.compute(request, progress), show=show)
 
 

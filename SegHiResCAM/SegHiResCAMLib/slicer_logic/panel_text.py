@@ -67,8 +67,9 @@ def evaluationVerdict(rows: Sequence[Mapping[str, object]], method: str, layer: 
 
 def resultSummary(values: Mapping[str, object]) -> str:
     """One line on a heatmap from its provenance (its ``SegHiResCAM.*`` attributes, without the prefix): method,
-    layer, target (with the class name unless it is only "class N"), model, the agreement of a TTA run's maps
-    (``agreement``, ``members``) and, when present, ``verdict`` (:func:`evaluationVerdict`), and ``checkVerdict``,
+    layer, target (with the class name unless it is only "class N"), model, the agreement of an ensemble or TTA
+    run's maps (``agreement``, ``members``, ``ensembleKind``: ``mirrorings``, ``folds``, ``weights files``, joined
+    by `` x ``) and, when present, ``verdict`` (:func:`evaluationVerdict`), and ``checkVerdict``,
     the line of a quick check (``explain --check quick``).
 
     Example:
@@ -83,8 +84,11 @@ def resultSummary(values: Mapping[str, object]) -> str:
             target += " (%s)" % values["className"]
     parts = ["%s at layer %s" % (values.get("method") or "?", values.get("layer") or "?"), "target: " + target,
              "model: %s" % (values.get("model") or "?")]
-    if values.get("agreement") not in (None, ""):  # a TTA run: the mean of the mirrorings' maps
-        parts.append("TTA: mean of %s maps, agreement %s" % (values.get("members") or "?", values["agreement"]))
+    if values.get("agreement") not in (None, ""):  # an ensemble or TTA run: the mean of the members' maps
+        kind = str(values.get("ensembleKind") or "")
+        parts.append("%s: mean of %s maps, agreement %s" % ("TTA" if kind in ("", "mirrorings") else
+                                                            "ensemble of %s" % kind, values.get("members") or "?",
+                                                            values["agreement"]))
     if values.get("verdict"):
         parts.append(str(values["verdict"]))
     if values.get("checkVerdict"):

@@ -1,0 +1,297 @@
+"""Ensembles from the module panel (issue 18, section 3): several weights files of the chosen model, and every fold
+of an nnU-Net model folder. The heatmap is the mean map of ``seghirescam explain --weights A --weights B`` (and of
+``--model-args '{"fold": "auto"}'``), the spread map a second volume, the agreement in the summary line; bad input
+gives one error and adds nothing. The panel runs on the stand-in widgets of the real .ui (``slicer_standalone``),
+with the real logic, scene and models; one test goes through the real worker process.
+"""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import slicer_fixtures
+import slicer_standalone
+import toy_models
+from slicer_fixtures import SPEC, node_ids
+
+slicer = slicer_standalone.setup()
+
+import SegHiResCAM  # noqa: E402
+from SegHiResCAMLib.cli import main  # noqa: E402
+from SegHiResCAMLib.errors import InputError  # noqa: E402
+from SegHiResCAMLib.imaging import files as io  # noqa: E402
+from SegHiResCAMLib.slicer_logic import bridge as mrml  # noqa: E402
+from SegHiResCAMLib.slicer_logic import job as slicer_job  # noqa: E402
+
+SHAPE = (10, 16, 12)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Two weights files of the tiny factory model (seeds 0 and 1): two members that differ."""
+    folder = tmp_path_factory.mktemp("members")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(folder / ("member%d.pt" % seed)))
+        torch.save(toy_models.unet3d().state_dict(), paths[-1])
+    return paths
+
+
+def panel_on(monkeypatch, runner=None):
+    """The module's panel (``setup()`` on the real .ui, ``enter()``) on a random scan, the model chosen as a
+    file (the factory spec); ``runner``: the job runner (default: the panel's own worker process)."""
+    slicer_fixtures.clear_scene()
+    volume = slicer.util.addVolumeFromArray(np.random.RandomState(1).randn(*SHAPE).astype("float32"), name="scan")
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
+    app = slicer.app
+    app.loadModule(SegHiResCAM)
+    widget = app.selectModule("SegHiResCAM")
+    if runner is not None:
+        widget.runner.close()
+        widget.runner = runner(widget.logic)
+    p = widget._parameterNode
+    p.modelSource, p.modelPath, p.layer, p.addPrediction = "file", SPEC, "dec", False
+    return types.SimpleNamespace(widget=widget, ui=widget.ui, p=p, volume=volume, errors=errors, app=app)
+
+
+@pytest.fixture()
+def panel(monkeypatch):
+    made = panel_on(monkeypatch, slicer_job.ThreadRunner)
+    yield made
+    made.app.quit()
+
+
+def run_until_done(widget, timeout=120.0):
+    slicer.app.runEventLoop(until=lambda: widget._job is None, timeout=timeout)
+    assert widget._job is None, "the job did not finish"
+
+
+def add_weights(ui, paths):
+    """Choose each file in the path field and press Add, as a user does."""
+    for path in paths:
+        ui.weightsPathLineEdit.currentPath = path
+        ui.addWeightsButton.click()
+
+
+def cli_ensemble(tmp_path, volume, model_args):
+    """``seghirescam explain`` on the panel's scan (written to a file): the mean map, the spread map, the JSON."""
+    image, geometry = mrml.image_from_volume(volume)
+    path, out, spread, record = (str(tmp_path / name) for name in ("scan.nii.gz", "mean.nii.gz", "spread.nii.gz",
+                                                                     "run.json"))
+    io.write_image(path, image, geometry)
+    code = main(["explain", "--image", path, "--class", "1", "--device", "cpu", "--quiet", "--out", out,
+                 "--spread", spread, "--json", record] + model_args)
+    assert code == 0
+    return io.read_image(out)[0], io.read_image(spread)[0], json.load(open(record))
+
+
+def test_two_weights_files_in_the_panel_give_the_command_lines_ensemble(panel, weights, tmp_path):
+    """Add two weights files, Apply: the heatmap is the CLI's ``--weights A --weights B`` mean map, the spread map
+    a second volume, the agreement in the summary; Clear and Apply: a plain run without a spread map."""
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    add_weights(ui, weights + [weights[0]])  # the same file twice: listed once
+    assert p.weightsPaths.split(";") == weights and ui.weightsPathLineEdit.currentPath == ""
+    assert ui.weightsListLabel.text.startswith("2 weights files, an ensemble") and ui.clearWeightsButton.enabled
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    heatmap = p.outputVolume
+    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
+    assert spread is not None and spread.GetName() == "scan heatmap spread (ensemble)"
+    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume,
+                                            ["--model", SPEC, "--layer", "dec", "--weights", weights[0],
+                                             "--weights", weights[1]])
+    assert len(record["ensemble"]["members"]) == 2 and record["ensemble"]["kind"] == ["models"]
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    assert float(spread_map.max()) > 0  # the members differ
+    agreement = "%.3f" % record["agreement"]
+    assert mrml.get_attributes(heatmap)["agreement"] == agreement
+    assert "ensemble of weights files: mean of 2 maps, agreement %s" % agreement in ui.summaryLabel.text
+    files = mrml.get_attributes(heatmap)["modelFiles"].split(";")  # the provenance names every member's file
+    assert "member0.pt" in files and "member1.pt" in files
+    ui.clearWeightsButton.click()
+    assert p.weightsPaths == "" and not ui.clearWeightsButton.enabled
+    assert ui.weightsListLabel.text == "No weights files: the model's own weights."
+    add_weights(ui, weights[1:])  # one file: the model's weights (the CLI's single --weights), no ensemble
+    assert ui.weightsListLabel.text == "1 weights file: member1.pt"
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    assert p.outputVolume is heatmap and heatmap.GetNodeReference("SegHiResCAMSpread") is None
+    assert "agreement" not in ui.summaryLabel.text
+    single = str(tmp_path / "single.nii.gz")
+    assert main(["explain", "--model", SPEC, "--weights", weights[1], "--layer", "dec", "--image",
+                 str(tmp_path / "scan.nii.gz"), "--class", "1", "--device", "cpu", "--quiet", "--out", single]) == 0
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), io.read_image(single)[0], atol=1e-5)
+    assert not np.allclose(io.read_image(single)[0], mean, atol=1e-3)  # one member's map is not the mean
+
+
+# ---------------------------------------------------------------------------------------------- nnU-Net folds
+ARCH = {"n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]], "n_conv_per_stage": [1, 1],
+        "n_conv_per_stage_decoder": [1], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True}}
+
+
+def write_nnunet(folder, folds):
+    """A tiny nnU-Net v2 trained-model folder (2-stage PlainConvUNet, 2 classes) with these folds, each its own
+    random weights, laid out as nnUNetv2_train leaves it."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    os.makedirs(folder)
+    plans = {"dataset_name": "Dataset901_Tiny", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "image_reader_writer": "SimpleITKIO",
+             "configurations": {"3d_fullres": {
+                 "patch_size": [8, 16, 16], "spacing": [1.0, 1.0, 1.0],
+                 "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False], "architecture": {
+                     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                     "arch_kwargs": ARCH, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}},
+             "foreground_intensity_properties_per_channel": {}}
+    with open(os.path.join(folder, "plans.json"), "w") as handle:
+        json.dump(plans, handle)
+    with open(os.path.join(folder, "dataset.json"), "w") as handle:
+        json.dump({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "blob": 1}, "numTraining": 2,
+                   "file_ending": ".nii.gz"}, handle)
+    kwargs = dict(ARCH, conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
+    for fold in folds:
+        torch.manual_seed(10 + fold)
+        net = PlainConvUNet(input_channels=1, num_classes=2, deep_supervision=False, **kwargs)
+        with torch.no_grad():  # both classes about equally likely: each fold predicts some of each
+            net.decoder.seg_layers[-1].bias.zero_()
+        os.makedirs(os.path.join(folder, "fold_%d" % fold))
+        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                    "init_args": {"configuration": "3d_fullres", "fold": fold}},
+                   os.path.join(folder, "fold_%d" % fold, "checkpoint_final.pth"))
+    return folder
+
+
+def test_all_folds_of_an_nnunet_folder_give_the_command_lines_fold_ensemble(panel, tmp_path):
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    folder = write_nnunet(str(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"), (0, 1))
+    p.modelPath, p.layer = folder, "auto"
+    ui.allFoldsCheckBox.checked = True  # bound to the parameter node
+    assert p.allFolds is True and ui.applyButton.enabled, ui.applyButton.toolTip
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    heatmap = p.outputVolume
+    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
+    assert spread is not None and spread.GetName() == "scan heatmap spread (ensemble)"
+    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", folder, "--model-args",
+                                                                     '{"fold": "auto"}'])
+    assert [m["model"].rsplit("/", 1)[1] for m in record["ensemble"]["members"]] == ["fold_0", "fold_1"]
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    agreement = "%.3f" % record["agreement"]
+    assert "ensemble of folds: mean of 2 maps, agreement %s" % agreement in ui.summaryLabel.text
+    ui.allFoldsCheckBox.checked = False  # fold 0 alone: no ensemble
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert heatmap.GetNodeReference("SegHiResCAMSpread") is None and "agreement" not in ui.summaryLabel.text
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _missing(p, tmp_path, weights):
+    p.weightsPaths = ";".join([weights[0], str(tmp_path / "no_such_member.pt")])
+    return "no_such_member.pt' does not exist"
+
+
+def _twice(p, tmp_path, weights):
+    p.weightsPaths = ";".join([weights[0], weights[0]])
+    return "is listed twice"
+
+
+def _onnx_takes_none(p, tmp_path, weights):
+    onnx = tmp_path / "net.onnx"
+    onnx.write_bytes(b"not read: the check comes first")
+    p.modelPath, p.weightsPaths = str(onnx), weights[0]
+    return "holds its own weights and takes no weights file"
+
+
+def _folds_of_a_file(p, tmp_path, weights):
+    p.allFolds = True
+    return "is for an nnU-Net model folder"
+
+
+def _one_fold_only(p, tmp_path, weights):
+    folder = tmp_path / "one_fold"
+    (folder / "fold_0").mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        (folder / name).write_text("{}")
+    p.modelPath, p.allFolds = str(folder), True
+    return "an ensemble of folds needs two or more"
+
+
+def _folds_and_weights(p, tmp_path, weights):
+    folder = tmp_path / "two_folds"
+    for fold in ("fold_0", "fold_1"):
+        (folder / fold).mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        (folder / name).write_text("{}")
+    p.modelPath, p.allFolds, p.weightsPaths = str(folder), True, weights[0]
+    return "a weights file replaces one checkpoint"
+
+
+@pytest.mark.parametrize("bad", [_missing, _twice, _onnx_takes_none, _folds_of_a_file, _one_fold_only,
+                                 _folds_and_weights], ids=lambda f: f.__name__.strip("_"))
+def test_bad_ensemble_input_gives_one_error_and_adds_nothing(panel, weights, tmp_path, bad):
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    message = bad(p, tmp_path, weights)
+    widget._updateGUI()
+    assert not ui.applyButton.enabled and message in ui.applyButton.toolTip  # Apply says why
+    before = node_ids()
+    with pytest.raises(InputError):  # as if it were pressed anyway: shown, then raised (as slicer.util does)
+        widget.onApplyButton()
+    assert len(panel.errors) == 1 and message in panel.errors[0], panel.errors
+    assert widget._job is None and node_ids() == before and p.outputVolume is None
+    logic = widget.logic  # the headless logic refuses the same input with the same words
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").split("'")[0]):
+        logic.prepare(panel.volume, model=logic.modelSpec(p), weights=p.weightsPaths.split(";") if p.weightsPaths
+                      else None, folds="auto" if p.allFolds else None, layer="dec")
+
+
+def test_the_analyses_refuse_an_ensemble(panel, weights):
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    add_weights(ui, weights)
+    before = node_ids()
+    with pytest.raises(InputError):
+        ui.evaluateButton.click()
+    assert len(panel.errors) == 1 and "analyses one model, not an ensemble (2 weights files)" in panel.errors[0]
+    assert widget._job is None and node_ids() == before
+
+
+# ---------------------------------------------------------------------------------------------- worker process
+def test_weights_ensemble_with_tta_through_the_worker_process(monkeypatch, weights):
+    """The panel's default runner, the persistent worker process: two weights files and mirroring TTA (16
+    members) give the in-process result, the spread volume and the agreement; the worker's request carries them."""
+    made = panel_on(monkeypatch)
+    try:
+        widget, ui, p = made.widget, made.ui, made.p
+        assert isinstance(widget.runner, slicer_job.ProcessRunner)
+        add_weights(ui, weights)
+        ui.ttaCheckBox.checked = True
+        ui.applyButton.click()
+        run_until_done(widget, timeout=300)
+        assert not made.errors, made.errors
+        assert widget.runner.worker is not None and widget.runner.worker.pid != os.getpid()
+        heatmap = p.outputVolume
+        spread = heatmap.GetNodeReference("SegHiResCAMSpread")
+        request = widget.logic.prepareFromParameters(p)
+        assert request.memberWeights == weights and request.tta
+        expected = widget.logic.compute(request)  # in this process
+        assert expected.info["ensemble"]["members"] == 16
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected.heatmap, atol=1e-6)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), expected.spread, atol=1e-5, rtol=1e-5)
+        assert ("ensemble of weights files x mirrorings: mean of 16 maps, agreement %.3f"
+                % expected.info["ensemble"]["agreement"]) in ui.summaryLabel.text
+    finally:
+        made.app.quit()
