@@ -57,7 +57,7 @@ def prepare_with(weights):
     original = SegHiResCAM.SegHiResCAMLogic.prepare
 
     def prepare(self, *args, **kwargs):
-        kwargs["weights"] = weights  # the panel has no weights field for factory models
+        kwargs["weights"] = weights  # as a headless caller gives them (the panel's weights field: test_slicer_ensembles.py)
         return original(self, *args, **kwargs)
     return prepare
 
