@@ -38,8 +38,8 @@ def test_target_box_grows_by_the_margin_and_keeps_the_alignment():
     assert target_box(torch.zeros((1,) + SHAPE, dtype=torch.bool), SHAPE, 2) is None
     with pytest.raises(InputError, match="crop margin"):
         target_box(region, SHAPE, -1)
-    assert placed_fractions(0.1) == [0.0, 0.1, 0.55, 1.0] and placed_fractions(0.0)[1] == 0.02
-    assert placed_fractions(0.9) == [0.0, 0.5, 0.75, 1.0]
+    assert placed_fractions(0.1) == [0.0, 0.05, 0.1, 1.0] and placed_fractions(0.0)[1:3] == [0.02, 0.04]
+    assert placed_fractions(0.9) == [0.0, 0.25, 0.5, 1.0]
 
 
 def _net():

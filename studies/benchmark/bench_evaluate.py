@@ -44,6 +44,7 @@ from SegHiResCAMLib.imaging.sample_data import mni152_template, robex_atlas  # n
 from SegHiResCAMLib.models import load_model  # noqa: E402
 
 STUDY = os.path.join(ROOT, "docs", "faithfulness")
+MODES = ("deletion", "insertion")
 OUT = os.path.join(ROOT, "benchmarks", "results")
 
 
@@ -106,36 +107,155 @@ def _auc(xs, ys):
     return sum((x1 - x0) * (a + b) / 2.0 for x0, x1, a, b in zip(xs[:-1], xs[1:], ys[:-1], ys[1:]))
 
 
-def step_sensitivity(names, subsets=((0.5,), (0.25, 0.5, 0.75), (0.125, 0.375, 0.625, 0.875))):
+def step_sensitivity(names, subsets=((0.5,), (0.5, 0.75), (0.25, 0.5), (0.25, 0.5, 0.75),
+                                    (0.125, 0.375, 0.625, 0.875))):
     """The study's rankings from its own full computation, with the curves cut to fewer of its 8 equal steps (no
-    model run): how much of a ranking the step grid alone decides."""
+    model run): how much of a ranking the step grid alone decides, how many of the pairs the full computation
+    resolves (:func:`pair_orders`) the fewer steps reverse, and their largest AUC error."""
     cases = {}
     for name in names:
         with open(os.path.join(STUDY, "%s.json" % name)) as handle:
             cases[name] = json.load(handle)
 
-    def rankings(fractions):
-        tables, out = {}, {}
+    def cut(fractions):
+        tables, out, aucs = {}, {}, {}
         for name, one in cases.items():
-            curves, rows = one["evaluation"]["curves"], []
+            curves, rows, aucs[name] = one["evaluation"]["curves"], [], {}
             for row in one["evaluation"]["rows"]:
                 pair, new = curves["%s @ %s" % (row["method"], row["layer"])], dict(row)
-                for mode in ("deletion", "insertion"):
+                for mode in MODES:
                     known = pair[mode]["fractions"]
                     keep = [known.index(f) for f in fractions]
                     new[mode + "_auc"] = _auc([known[i] for i in keep], [pair[mode]["normalized"][i] for i in keep])
+                    aucs[name][(row["method"], row["layer"]), mode] = new[mode + "_auc"]
                 rows.append(new)
             energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
             tables[name], kept = study.recommend(rows, energy)
             out[name] = [(t["method"], t["layer"]) for t in kept]
         if len(cases) > 1:
             out["all scans"] = [(o["method"], o["layer"]) for o in study.recommend_combined(tables)]
-        return out
+        return out, aucs
 
-    full = rankings([i / 8.0 for i in range(9)])
-    return [{"interior": list(sub), "same": {n: r == full[n] for n, r in rankings([0.0] + list(sub) + [1.0]).items()},
-             "same_first": {n: r[:1] == full[n][:1]
-                            for n, r in rankings([0.0] + list(sub) + [1.0]).items()}} for sub in subsets]
+    full, full_aucs = cut([i / 8.0 for i in range(9)])
+    rows = []
+    for sub in subsets:
+        ranked, aucs = cut([0.0] + list(sub) + [1.0])
+        orders = {n: pair_orders(cases[n], aucs[n]) for n in cases}
+        rows.append({"interior": list(sub), "same": {n: r == full[n] for n, r in ranked.items()},
+                     "same_first": {n: r[:1] == full[n][:1] for n, r in ranked.items()},
+                     "resolved_reversed": {n: len(o["resolved_reversed"]) for n, o in orders.items()},
+                     "resolved": {n: o["resolved"] for n, o in orders.items()},
+                     "max_abs_diff": max(abs(aucs[n][k] - full_aucs[n][k]) for n in cases
+                                         for k in aucs[n] if k[0] in _kept(cases[n]))})
+    return rows
+
+
+def _kept(one):
+    energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+    return [(t["method"], t["layer"]) for t in study.recommend(one["evaluation"]["rows"], energy)[1]]
+
+
+def full_estimates(one):
+    """``{(map, mode): (AUC on the stored 8 steps, its discretisation error)}`` for the maps the study keeps; the
+    error is Richardson's estimate for the trapezoid rule, ``|T_8 - T_4| / 3`` (``T_4``: every other step)."""
+    out = {}
+    for key in _kept(one):
+        pair = one["evaluation"]["curves"]["%s @ %s" % key]
+        for mode in MODES:
+            f, y = pair[mode]["fractions"], pair[mode]["normalized"]
+            t8, t4 = _auc(f, y), _auc(f[::2], y[::2])
+            out[key, mode] = (t8, abs(t8 - t4) / 3.0)
+    return out
+
+
+def pair_orders(one, other):
+    """Every pair of kept maps, per criterion: ``resolved`` when the full AUCs differ by more than the sum of their
+    discretisation errors (:func:`full_estimates`), and whether ``other`` (``{(map, mode): AUC}``) orders the pair
+    as the full computation does. Returns ``{"resolved": n, "resolved_reversed": [...], "unresolved": n,
+    "unresolved_reversed": [...]}``."""
+    full = full_estimates(one)
+    keys = _kept(one)
+    out = {"resolved": 0, "resolved_reversed": [], "unresolved": 0, "unresolved_reversed": []}
+    for mode in MODES:
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                (fa, ea), (fb, eb) = full[a, mode], full[b, mode]
+                kind = "resolved" if abs(fa - fb) > ea + eb else "unresolved"
+                out[kind] += 1
+                if (fa - fb) * (other[a, mode] - other[b, mode]) <= 0:
+                    out[kind + "_reversed"].append({"criterion": mode, "maps": ["%s @ %s" % a, "%s @ %s" % b],
+                                                    "full_difference": fa - fb, "full_error": ea + eb,
+                                                    "other_difference": other[a, mode] - other[b, mode]})
+    return out
+
+
+def refine_case(name, model, steps=16, batch_size=2):
+    """The full computation again with ``steps`` equal steps (its 8 are every other one), on the maps the study's
+    rule keeps: whether the study's own ranking survives a finer step grid. Returns the refined rows, the ranking
+    with them (every other criterion from the stored study) and the largest difference between the recomputed
+    values at the stored study's 8 steps and the stored ones (0 when the recomputation is the study's)."""
+    with open(os.path.join(STUDY, "%s.json" % name)) as handle:
+        one = json.load(handle)
+    energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+    _, kept = study.recommend(one["evaluation"]["rows"], energy)
+    keys = [(t["method"], t["layer"]) for t in kept]
+    image, geometry = _image(name)
+    box = [slice(a, b) for a, b in one["crop"]["box"]]
+    size = [s.stop - s.start for s in box]
+    box_image, box_geometry, _ = crop_image(image, geometry, size, [s.start + n // 2 for s, n in zip(box, size)])
+    started = time.perf_counter()
+    ev = evaluate_image(model, box_image, box_geometry, TargetSpec(class_index=1),
+                        methods=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}), steps=steps,
+                        batch_size=batch_size, sanity_stages=None, random_targets=(), random_reference=False,
+                        device="cpu", exact=True, pool_size=2,
+                        progress=lambda f, m: print("  %3.0f%% %s" % (100 * f, m), flush=True))
+    seconds = time.perf_counter() - started
+    fine = {(r["method"], r["layer"]): r for r in ev.rows}
+    stored_curves, drift, rows = one["evaluation"]["curves"], 0.0, []
+    for row in one["evaluation"]["rows"]:
+        key = (row["method"], row["layer"])
+        if key not in keys:
+            continue
+        rows.append(dict(row, deletion_auc=fine[key]["deletion_auc"], insertion_auc=fine[key]["insertion_auc"]))
+        for mode in MODES:
+            mine = ev.curves["%s @ %s" % key][mode]
+            stored = stored_curves["%s @ %s" % key][mode]
+            at = {round(f, 6): v for f, v in zip(mine.fractions, mine.normalized)}
+            drift = max(drift, max(abs(at[round(f, 6)] - v) for f, v in zip(stored["fractions"], stored["normalized"])))
+    _, ranked = study.recommend(rows, energy)
+    return {"case": name, "steps": steps, "seconds": seconds, "drift_at_stored_steps": drift,
+            "load_average_end": list(os.getloadavg()),
+            "auc": [{"method": r["method"], "layer": r["layer"], "deletion_auc": r["deletion_auc"],
+                     "insertion_auc": r["insertion_auc"]} for r in rows],
+            "ranking_stored": keys, "ranking_refined": [(t["method"], t["layer"]) for t in ranked],
+            "tables": {"refined": [dict(t) for t in ranked]}}
+
+
+def analyse(result, folder):
+    """The analyses that need no model run: the pairs the full computation resolves and how the shortcut orders
+    them, the step-grid sensitivity, and the finer full computation of ``refine.json`` when ``folder`` has one."""
+    for c in result["cases"]:
+        with open(os.path.join(STUDY, "%s.json" % c["case"])) as handle:
+            one = json.load(handle)
+        shortcut = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
+        c["pairs"] = pair_orders(one, shortcut)
+    result["sensitivity"] = step_sensitivity([c["case"] for c in result["cases"]])
+    refined = os.path.join(folder, "refine.json")
+    if os.path.exists(refined):
+        with open(refined) as handle:
+            result["refine"] = json.load(handle)
+        for c in result["refine"]["cases"]:
+            with open(os.path.join(STUDY, "%s.json" % c["case"])) as handle:
+                one = json.load(handle)
+            fine = {((d["method"], d["layer"]), mode): d[mode + "_auc"] for d in c["auc"] for mode in MODES}
+            c["pairs"] = pair_orders(one, fine)
+            energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+            stored = {(t["method"], t["layer"]): t for t in study.recommend(one["evaluation"]["rows"], energy)[1]}
+            c["criterion_ranks_changed"] = [
+                {"map": "%s @ %s" % (t["method"], t["layer"]), "criterion": name,
+                 "stored": stored[(t["method"], t["layer"])]["rank_" + name], "refined": t["rank_" + name]}
+                for t in c["tables"]["refined"] for name in ("deletion_auc", "insertion_auc")
+                if t["rank_" + name] != stored[(t["method"], t["layer"])]["rank_" + name]]
 
 
 def markdown(result):
@@ -177,15 +297,52 @@ def markdown(result):
               "`docs/faithfulness/summary.json`); compare the forward-pass counts, which do not depend on the load. "
               "A box share of 1.00: the target's box + 16 voxels covers the study's whole 64^3 box (HD-BET's brain "
               "fills half of it), so on these cases only the steps differ."]
+    lines += ["", "## Pairs of maps the full computation resolves", "",
+              "A pair of maps the study keeps is *resolved* on a criterion (deletion or insertion AUC) when their full "
+              "AUCs differ by more than the sum of their discretisation errors, each estimated by Richardson's rule "
+              "for the trapezoid, |T_8 - T_4| / 3 (T_4: the stored curve on every other step). An unresolved pair's "
+              "order is not decided by the full computation itself.", "",
+              "| scan | resolved pairs | reversed by the shortcut | unresolved pairs | reordered by the shortcut |",
+              "|---|---|---|---|---|"]
+    for c in result["cases"]:
+        p = c["pairs"]
+        lines.append("| %s | %d | %d | %d | %d |" % (c["case"], p["resolved"], len(p["resolved_reversed"]),
+                                                   p["unresolved"], len(p["unresolved_reversed"])))
+    for c in result["cases"]:
+        for r in c["pairs"]["resolved_reversed"]:
+            lines.append("- %s, %s AUC: %s - %s = %+.3f in the full computation (error %.3f), %+.3f in the "
+                         "shortcut" % (c["case"], r["criterion"], r["maps"][0], r["maps"][1], r["full_difference"],
+                                       r["full_error"], r["other_difference"]))
+    if result.get("refine"):
+        ref = result["refine"]
+        lines += ["", "## The full computation on a finer grid", "",
+                  "Made by `%s`: the full computation again with %d equal steps (the study's 8 are every other "
+                  "one), on the maps the study keeps, other criteria from the stored study. Raw numbers: "
+                  "`benchmarks/results/refine.json`." % (ref["command"], ref["cases"][0]["steps"]), "",
+                  "| scan | stored ranking (8 steps) | %d steps | same | resolved pairs reversed | unresolved pairs "
+                  "reordered | criterion ranks that change | largest difference from the stored curves at their 8 "
+                  "steps |" % ref["cases"][0]["steps"], "|---|---|---|---|---|---|---|---|"]
+        for c in ref["cases"]:
+            p = c["pairs"]
+            lines.append("| %s | %s | %s | %s | %d of %d | %d of %d | %s | %.1e |" % (
+                c["case"], ", ".join("%s @ %s" % tuple(k) for k in c["ranking_stored"]),
+                ", ".join("%s @ %s" % tuple(k) for k in c["ranking_refined"]),
+                "yes" if [list(k) for k in c["ranking_stored"]] == [list(k) for k in c["ranking_refined"]]
+                else "**no**", len(p["resolved_reversed"]), p["resolved"], len(p["unresolved_reversed"]),
+                p["unresolved"], ", ".join("%s %s %d->%d" % (r["map"], r["criterion"].split("_")[0], r["stored"],
+                                                            r["refined"]) for r in c["criterion_ranks_changed"])
+                or "none", c["drift_at_stored_steps"]))
     if result.get("sensitivity"):
         lines += ["", "## How much the step grid alone decides (the study's own full curves, fewer of its steps)", "",
-                  "| interior fractions kept | same ranking | same first place |", "|---|---|---|"]
+                  "| interior fractions kept | same ranking | same first place | resolved pairs reversed | "
+                  "max abs dAUC |", "|---|---|---|---|---|"]
         for row in result["sensitivity"]:
-            lines.append("| %s | %s | %s |" % (", ".join("%g" % f for f in row["interior"]),
-                                                 ", ".join("%s: %s" % (n, "yes" if v else "no")
-                                                           for n, v in row["same"].items()),
-                                                 ", ".join("%s: %s" % (n, "yes" if v else "no")
-                                                           for n, v in row["same_first"].items())))
+            lines.append("| %s | %s | %s | %s | %.3f |" % (
+                ", ".join("%g" % f for f in row["interior"]),
+                ", ".join("%s: %s" % (n, "yes" if v else "no") for n, v in row["same"].items()),
+                ", ".join("%s: %s" % (n, "yes" if v else "no") for n, v in row["same_first"].items()),
+                ", ".join("%s: %d of %d" % (n, v, row["resolved"][n]) for n, v in row["resolved_reversed"].items()),
+                row["max_abs_diff"]))
     if result.get("whole_scan"):
         w = result["whole_scan"]
         lines += ["", "## The default `seghirescam evaluate` on a whole MRI", "", w["text"]]
@@ -200,7 +357,29 @@ def main(argv=None):
     parser.add_argument("--out", default=OUT, help="folder of evaluate.json and evaluate.md")
     parser.add_argument("--rerank", action="store_true", help="no model runs: rewrite evaluate.md (and the "
                         "step-grid sensitivity) from the stored evaluate.json")
+    parser.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                        help="instead: the full computation with STEPS equal steps (e.g. 16) on the maps the study "
+                        "keeps, into refine.json (whether the study's own ranking survives a finer step grid)")
     args = parser.parse_args(argv)
+    if args.refine:
+        flush_denormals()
+        torch.set_num_threads(args.threads)
+        model = load_model("hd-bet")
+        boxed = study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(
+            model.preprocessing, min_size=None))
+        out = {"command": "python studies/benchmark/bench_evaluate.py " + " ".join(argv or sys.argv[1:]),
+               "threads": torch.get_num_threads(), "cases": []}
+        for name in [c for c in args.cases.split(",") if c]:
+            print("case %s ..." % name, flush=True)
+            out["cases"].append(refine_case(name, boxed, args.refine, args.batch_size))
+            c = out["cases"][-1]
+            print("  same ranking at %d steps: %s; drift at the stored steps %.2e; %.0f s" % (
+                args.refine, c["ranking_stored"] == c["ranking_refined"], c["drift_at_stored_steps"],
+                c["seconds"]), flush=True)
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "refine.json"), "w") as handle:
+                handle.write(dumps(study.portable(out), indent=1))
+        return 0
     if args.rerank:
         with open(os.path.join(args.out, "evaluate.json")) as handle:
             result = json.load(handle)
@@ -209,7 +388,7 @@ def main(argv=None):
             c["ranking_shortcut"] = [tuple(k) for k in c["ranking_shortcut"]]
         if result.get("combined"):
             result["combined"] = {k: [tuple(x) for x in v] for k, v in result["combined"].items()}
-        result["sensitivity"] = step_sensitivity([c["case"] for c in result["cases"]])
+        analyse(result, args.out)
         with open(os.path.join(args.out, "evaluate.json"), "w") as handle:
             handle.write(dumps(study.portable(result), indent=1))
         with open(os.path.join(args.out, "evaluate.md"), "w") as handle:
@@ -234,7 +413,7 @@ def main(argv=None):
         fast = study.recommend_combined({c["case"]: c["tables"]["shortcut"] for c in result["cases"]})
         result["combined"] = {"full": [(o["method"], o["layer"]) for o in full],
                               "shortcut": [(o["method"], o["layer"]) for o in fast]}
-    result["sensitivity"] = step_sensitivity([c["case"] for c in result["cases"]])
+    analyse(result, args.out)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "evaluate.json"), "w") as handle:
         handle.write(dumps(study.portable(result), indent=1))
