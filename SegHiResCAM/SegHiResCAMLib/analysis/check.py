@@ -5,15 +5,27 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
 1. **Model randomisation of the explained layer's downstream** (Adebayo et al. 2018): the parameters of every
    module from the explained layer to the output are re-initialised on a deep copy of the network, the map is
    computed again for the same target (region M fixed) and compared with the original by Spearman's rank
-   correlation inside M dilated by 3 voxels. A map that reflects what the network learnt changes:
-   ``rho <= 0.5`` passes (the faithfulness study's limit). Cost: one CAM pass.
-2. **A few-step deletion AUC against a random ranking**: the map's hottest voxels are removed (replaced by a blurred
-   input) at the target's share of the image, and so are as many voxels drawn at random, on the target's box
+   correlation inside M dilated by 3 voxels (the only correlation taken: the verdict reads no other). A map that
+   reflects what the network learnt changes: ``rho <= 0.5`` passes (the faithfulness study's limit). Cost: one
+   CAM pass of the copy, from the layer on: what runs before the layer is not re-initialised, so the outputs the
+   explain run's forward pass computed there are reused (:class:`~SegHiResCAMLib.engine.faithfulness.
+   UpstreamRecorder`; not with windows, ``amp``, a reused session or the ``auto`` layer name, where the whole copy
+   runs). The modules' order (which ones run from the layer on) is recorded during the deletion passes below, not
+   by a forward pass of its own.
+2. **A partial deletion AUC against a random ranking**: the map's hottest voxels are removed (replaced by a blurred
+   input) at ``r``, the target's share of the image (:func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`'
+   first point), and so are as many voxels drawn at random, on the target's box
    (:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`). A faithful map destroys the score sooner: a lower AUC than
-   the random ranking. Cost: 3 gradient-free forward passes on the box (the unperturbed score is the explain
-   run's), the two perturbed ones in one batch.
+   the random ranking. The AUC is that of the normalised curve over ``[0, r]`` divided by ``r`` (the mean
+   normalised score there, ``(1 + y_r / y0) / 2``: 1 when nothing changed, 0.5 when the score is gone). Until
+   issue 18 part 4 the curve also had the fully replaced input at fraction 1; that point is shared by the map and
+   the random ranking, so it moved both AUCs by the same amount and never changed which one is lower
+   (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2
+   gradient-free forward passes on the box in one batch (the unperturbed score ``y0`` is the explain run's).
 
-The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.31 vs random 0.62``; when the
+Cost measured against one explain run: ``benchmarks/results/check.md`` (``studies/benchmark/bench_check.py``).
+
+The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97``; when the
 explanation carries the agreement of an ensemble or of test-time augmentation (``metadata["agreement"]``, a number
 or ``{"score": ...}``), ``; fold agreement 0.86`` is appended.
 """
@@ -25,8 +37,9 @@ import numpy as np
 import torch
 
 from ..engine.cam import CAMResult
-from ..engine.faithfulness import (cascade_stages, dilate, model_randomization, parameter_layers, perturbation_curves,
-                                   placed_fractions, region_fraction, region_on_grid, target_box)
+from ..engine.faithfulness import (UpstreamRecorder, cascade_stages, dilate, model_randomization, perturbation_curves,
+                                   placed_fractions, recording_parameter_layers, region_fraction, region_on_grid,
+                                   target_box)
 from ..engine.faithfulness.shortcut import DEFAULT_MARGIN
 from ..engine.targets import SegmentTarget
 from ..errors import InputError, LayerError
@@ -69,43 +82,48 @@ def agreement_score(metadata: dict) -> Optional[float]:
 
 def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget, result: CAMResult,
                 domain: Optional[torch.Tensor] = None, output_key: Optional[str] = None, align: int = 1,
-                seed: int = 0, **method_options) -> dict:
+                seed: int = 0, upstream: Optional[UpstreamRecorder] = None, **method_options) -> dict:
     """The two checks of the module docstring on ``result`` (one map of ``target`` on the whole input ``x``).
+
+    ``upstream``: what the explain run's forward pass computed before ``result.layer`` (an :class:`UpstreamRecorder`
+    around it); the randomised copy then runs only from the layer on (the same map as without it).
 
     Returns ``{"verdict": one line, "model_randomization": {...}, "deletion": {...}, "seconds": s}``."""
     started = time.perf_counter()
     spatial = tuple(x.shape[2:])
     region = result.region
-    segment = dilate(region_on_grid(region, spatial), DILATION)[0]
-    order = parameter_layers(network, x[(slice(None), slice(None)) + tuple(slice(0, min(s, 32)) for s in spatial)]) \
-        if all(s >= 32 for s in spatial) else parameter_layers(network, x)
-    try:
-        plan = cascade_stages(order, [result.layer])
-    except LayerError:  # a layer without parameters of its own (e.g. an up-sampling): the top half of the network
-        plan = cascade_stages(order, 2)
-    stage = model_randomization(network, x, target, [result.layer], [result.method], stages=plan[0][1][:1],
-                                reference=[result], seed=seed, order=order, domain=domain, segment=segment,
-                                output_key=output_key, **method_options)[0]
-    key = (result.layer, result.method)
-    rho_in = stage.correlations_in_segment.get(key, float("nan"))
-    rho_all = stage.correlations.get(key, float("nan"))
     fraction = float(region_fraction(region, spatial, 0, domain)[0])
-    steps = placed_fractions(fraction)[:2] + [1.0]
+    steps = placed_fractions(fraction)[:2]  # [0, r]: the partial curve (module docstring)
     box = target_box(region, spatial, DEFAULT_MARGIN, align) if tuple(region.shape[1:]) == spatial else None
     noise = torch.rand(spatial, generator=torch.Generator().manual_seed(int(seed) + 1)).to(x.device)
-    curves = perturbation_curves(network, x, target, [result.map[0], noise], steps=steps, modes=("deletion",),
-                                 domain=domain, region=region, reference_score=float(result.score[0]),
-                                 output_key=output_key, seed=seed, box=box, rescore_box=False)
+    with recording_parameter_layers(network) as order:  # the modules' order, from the passes below
+        curves = perturbation_curves(network, x, target, [result.map[0], noise], steps=steps, modes=("deletion",),
+                                     domain=domain, region=region, reference_score=float(result.score[0]),
+                                     output_key=output_key, seed=seed, box=box, rescore_box=False)
+    order = list(order)
+    try:
+        plan = cascade_stages(order, [result.layer])
+        kept = upstream.reusable(result.layer, x) if upstream is not None else None
+    except LayerError:  # a layer without parameters of its own (e.g. an up-sampling): the top half of the network
+        plan, kept = cascade_stages(order, 2), None
+    segment = dilate(region_on_grid(region, spatial), DILATION)[0]
+    stage = model_randomization(network, x, target, [result.layer], [result.method], stages=plan[0][1][:1],
+                                reference=[result], seed=seed, order=order, domain=domain, segment=segment,
+                                output_key=output_key, whole=False, upstream=kept, **method_options)[0]
+    rho_in = stage.correlations_in_segment.get((result.layer, result.method), float("nan"))
     mine, rand = curves[0]["deletion"], curves[1]["deletion"]
     use_raw = not (mine.reference > 0)  # y0 <= 0: the normalised AUC is undefined; the raw one still compares
-    auc, auc_random = (mine.auc_raw, rand.auc_raw) if use_raw else (mine.auc, rand.auc)
+    width = steps[-1]
+    auc, auc_random = (mine.auc_raw / width, rand.auc_raw / width) if use_raw else (mine.auc / width,
+                                                                                    rand.auc / width)
     passes = rho_in <= RHO_LIMIT
     verdict = "%s model randomisation (rho %s)" % ("passes" if passes else "fails",
                                                    "n/a" if np.isnan(rho_in) else "%.2f" % rho_in)
     verdict += "; deletion AUC%s %.2f vs random %.2f" % (" (raw)" if use_raw else "", auc, auc_random)
     return {"verdict": verdict,
             "model_randomization": {"randomized": stage.randomized, "spearman_in_segment": rho_in,
-                                    "spearman": rho_all, "limit": RHO_LIMIT, "passes": bool(passes)},
+                                    "limit": RHO_LIMIT, "passes": bool(passes),
+                                    "reused_upstream_modules": len(kept or {})},
             "deletion": {"fractions": steps, "auc": auc, "auc_random": auc_random, "normalized": not use_raw,
                          "scores": mine.scores, "scores_random": rand.scores,
                          "box": None if box is None else [[b.start, b.stop] for b in box],

@@ -6,6 +6,7 @@ everything into model space, runs the engine once (one forward pass for all targ
 heatmaps back onto exactly the image grid. :func:`predict_image` returns the model's label map the same way.
 """
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -349,9 +350,14 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
             session_cache.clear()  # one entry: drop the previous graph before building the next one
     cached = session_cache.get("session") if session_cache is not None else None
     timings["reused_forward"] = cached is not None
+    upstream = None
     if roi_size is None:
-        session = cached or CAMSession(model.network, x, names, output_key=model.output_key,
-                                       progress=engine_progress, autocast=amp)
+        if check is not None and cached is None and not amp:  # the check's randomised copy reuses this pass
+            from ..engine.faithfulness import UpstreamRecorder
+            upstream = UpstreamRecorder(model.network, names[0])
+        with upstream or contextlib.nullcontext():
+            session = cached or CAMSession(model.network, x, names, output_key=model.output_key,
+                                           progress=engine_progress, autocast=amp)
         session.report = engine_progress
         results = session.explain(cam_targets, method, relu=relu, normalization=normalization,
                                   keep_graph=session_cache is not None, **method_options)
@@ -396,7 +402,9 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
             divisible = model.preprocessing.divisible_by
             checked = quick_check(model.network, x, cam_targets[0], results[0], image_domain(space, dev),
                                   model.output_key, divisible if isinstance(divisible, int) else 1,
-                                  **method_options)
+                                  upstream=upstream, **method_options)
+        if upstream is not None:
+            upstream.clear()
         timings["check_s"] = time.perf_counter() - t0 - timings["postprocess_s"]
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")

@@ -14,7 +14,8 @@ The public entry point of the checks, which live in one module per concern and a
   Spearman rank correlation between the original maps and those of a cascadingly re-initialised copy of the model
   or of a randomised target (:func:`model_randomization`, :func:`target_randomization`, :func:`random_target`,
   :func:`fixed_target`, :func:`spearman`, :func:`rankdata`, :func:`map_correlations`, :func:`parameter_layers`,
-  :func:`cascade_stages`, :func:`randomize_modules`, :class:`SanityStage`).
+  :func:`recording_parameter_layers`, :func:`cascade_stages`, :func:`randomize_modules`, :class:`SanityStage`;
+  :class:`UpstreamRecorder` keeps the outputs that a copy randomised from a layer would compute unchanged).
 
 Everything is dimension-generic (1 to 3 spatial axes) and works on the explained target ``y^c_M`` itself.
 
@@ -28,14 +29,15 @@ from .energy import dilate, energy_in_region, region_fraction, region_on_grid
 from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, MODES, Curve, auto_batch_size,  # noqa: F401
                            baseline_input, gaussian_blur, perturbation_curves, saliency_order)
 from .shortcut import DEFAULT_MARGIN, placed_fractions, target_box
-from .sanity import (RANDOM_TARGETS, SanityStage, cascade_stages, fixed_target, map_correlations,
-                     model_randomization, parameter_layers, random_target, randomize_modules, rankdata, spearman,
-                     target_randomization)
+from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stages, fixed_target, map_correlations,
+                     model_randomization, parameter_layers, random_target, randomize_modules, rankdata,
+                     recording_parameter_layers, spearman, target_randomization)
 
 __all__ = [
-    "BASELINES", "Curve", "DEFAULT_MARGIN", "MODES", "RANDOM_TARGETS", "SanityStage", "auto_batch_size",
+    "BASELINES", "Curve", "DEFAULT_MARGIN", "MODES", "RANDOM_TARGETS", "SanityStage", "UpstreamRecorder",
+    "auto_batch_size",
     "baseline_input", "cascade_stages", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
     "map_correlations", "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions",
-    "random_target", "randomize_modules", "rankdata", "region_fraction", "region_on_grid", "saliency_order",
-    "spearman", "target_box", "target_randomization",
+    "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction",
+    "region_on_grid", "saliency_order", "spearman", "target_box", "target_randomization",
 ]

@@ -106,7 +106,8 @@ class Curve:
 
     Attributes:
         mode: ``deletion`` or ``insertion``.
-        fractions: fraction of the domain's voxels removed (deletion) or inserted (insertion), from 0 to 1.
+        fractions: fraction of the domain's voxels removed (deletion) or inserted (insertion), from 0 to 1 (to
+            the last fraction scored, for a partial curve).
         scores: the target score ``y^c_M`` (original M) at each fraction.
         reference: ``y0``, the score of the unperturbed input (the normaliser).
     """
@@ -125,7 +126,7 @@ class Curve:
 
     @property
     def auc(self) -> float:
-        """Area under the normalised curve (fractions 0..1, trapezoid rule); NaN when ``y0 <= 0``."""
+        """Area under the normalised curve (its fractions, 0..1 or 0..last, trapezoid rule); NaN when ``y0 <= 0``."""
         return _trapezoid(self.fractions, self.normalized)
 
     @property
@@ -221,7 +222,9 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         target: the explained target; its score is taken on the fixed ``region``.
         heatmaps: maps on the input grid, each ``[*S]`` or ``[1, *S]`` (e.g. ``CAMResult.map``).
         steps: number of equal steps (fractions ``0, 1/steps, ..., 1``) or an increasing list of fractions
-            from 0 to 1. Each interior fraction costs one forward pass per map and mode.
+            from 0 to 1. Each interior fraction costs one forward pass per map and mode. A list that ends below 1
+            gives a partial curve over ``[0, steps[-1]]``: its last point is scored like an interior one, and a
+            deletion-only call then needs no pass on the fully replaced input (the quick check's curve).
         modes: ``deletion`` and/or ``insertion``.
         baseline: ``blur``, ``mean`` or ``zero`` (see :func:`baseline_input`); ``sigma`` in voxels for ``blur``.
         domain: boolean ``[*S]``: the voxels that may be ranked and perturbed (e.g. the image inside the model's
@@ -240,7 +243,8 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     Returns:
         For every heatmap, ``{mode: Curve}``. Both end points are shared by all maps (the unperturbed input and
         the fully replaced one), so the cost is ``2 + len(heatmaps) * len(modes) * (len(fractions) - 2)``
-        forward passes at most.
+        forward passes at most (a partial deletion curve: ``len(heatmaps) * (len(fractions) - 1)``, plus one
+        with a ``box`` and ``rescore_box``).
     """
     check_input(model, x)
     if x.shape[0] != 1:
@@ -290,11 +294,14 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     if box is not None and rescore_box:
         report(0.0, "score of the unperturbed box")
         reference_score = scorer(lambda i: x_cut, 1)[0]
-    report(0.0, "score of the fully replaced input")
-    y_base = scorer(lambda i: replaced_cut, 1)[0]
+    whole = fractions[-1] == 1.0  # else a partial curve: its last point is a perturbed input like the others
+    y_base = float("nan")
+    if whole or "insertion" in modes:
+        report(0.0, "score of the fully replaced input")
+        y_base = scorer(lambda i: replaced_cut, 1)[0]
     total_voxels = int(dom.sum()) if dom is not None else int(torch.tensor(spatial).prod())
     counts = [int(round(f * total_voxels)) for f in fractions]
-    interior = list(range(1, len(fractions) - 1))
+    interior = list(range(1, len(fractions) - 1 if whole else len(fractions)))
     orders = [saliency_order(heat, dom, seed) for heat in maps]
     jobs = [(m, mode, i) for m in range(len(maps)) for mode in modes for i in interior]
 
@@ -314,7 +321,8 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         for mode in modes:
             inner = [by_job[(m, mode, i)] for i in interior]
             ends = (reference_score, y_base) if mode == "deletion" else (y_base, reference_score)
-            curves[mode] = Curve(mode, list(fractions), [ends[0]] + inner + [ends[1]], float(reference_score))
+            curves[mode] = Curve(mode, list(fractions), [ends[0]] + inner + ([ends[1]] if whole else []),
+                                 float(reference_score))
         results.append(curves)
     report(1.0, "done (%d forward passes, batch %d)" % (scorer.forwards, scorer.batch_size))
     return results
@@ -328,8 +336,8 @@ def _fractions(steps) -> List[float]:
             raise InputError("steps must be >= 1, got %d" % steps)
         return [i / steps for i in range(steps + 1)]
     values = [float(f) for f in steps]
-    if len(values) < 2 or values[0] != 0.0 or values[-1] != 1.0 or any(b <= a for a, b in zip(values, values[1:])):
-        raise InputError("fractions must increase strictly from 0 to 1, got %r" % (list(steps),))
+    if len(values) < 2 or values[0] != 0.0 or values[-1] > 1.0 or any(b <= a for a, b in zip(values, values[1:])):
+        raise InputError("fractions must increase strictly from 0 to at most 1, got %r" % (list(steps),))
     return values
 
 

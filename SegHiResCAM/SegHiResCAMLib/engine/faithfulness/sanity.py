@@ -14,11 +14,12 @@ docs/algorithms.md, "Faithfulness checks"; gathered with the other checks in :mo
 1.0
 """
 
+import contextlib
 import copy
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -137,8 +138,12 @@ def fixed_target(target: SegmentTarget, region: torch.Tensor) -> SegmentTarget:
 
 
 # ----------------------------------------------------------------------------------- model randomisation
-def parameter_layers(model: nn.Module, x: torch.Tensor) -> List[str]:
-    """Modules that own parameters directly, in the order they run (one gradient-free forward pass)."""
+@contextlib.contextmanager
+def recording_parameter_layers(model: nn.Module) -> Iterator[List[str]]:
+    """Record the modules that own parameters directly, in the order they run, during whatever forward passes the
+    caller makes inside the ``with`` block (e.g. the perturbed inputs of the quick check: no extra pass).
+
+    Yields the list, filled as the modules run (first use only); the hooks are removed on exit."""
     owners = {name: m for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     seen: List[str] = []
     handles = []
@@ -146,12 +151,102 @@ def parameter_layers(model: nn.Module, x: torch.Tensor) -> List[str]:
         for name, module in owners.items():
             handles.append(module.register_forward_pre_hook(
                 lambda mod, inputs, name=name: seen.append(name) if name not in seen else None))
-        with model_guard(model), torch.no_grad():
-            model(x.detach())
+        yield seen
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+
+
+def parameter_layers(model: nn.Module, x: torch.Tensor) -> List[str]:
+    """Modules that own parameters directly, in the order they run (one gradient-free forward pass)."""
+    with recording_parameter_layers(model) as seen, model_guard(model), torch.no_grad():
+        model(x.detach())
+    return list(seen)
+
+
+class UpstreamRecorder:
+    """Keeps, from one forward pass of ``model`` (e.g. the explain run's), the outputs of the largest modules that
+    finish before ``layer`` (or any module under it) starts.
+
+    Model randomisation from ``layer`` re-initialises every module from the first use of the layer to the output
+    (:func:`cascade_stages`), so everything that ran before the layer computes the same values on the randomised
+    copy for the same input: :func:`model_randomization` (``upstream=``) then returns these outputs instead of
+    running those modules again. Use as a context manager around the forward pass; only the first pass is recorded.
+    Reuse is refused (:meth:`reusable` returns ``None``) when the layer never ran or the input is another tensor; an
+    output changed in place after it was kept (e.g. ``x += skip``; views share the counter) is left out, and its
+    module runs again. The kept outputs hold memory until :meth:`clear`.
+    """
+
+    def __init__(self, model: nn.Module, layer: str):
+        self.model, self.layer = model, layer
+        self.entries: List[Tuple[str, int, torch.Tensor, int]] = []  # (module, call number, output, its version)
+        self.input: Optional[Tuple[int, tuple, int]] = None
+        self.stopped = self.done = False
+        self._stack: List[Tuple[str, int]] = []
+        self._calls: Dict[str, int] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "UpstreamRecorder":
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(
+                lambda mod, inputs, name=name: self._pre(name, inputs)))
+            self._handles.append(module.register_forward_hook(
+                lambda mod, inputs, output, name=name: self._post(name, output)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(self, name: str, inputs) -> None:
+        if self.done:
+            return
+        if name == "" and self.input is None:
+            first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            self.input = None if first is None else (first.data_ptr(), tuple(first.shape), first._version)
+        if name == self.layer or name.startswith(self.layer + "."):
+            self.stopped = True
+        self._calls[name] = self._calls.get(name, 0) + 1
+        self._stack.append((name, len(self.entries)))
+
+    def _post(self, name: str, output) -> None:
+        if self.done or not self._stack:
+            return
+        _, mark = self._stack.pop()
+        if name == "":
+            self.done = True
+            return
+        if not self.stopped and isinstance(output, torch.Tensor):
+            del self.entries[mark:]  # its sub-modules' outputs: this one replaces them
+            self.entries.append((name, self._calls[name], output, output._version))
+
+    def reusable(self, layer: str, x: torch.Tensor) -> Optional[Dict[str, Dict[int, torch.Tensor]]]:
+        """``{module: {call number: output}}`` for a copy randomised from ``layer`` run on ``x``, or ``None``."""
+        if not (self.done and self.stopped and layer == self.layer and self.entries) or self.input != (
+                x.data_ptr(), tuple(x.shape), x._version):
+            return None
+        kept: Dict[str, Dict[int, torch.Tensor]] = {}
+        for name, call, out, version in self.entries:
+            if out._version == version:  # else changed in place after it was kept (``x += skip``): run it again
+                kept.setdefault(name, {})[call] = out
+        return kept or None
+
+    def clear(self) -> None:
+        self.entries = []
+
+
+def _replay(module: nn.Module, outputs: Dict[int, torch.Tensor]) -> None:
+    """Make ``module`` (of a copy) return the kept outputs on those calls, and run as usual on the others."""
+    run = module.forward
+    calls = [0]
+
+    def forward(*args, **kwargs):
+        calls[0] += 1
+        kept = outputs.get(calls[0])
+        return kept if kept is not None else run(*args, **kwargs)
+
+    module.forward = forward
 
 
 def cascade_stages(order: Sequence[str], stages: Union[int, Sequence[str]] = 3) -> List[Tuple[str, List[str]]]:
@@ -229,6 +324,7 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
                         reference: Optional[Sequence[CAMResult]] = None, seed: int = 0,
                         order: Optional[Sequence[str]] = None, domain: Optional[torch.Tensor] = None,
                         segment: Optional[torch.Tensor] = None, progress: Optional[ProgressCallback] = None,
+                        whole: bool = True, upstream: Optional[Dict[str, Dict[int, torch.Tensor]]] = None,
                         **cam_options) -> List[SanityStage]:
     """Cascading model-parameter randomisation (Adebayo et al. 2018) on a deep copy of ``model``.
 
@@ -245,6 +341,11 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
             Why: methods whose maps are confined to M by construction (Seg-HiRes-Grad CAM before a 1x1 head)
             keep the shape of M under any weights, so the whole-image correlation stays high even when the
             content inside M is entirely new; the in-segment value separates the two.
+        whole: with a ``segment``, ``False`` skips the correlation over the whole domain (``correlations`` stays
+            empty): one rank correlation on the segment instead of one more on every voxel (the quick check).
+        upstream: :meth:`UpstreamRecorder.reusable` of a pass of ``model`` on ``x``, recorded for the layer the
+            first stage re-initialises from: that stage's copy returns those outputs instead of computing them
+            again (the same values: nothing before the layer is re-initialised). Later stages run the whole copy.
         **cam_options: passed to :func:`compute_cams` (e.g. ``output_key``, ``relu``).
 
     Returns:
@@ -257,6 +358,9 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     frozen = fixed_target(target, reference[0].region)
     plan = cascade_stages(order if order is not None else parameter_layers(model, x), stages)
     clone = copy.deepcopy(model)
+    replayed = dict(clone.named_modules()) if upstream else {}
+    for name, outputs in (upstream or {}).items():
+        _replay(replayed[name], outputs)
     done: set = set()
     results = []
     try:
@@ -265,13 +369,16 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
             randomize_modules(clone, [n for n in names if n not in done], seed)
             done.update(names)
             maps = compute_cams(clone, x, [frozen], list(layers), list(methods), **cam_options)
-            stage = SanityStage(label, list(names), map_correlations(reference, maps, domain))
+            stage = SanityStage(label, list(names), map_correlations(reference, maps, domain) if whole or
+                                segment is None else {})
             if segment is not None:
                 inside = segment.bool() if domain is None else segment.bool() & domain.bool()
                 stage.correlations_in_segment = map_correlations(reference, maps, inside)
             stage.warnings = sorted({w for r in maps for w in r.warnings})
             results.append(stage)
             del maps
+            for name in upstream or {}:  # later stages re-initialise further down: compute everything
+                replayed[name].__dict__.pop("forward", None)
     finally:
         del clone
     report(1.0, "done")
@@ -293,6 +400,7 @@ def target_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarge
 
 
 __all__ = [
-    "RANDOM_TARGETS", "SanityStage", "cascade_stages", "fixed_target", "map_correlations", "model_randomization",
-    "parameter_layers", "random_target", "randomize_modules", "rankdata", "spearman", "target_randomization",
+    "RANDOM_TARGETS", "SanityStage", "UpstreamRecorder", "cascade_stages", "fixed_target", "map_correlations", "model_randomization",
+    "parameter_layers", "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "spearman",
+    "target_randomization",
 ]
