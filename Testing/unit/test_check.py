@@ -118,7 +118,8 @@ def test_quick_check_scores_the_partial_curve_with_three_forward_inputs_at_most(
         handle.remove()
     assert sum(seen) - 2 * plain <= 3, seen
     deletion = got.metadata["check"]["deletion"]
-    r = placed_fractions(float(mask.mean()))[1]
+    r = placed_fractions(float(mask.mean()))[-2]
+    assert r == pytest.approx(min(0.5, max(0.04, float(mask.mean()))), abs=1e-6)
     assert deletion["fractions"] == [0.0, r]
     y0, yr, yr_random = deletion["scores"][0], deletion["scores"][1], deletion["scores_random"][1]
     assert deletion["normalized"] and deletion["scores_random"][0] == y0

@@ -13,8 +13,8 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    runs). The modules' order (which ones run from the layer on) is recorded during the deletion passes below, not
    by a forward pass of its own.
 2. **A partial deletion AUC against a random ranking**: the map's hottest voxels are removed (replaced by a blurred
-   input) at ``r``, the target's share of the image (:func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`'
-   first point), and so are as many voxels drawn at random, on the target's box
+   input) at ``r``, the target's share of the image (kept in evaluate's range: the point at ``r`` of
+   :func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`), and so are as many voxels drawn at random, on the target's box
    (:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`). A faithful map destroys the score sooner: a lower AUC than
    the random ranking. The AUC is that of the normalised curve over ``[0, r]`` divided by ``r`` (the mean
    normalised score there, ``(1 + y_r / y0) / 2``: 1 when nothing changed, 0.5 when the score is gone). Until
@@ -96,7 +96,7 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
     spatial = tuple(x.shape[2:])
     region = result.region
     fraction = float(region_fraction(region, spatial, 0, domain)[0])
-    steps = placed_fractions(fraction)[:2]  # [0, r]: the partial curve (module docstring)
+    steps = [0.0, placed_fractions(fraction)[-2]]  # [0, r]: the partial curve (module docstring)
     box = target_box(region, spatial, DEFAULT_MARGIN, align) if tuple(region.shape[1:]) == spatial else None
     noise = torch.rand(spatial, generator=torch.Generator().manual_seed(int(seed) + 1)).to(x.device)
     with recording_parameter_layers(network) as order:  # the modules' order, from the passes below
