@@ -22,6 +22,7 @@ The timing of the default ``seghirescam evaluate`` on a whole MRI is measured by
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -239,7 +240,20 @@ def analyse(result, folder):
             one = json.load(handle)
         shortcut = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
         c["pairs"] = pair_orders(one, shortcut)
-    result["sensitivity"] = step_sensitivity([c["case"] for c in result["cases"]])
+    if result.get("previous_rule"):
+        prev = result["previous_rule"]
+        prev["pairs"] = {}
+        for c in prev["cases"]:
+            with open(os.path.join(STUDY, "%s.json" % c["case"])) as handle:
+                one = json.load(handle)
+            before = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
+            prev["pairs"][c["case"]] = pair_orders(one, before)
+    names = [c["case"] for c in result["cases"]]
+    result["sensitivity"] = step_sensitivity(names)
+    every = step_sensitivity(names, [tuple(k / 8.0 for k in chosen) for n in (1, 2, 3)
+                                     for chosen in itertools.combinations(range(1, 8), n)])
+    result["every_rule"] = {"rules": len(every), "keep_every_ranking": [r["interior"] for r in every
+                                                                        if all(r["same"].values())]}
     refined = os.path.join(folder, "refine.json")
     if os.path.exists(refined):
         with open(refined) as handle:
@@ -263,7 +277,8 @@ def markdown(result):
              "Made by `%s` (HD-BET fold 0, %d torch threads, CPU). The full computation is the committed "
              "faithfulness study (`docs/faithfulness/<case>.json`, `studies/faithfulness.py`, `--exact`, 8 equal "
              "steps); the shortcut is `seghirescam evaluate`'s default (target's box + 16 voxels, 2 well-placed "
-             "interior steps). Raw numbers: `benchmarks/results/evaluate.json`." % (result["command"],
+             "interior steps, at r / 2 and r with r the target's share of the domain). Raw numbers: "
+             "`benchmarks/results/evaluate.json`." % (result["command"],
                                                                                    result["threads"]), ""]
     lines += ["## Rankings (the study's rule; sanity and whole-scan criteria from the stored study)", "",
               "| scan | full computation | shortcut | same |", "|---|---|---|---|"]
@@ -284,6 +299,22 @@ def markdown(result):
             c["case"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
             float(np.mean([abs(d["deletion_diff"]) for d in c["auc"]])),
             float(np.mean([abs(d["insertion_diff"]) for d in c["auc"]]))))
+    if result.get("previous_rule"):
+        prev = result["previous_rule"]
+        lines += ["", "## The step rule before (interior points at %s)" % prev["fractions"], "",
+                  "Made by `%s` before the rule changed; the same cases and full computation." % prev["command"], "",
+                  "| scan | same ranking | max abs deletion | max abs insertion | mean abs deletion | mean abs insertion |",
+                  "|---|---|---|---|---|---|"]
+        for c in prev["cases"]:
+            lines.append("| %s | %s | %.3f | %.3f | %.3f | %.3f |" % (
+                c["case"], "yes" if [list(k) for k in c["ranking_full"]] == [list(k) for k in c["ranking_shortcut"]]
+                else "**no**", c["max_abs_deletion_diff"], c["max_abs_insertion_diff"], c["mean_abs_deletion_diff"],
+                c["mean_abs_insertion_diff"]))
+        lines.append("| all scans | %s | | | | |" % ("yes" if prev["combined"]["full"] == prev["combined"]["shortcut"]
+                                                   else "**no**"))
+        if prev.get("pairs"):
+            lines += ["", "Pairs the full computation resolves that the rule before reversed: %s." % ", ".join(
+                "%s %d of %d" % (n, len(p["resolved_reversed"]), p["resolved"]) for n, p in prev["pairs"].items())]
     lines += ["", "## Cost of the curves", "",
               "| scan | full: forwards, s, s/forward | shortcut: forwards, box share, s, s/forward "
               "| load avg (shortcut) |",
@@ -343,6 +374,11 @@ def markdown(result):
                 ", ".join("%s: %s" % (n, "yes" if v else "no") for n, v in row["same_first"].items()),
                 ", ".join("%s: %d of %d" % (n, v, row["resolved"][n]) for n, v in row["resolved_reversed"].items()),
                 row["max_abs_diff"]))
+    if result.get("every_rule"):
+        e = result["every_rule"]
+        lines += ["", "Every rule of 1 to 3 interior points of the study's 8-step grid (%d rules): the ones that keep "
+                  "all the rankings above: %s." % (e["rules"], "; ".join(", ".join("%g" % f for f in r)
+                                                                          for r in e["keep_every_ranking"]) or "none")]
     if result.get("whole_scan"):
         w = result["whole_scan"]
         lines += ["", "## The default `seghirescam evaluate` on a whole MRI", "", w["text"]]
