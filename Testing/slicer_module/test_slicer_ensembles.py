@@ -79,6 +79,17 @@ def add_weights(ui, paths):
         ui.addWeightsButton.click()
 
 
+
+def apply_ensemble(panel):
+    """Apply; the heatmap and its spread node (named for an ensemble), after checking the run had no error."""
+    panel.ui.applyButton.click()
+    run_until_done(panel.widget)
+    assert not panel.errors, panel.errors
+    heatmap = panel.p.outputVolume
+    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
+    assert spread is not None and spread.GetName() == "scan heatmap spread (ensemble)"
+    return heatmap, spread
+
 def cli_ensemble(tmp_path, volume, model_args):
     """``seghirescam explain`` on the panel's scan (written to a file): the mean map, the spread map, the JSON."""
     image, geometry = mrml.image_from_volume(volume)
@@ -99,12 +110,7 @@ def test_two_weights_files_in_the_panel_give_the_command_lines_ensemble(panel, w
     assert p.weightsPaths.split(";") == weights and ui.weightsPathLineEdit.currentPath == ""
     assert ui.weightsListLabel.text.startswith("2 weights files, an ensemble") and ui.clearWeightsButton.enabled
     assert ui.applyButton.enabled, ui.applyButton.toolTip
-    ui.applyButton.click()
-    run_until_done(widget)
-    assert not panel.errors, panel.errors
-    heatmap = p.outputVolume
-    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
-    assert spread is not None and spread.GetName() == "scan heatmap spread (ensemble)"
+    heatmap, spread = apply_ensemble(panel)
     mean, spread_map, record = cli_ensemble(tmp_path, panel.volume,
                                             ["--model", SPEC, "--layer", "dec", "--weights", weights[0],
                                              "--weights", weights[1]])
@@ -180,12 +186,7 @@ def test_all_folds_of_an_nnunet_folder_give_the_command_lines_fold_ensemble(pane
     p.modelPath, p.layer = folder, "auto"
     ui.allFoldsCheckBox.checked = True  # bound to the parameter node
     assert p.allFolds is True and ui.applyButton.enabled, ui.applyButton.toolTip
-    ui.applyButton.click()
-    run_until_done(widget)
-    assert not panel.errors, panel.errors
-    heatmap = p.outputVolume
-    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
-    assert spread is not None and spread.GetName() == "scan heatmap spread (ensemble)"
+    heatmap, spread = apply_ensemble(panel)
     mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", folder, "--model-args",
                                                                      '{"fold": "auto"}'])
     assert [m["model"].rsplit("/", 1)[1] for m in record["ensemble"]["members"]] == ["fold_0", "fold_1"]
