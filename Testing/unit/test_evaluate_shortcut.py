@@ -4,6 +4,10 @@ Exact where it can be: a network without global operations, a margin that covers
 error is measured (benchmarks/results/evaluate.md); here a too-small margin must show a difference, so that the
 equality tests can fail."""
 
+import json
+import math
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +15,12 @@ import torch
 from SegHiResCAMLib.analysis.evaluate import evaluate_image
 from SegHiResCAMLib.analysis.explain import TargetSpec
 from SegHiResCAMLib.engine import SegmentTarget
-from SegHiResCAMLib.engine.faithfulness import perturbation_curves, placed_fractions, target_box
+from SegHiResCAMLib.engine.faithfulness import MEASURED_ERROR, perturbation_curves, placed_fractions, target_box
 from SegHiResCAMLib.engine.regions import MaskRegion
 from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.geometry import Geometry
 from SegHiResCAMLib.models.base import Preprocessing, SegModel
+from SegHiResCAMLib.reporting.tables import evaluation_markdown
 
 import toy_models
 
@@ -85,4 +90,19 @@ def test_evaluate_shortcut_equals_exact_where_the_margin_covers_the_receptive_fi
     default = evaluate_image(model, image, geometry, spec, **dict(kw, steps=None))
     share = default.metadata["region_voxels"] / SHAPE[0] ** 3
     assert default.metadata["shortcut"]["fractions"] == placed_fractions(share)
+    # the benchmark's error is stated for the placed steps only, in the JSON and the report
+    assert default.metadata["shortcut"]["measured_error"] == MEASURED_ERROR
+    assert fast.metadata["shortcut"]["measured_error"] is None
+    assert "within %.2f (deletion)" % MEASURED_ERROR["deletion"] in evaluation_markdown(default)
+    assert "within" not in evaluation_markdown(exact) and "within" not in evaluation_markdown(fast)
     assert default.metadata["cost"]["perturbation_forwards"] == 2 + 3 * 2 * 2
+
+
+def test_the_stated_error_of_the_shortcut_is_the_benchmarks():
+    """MEASURED_ERROR (what evaluate tells its reader) is the committed benchmark's largest |dAUC|, rounded up."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "benchmarks", "results", "evaluate.json")) as handle:
+        cases = json.load(handle)["cases"]
+    for mode in ("deletion", "insertion"):
+        largest = max(abs(a[mode + "_diff"]) for c in cases for a in c["auc"])
+        assert MEASURED_ERROR[mode] == math.ceil(largest * 100) / 100.0

@@ -36,9 +36,10 @@ import torch
 
 from .. import __version__
 from ..engine import compute_cams
-from ..engine.faithfulness import (BASELINES, DEFAULT_MARGIN, RANDOM_TARGETS, Curve, dilate, energy_in_region,
-                                   map_correlations, model_randomization, parameter_layers, perturbation_curves,
-                                   placed_fractions, random_target, region_fraction, region_on_grid, target_box)
+from ..engine.faithfulness import (BASELINES, DEFAULT_MARGIN, MEASURED_ERROR, RANDOM_TARGETS, Curve, dilate,
+                                   energy_in_region, map_correlations, model_randomization, parameter_layers,
+                                   perturbation_curves, placed_fractions, random_target, region_fraction,
+                                   region_on_grid, target_box)
 from ..engine.methods import METHODS
 from ..errors import InputError
 from ..geometry import Geometry
@@ -261,12 +262,14 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         maps.append(torch.rand(spatial, generator=generator).to(dev))
         labels.append((RANDOM_ORDER, "-"))
     box = None
+    placed = False  # the shortcut's own fractions (placed_fractions), whose error the benchmark measured
     if not exact:
         margin = DEFAULT_MARGIN if margin is None else margin
         if tuple(region.shape[1:]) == spatial:
             divisible = model.preprocessing.divisible_by
             box = target_box(region, spatial, margin, divisible if isinstance(divisible, int) else 1)
-        if steps is None:
+        placed = steps is None
+        if placed:
             steps = placed_fractions(fraction)
     elif steps is None:
         steps = 10
@@ -324,6 +327,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             "box": None if box is None else [[b.start, b.stop] for b in box], "box_share": box_share,
             "margin_voxels": margin, "fractions": curves[0]["deletion"].fractions if curves else None,
             "y0_box": curves[0]["deletion"].reference if curves else None,
+            "measured_error": dict(MEASURED_ERROR) if placed else None,
             "note": "perturbed inputs run on the target's bounding box + margin (exact where the margin covers the "
                     "receptive field of a network without global operations); --exact runs the full computation"},
         "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),

@@ -79,6 +79,14 @@ def evaluation_markdown(evaluation: Evaluation, title: str = "Heatmap faithfulne
               "the positive heat inside the target segment. rho: Spearman rank correlation with the map of a "
               "randomised model (cascading from the output layer down) or target; a faithful map changes, so "
               "lower is better; n/a marks a flat map."]
+    measured = (meta.get("shortcut") or {}).get("measured_error")
+    if measured:
+        lines += ["", "These AUCs come from the shortcut (the target's box and the interior fractions %s, not "
+                  "`--exact`). On the committed faithfulness study its AUCs were within %.2f (deletion) and %.2f "
+                  "(insertion) of the full computation, and it kept every order the full computation resolved there "
+                  "(benchmarks/results/evaluate.md); maps whose AUCs are closer than that may change places with "
+                  "`--exact`." % (", ".join("%.3g" % f for f in meta["shortcut"]["fractions"][1:-1]),
+                                  measured["deletion"], measured["insertion"])]
     warnings = sorted({"%s @ %s: %s" % (r["method"], r["layer"], w) for r in rows for w in r.get("warnings", [])})
     if warnings:
         lines += ["", "Warnings:", ""] + ["- %s" % w for w in warnings]

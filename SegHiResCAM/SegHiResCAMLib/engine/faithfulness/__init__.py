@@ -28,14 +28,14 @@ from ..cam import ProgressCallback  # noqa: F401 - the callback type of perturba
 from .energy import dilate, energy_in_region, region_fraction, region_on_grid
 from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, MODES, Curve, auto_batch_size,  # noqa: F401
                            baseline_input, gaussian_blur, perturbation_curves, saliency_order)
-from .shortcut import DEFAULT_MARGIN, placed_fractions, target_box
+from .shortcut import DEFAULT_MARGIN, MEASURED_ERROR, placed_fractions, target_box
 from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stages, fixed_target, map_correlations,
                      model_randomization, parameter_layers, random_target, randomize_modules, rankdata,
                      recording_parameter_layers, spearman, target_randomization)
 
 __all__ = [
-    "BASELINES", "Curve", "DEFAULT_MARGIN", "MODES", "RANDOM_TARGETS", "SanityStage", "UpstreamRecorder",
-    "auto_batch_size",
+    "BASELINES", "Curve", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "RANDOM_TARGETS", "SanityStage",
+    "UpstreamRecorder", "auto_batch_size",
     "baseline_input", "cascade_stages", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
     "map_correlations", "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions",
     "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction",
