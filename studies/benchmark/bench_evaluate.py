@@ -272,6 +272,12 @@ def analyse(result, folder):
                 if t["rank_" + name] != stored[(t["method"], t["layer"])]["rank_" + name]]
 
 
+def _with_mean_ranks(case, kind):
+    """The ranking of one scan with each map's mean rank, from the stored tables."""
+    means = {(t["method"], t["layer"]): t.get("mean_rank") for t in case["tables"][kind]}
+    return ", ".join("%s @ %s (%.2f)" % (k[0], k[1], means[tuple(k)]) for k in case["ranking_" + kind])
+
+
 def markdown(result):
     lines = ["# evaluate: the shortcut against the full computation", "",
              "Made by `%s` (HD-BET fold 0, %d torch threads, CPU). The full computation is the committed "
@@ -281,10 +287,11 @@ def markdown(result):
              "`benchmarks/results/evaluate.json`." % (result["command"],
                                                                                    result["threads"]), ""]
     lines += ["## Rankings (the study's rule; sanity and whole-scan criteria from the stored study)", "",
+              "Per scan, each map's mean rank is in brackets: equal mean ranks are ties, which the study's rule "
+              "leaves in the order of its table.", "",
               "| scan | full computation | shortcut | same |", "|---|---|---|---|"]
     for c in result["cases"]:
-        lines.append("| %s | %s | %s | %s |" % (c["case"], ", ".join("%s @ %s" % k for k in c["ranking_full"]),
-                                                ", ".join("%s @ %s" % k for k in c["ranking_shortcut"]),
+        lines.append("| %s | %s | %s | %s |" % (c["case"], _with_mean_ranks(c, "full"), _with_mean_ranks(c, "shortcut"),
                                                 "yes" if c["ranking_full"] == c["ranking_shortcut"] else "**no**"))
     if result.get("combined"):
         comb = result["combined"]
