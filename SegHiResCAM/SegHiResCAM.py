@@ -74,6 +74,7 @@ class SegHiResCAMParameterNode:
     modelCardPath: str = ""  # the model card (JSON), "" for none; synchronised by hand (slicer_logic.channel_panel)
     weightsPaths: str = ""  # weights files joined by ";" (2+: an ensemble); by hand (slicer_logic.ensemble_panel)
     allFolds: bool = False  # an nnU-Net folder: every fold_N, one ensemble member each
+    folds: str = ""  # an nnU-Net folder's folds, e.g. "0,2" ("": all when allFolds, else fold 0); by hand
     channel2Volume: vtkMRMLScalarVolumeNode  # input channels 2-4 of a multi-channel model (inputVolume is channel 1)
     channel3Volume: vtkMRMLScalarVolumeNode
     channel4Volume: vtkMRMLScalarVolumeNode
@@ -91,7 +92,7 @@ class SegHiResCAMParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     score: Annotated[str, Choice(SCORES)] = "logits"
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    sliceAxis: Annotated[str, Choice(("auto",) + SLICE_AXES)] = "auto"  # 2D models on 3D scans
+    sliceAxis: Annotated[str, Choice(("auto",) + SLICE_AXES + ("all",))] = "auto"  # 2D models; all: an ensemble
     sliceContext: Annotated[int, WithinRange(0, 10)] = 0  # a 2.5D model: neighbouring slices on each side as channels
     addPrediction: bool = True
     outputVolume: vtkMRMLScalarVolumeNode

@@ -357,6 +357,7 @@ SIGNALS = {
     "QDoubleSpinBox": _WIDGET | {"valueChanged(double)", "valueChanged(QString)", "textChanged(QString)",
                                  "editingFinished()"},
     "QProgressBar": _WIDGET | {"valueChanged(int)"},
+    "QLineEdit": _WIDGET | {"textChanged(QString)", "textEdited(QString)", "editingFinished()", "returnPressed()"},
     "ctkPathLineEdit": _WIDGET | {"currentPathChanged(QString)", "validInputChanged(bool)"},
     "qMRMLWidget": _MRML_WIDGET, "qSlicerWidget": _MRML_WIDGET,
     "qMRMLNodeComboBox": _WIDGET | _NODE_SELECTION | {
@@ -384,6 +385,7 @@ _NOTIFY = {"currentIndex": {"QComboBox": [("currentIndexChanged(int)", lambda w,
            "value": {"QSpinBox": [("valueChanged(int)", lambda w, v: v)],
                      "QDoubleSpinBox": [("valueChanged(double)", lambda w, v: v)],
                      "QProgressBar": [("valueChanged(int)", lambda w, v: v)]},
+           "text": {"QLineEdit": [("textChanged(QString)", lambda w, v: v)]},
            "currentPath": {"ctkPathLineEdit": [("currentPathChanged(QString)", lambda w, v: v)]}}
 
 

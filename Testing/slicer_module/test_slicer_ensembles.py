@@ -296,3 +296,115 @@ def test_weights_ensemble_with_tta_through_the_worker_process(monkeypatch, weigh
                 % expected.info["ensemble"]["agreement"]) in ui.summaryLabel.text
     finally:
         made.app.quit()
+
+
+# ------------------------------------------------------------------------------------ slice axes, fold subsets
+SPEC2D = "toy_models:unet2d"
+
+
+@pytest.fixture(scope="module")
+def weights2d(tmp_path_factory):
+    """Weights of the tiny 2D factory model (seed 7: maps that are not flat on the panel's scan)."""
+    path = str(tmp_path_factory.mktemp("unet2d") / "unet2d.pt")
+    torch.manual_seed(7)
+    torch.save(toy_models.unet2d().state_dict(), path)
+    return path
+
+
+def test_all_slice_axes_in_the_panel_give_the_command_lines_slice_axes_ensemble(panel, weights2d, tmp_path):
+    """The slice axis ``all`` explains a 2D model along every slice axis: the heatmap is the mean map of
+    ``seghirescam explain --slice-axes all``, the spread map a second volume named for slice axes, the agreement
+    in the summary; the analyses refuse it (one model, one axis)."""
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    p.modelPath, p.weightsPaths, p.targetKind = SPEC2D, weights2d, "prediction"
+    ui.sliceAxisComboBox.currentIndex = ui.sliceAxisComboBox.items.index("all")  # bound to the parameter node
+    assert p.sliceAxis == "all" and ui.applyButton.enabled, ui.applyButton.toolTip
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    heatmap = p.outputVolume
+    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
+    assert spread is not None and spread.GetName() == "scan heatmap spread (slice axes)"
+    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", SPEC2D, "--weights", weights2d,
+                                                                     "--layer", "dec", "--slice-axes", "all"])
+    assert [m["slice_axis"] for m in record["ensemble"]["members"]] == ["axial", "coronal", "sagittal"]
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    assert float(spread_map.max()) > 0  # the axes' maps differ
+    agreement = "%.3f" % record["agreement"]
+    assert "ensemble of slice axes: mean of 3 maps, agreement %s" % agreement in ui.summaryLabel.text
+    before = node_ids()
+    with pytest.raises(InputError):
+        ui.evaluateButton.click()
+    assert len(panel.errors) == 1 and "not an ensemble (slice axes axial, coronal, sagittal)" in panel.errors[0]
+    assert widget._job is None and node_ids() == before
+
+
+def test_slice_axes_of_a_3d_model_give_one_error_and_add_nothing(panel):
+    """All slice axes with a 3D model (it sees the whole scan): the run stops with one error and adds nothing;
+    headless, ``process(..., sliceAxes="all")`` raises one InputError; bad axes are refused before any run."""
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    p.sliceAxis = "all"
+    before = node_ids()
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert len(panel.errors) == 1 and "slice axes are for a 2D model on a 3D scan" in panel.errors[0], panel.errors
+    assert node_ids() == before and p.outputVolume is None
+    logic = widget.logic
+    for axes, sliceAxis, message in (("all", None, "slice axes are for a 2D model on a 3D scan"),
+                                     ("axial", None, "sliceAxes must be 'all' or two or more of"),
+                                     ("axial,oblique", None, "sliceAxes must be 'all' or two or more of"),
+                                     ("all", "coronal", "give either sliceAxis")):
+        with pytest.raises(InputError, match=message):
+            logic.process(panel.volume, model=SPEC, layer="dec", sliceAxes=axes, sliceAxis=sliceAxis)
+        assert node_ids() == before
+
+
+def test_a_fold_subset_of_an_nnunet_folder_gives_the_command_lines_folds(panel, tmp_path):
+    """The folds field: ``0,2`` of a three-fold folder is the CLI's ``--model-args '{"fold": "0,2"}'`` ensemble
+    (mean map, spread map, agreement of 2 folds); ``1`` is fold 1 alone (no spread map), as ``{"fold": "1"}``."""
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    folder = write_nnunet(str(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"), (0, 1, 2))
+    p.modelPath, p.layer = folder, "auto"
+    ui.foldsLineEdit.text = "0,2"  # bound to the parameter node by hand
+    assert p.folds == "0,2" and ui.applyButton.enabled, ui.applyButton.toolTip
+    heatmap, spread = apply_ensemble(panel)
+    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", folder, "--model-args",
+                                                                     '{"fold": "0,2"}'])
+    assert [m["model"].rsplit("/", 1)[1] for m in record["ensemble"]["members"]] == ["fold_0", "fold_2"]
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    assert "ensemble of folds: mean of 2 maps, agreement %.3f" % record["agreement"] in ui.summaryLabel.text
+    p.folds = "1"  # the parameter node drives the field
+    assert ui.foldsLineEdit.text == "1"
+    ui.applyButton.click()
+    run_until_done(widget)
+    assert not panel.errors, panel.errors
+    assert heatmap.GetNodeReference("SegHiResCAMSpread") is None and "agreement" not in ui.summaryLabel.text
+    single = str(tmp_path / "fold1.nii.gz")
+    assert main(["explain", "--model", folder, "--model-args", '{"fold": "1"}', "--image",
+                 str(tmp_path / "scan.nii.gz"), "--class", "1", "--device", "cpu", "--quiet", "--out", single]) == 0
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), io.read_image(single)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("folds, message", [
+    ("0,x", "must be fold numbers separated by commas such as '0,2', got '0,x'"),
+    ("0,3", "3 does not exist in the nnU-Net folder"),
+    ("1,1", "'1,1' names a fold twice")])
+def test_bad_folds_give_one_error_and_add_nothing(panel, tmp_path, folds, message):
+    widget, ui, p = panel.widget, panel.ui, panel.p
+    folder = tmp_path / "two_folds"
+    for fold in ("fold_0", "fold_1"):
+        (folder / fold).mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        (folder / name).write_text("{}")
+    p.modelPath, p.allFolds = str(folder), True
+    ui.foldsLineEdit.text = folds
+    assert not ui.applyButton.enabled and message in ui.applyButton.toolTip  # Apply says why
+    before = node_ids()
+    with pytest.raises(InputError):  # pressed anyway
+        widget.onApplyButton()
+    assert len(panel.errors) == 1 and message in panel.errors[0], panel.errors
+    assert widget._job is None and node_ids() == before and p.outputVolume is None
+    with pytest.raises(InputError, match=message.split(",")[0]):  # the headless logic: the same words
+        widget.logic.prepare(panel.volume, model=str(folder), folds=folds)

@@ -154,7 +154,7 @@ def test_ui_binds_existing_parameters_with_fitting_widgets(parameters):
             assert types == [parameters[name].type.__name__], (name, types)
     # the parameters without a connector are synchronised by hand in the widget
     assert set(parameters) - set(bound) == {"segmentationNode", "segmentId", "layer", "modelPath", "modelCardPath",
-                                             "cohortFolder", "cohortCase", "weightsPaths"}
+                                             "cohortFolder", "cohortCase", "weightsPaths", "folds"}
 
 
 def test_widget_code_uses_only_widgets_of_the_ui():

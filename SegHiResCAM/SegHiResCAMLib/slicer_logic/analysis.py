@@ -22,7 +22,7 @@ import vtk
 from .. import __version__, catalog
 from ..analysis import provenance
 from . import bridge as mrml
-from . import panel_text
+from . import ensemble_panel, panel_text
 from ..errors import InputError
 from .compute import ANALYSES, EVALUATION, SEGMENTATION_ABILITY, AnalysisRequest, cropRequest  # noqa: F401
 from .explain import ExplainLogic, ExplainRequest, ProgressCallback
@@ -86,11 +86,13 @@ class AnalysisLogic(ExplainLogic):
         for method in methods:
             if method not in catalog.method_names():
                 raise InputError("method must be one of %s, got %r" % (", ".join(catalog.method_names()), method))
-        if len(getattr(request, "memberWeights", None) or []) > 1 or getattr(request, "folds", None):
-            raise InputError("the %s analyses one model, not an ensemble (%s): keep one weights file and untick All "
-                             "folds, or use Apply for the ensemble's mean map and spread map"
+        axes = getattr(request, "sliceAxes", None) or []
+        if len(getattr(request, "memberWeights", None) or []) > 1 or axes \
+                or ensemble_panel.isFoldEnsemble(getattr(request, "folds", None)):
+            raise InputError("the %s analyses one model, not an ensemble (%s): keep one weights file, one fold and "
+                             "one slice axis, or use Apply for the ensemble's mean map and spread map"
                              % (kind, "%d weights files" % len(request.memberWeights) if request.memberWeights
-                                else "all folds"))
+                                else "slice axes %s" % ", ".join(axes) if axes else "folds %s" % request.folds))
         if isinstance(steps, bool) or int(steps) != steps or steps < 2:
             raise InputError("steps must be a whole number >= 2, got %r" % (steps,))
         if isinstance(cropVoxels, bool) or int(cropVoxels) != cropVoxels or cropVoxels < 0:

@@ -52,6 +52,7 @@ class ExplainRequest:
     extra: Dict[str, object] = field(default_factory=dict)  # provenance recorded as node attributes
     modelCard: object = None  # a model card: path or JSON data (docs/model_card.md), applied in the engine step
     sliceAxis: Optional[str] = None  # a 2D model on a 3D scan: axial, coronal, sagittal (None: the card's, else axial)
+    sliceAxes: List[str] = field(default_factory=list)  # a 2D model: one member per slice axis (2 or more)
     sliceContext: int = 0  # a 2.5D model: neighbouring slices on each side as input channels
     tta: bool = False  # mirroring TTA (analysis/ensemble.py): the mean map of every mirroring, and the spread map
     check: Optional[str] = None  # "quick": a one-line verdict on the map (analysis/check.py), metadata["verdict"]
@@ -180,9 +181,11 @@ class ComputeLogic:
                        progress=lambda f, m: report(0.02 + 0.98 * f, m), slice_axis=request.sliceAxis,
                        slice_context=request.sliceContext, check=getattr(request, "check", None))
         tta = bool(getattr(request, "tta", False))
-        if tta or sum(len(fold_members(m)) for m in models) > 1:  # as `explain --tta`, `--weights A --weights B`,
+        axes = list(getattr(request, "sliceAxes", None) or [])  # as `explain --slice-axes all`
+        if tta or axes or sum(len(fold_members(m)) for m in models) > 1:  # `explain --tta`, `--weights A --weights B`,
             # an nnU-Net fold ensemble: every member's map, combined (mean, spread, agreement)
-            explanation = explain_ensemble(models, request.image, request.geometry, [spec], tta=tta, **options)
+            explanation = explain_ensemble(models, request.image, request.geometry, [spec], tta=tta,
+                                           slice_axes=axes or None, **options)
         else:
             explanation = explain_image(model, request.image, request.geometry, [spec],
                                         session_cache=self._sessionCache, **options)

@@ -3,18 +3,23 @@
 The parameter node is the only source of truth: ``weightsPaths`` (the weights files of the chosen model, joined
 by ``;``; "" for the model's own weights) and ``allFolds`` (an nnU-Net folder: every ``fold_N``, one member each).
 One weights file is the model's weights; two or more make an ensemble, one member per file, as
-``seghirescam explain --weights A --weights B`` does; ``allFolds`` is the CLI's ``--model-args '{"fold": "auto"}'``.
+``seghirescam explain --weights A --weights B`` does; ``allFolds`` is the CLI's ``--model-args '{"fold": "auto"}'``
+and ``folds`` (text, e.g. ``0,2``) chooses the folds instead (``--model-args '{"fold": "0,2"}'``: one fold is that
+fold's model, two or more an ensemble; empty: every fold when ``allFolds`` is ticked, else fold 0). The slice axis
+``all`` (``sliceAxis``) explains a 2D model along every slice axis, as ``--slice-axes all`` (:func:`sliceAxes`).
 An ensemble's heatmap is the mean of the members' maps, its spread map a second volume and its agreement in the
 summary line, as for mirroring TTA (:mod:`.spread_node`, :func:`~SegHiResCAMLib.analysis.ensemble.explain_ensemble`).
 
-The list is edited with a path field and Add / Clear buttons, bound here by hand. No torch, no dialogs: the
-checks (:func:`checkedWeights`) look at files and folders only; the engine step loads the models.
+The list is edited with a path field and Add / Clear buttons, and ``folds`` with a text field, bound here by hand.
+No torch, no dialogs: the checks (:func:`checkedWeights`) look at files and folders only; the engine step loads
+the models.
 """
 
 import os
 import re
 from typing import Callable, List, Optional
 
+from ..catalog import SLICE_AXES
 from ..errors import InputError
 
 #: joins the weights files in the parameter node's ``weightsPaths``
@@ -29,9 +34,48 @@ def weightsFiles(parameters) -> List[str]:
     return [path.strip() for path in text.split(SEPARATOR) if path.strip()]
 
 
+#: the slice-axis choice of the panel that explains along every slice axis (the CLI's ``--slice-axes all``)
+ALL_AXES = "all"
+
+
 def folds(parameters) -> Optional[str]:
-    """``"auto"`` (every fold of an nnU-Net folder) when the parameter node asks for all folds, else ``None``."""
-    return "auto" if getattr(parameters, "allFolds", False) else None
+    """The folds the parameter node asks for: its ``folds`` text (``"0,2"``), else ``"auto"`` (every fold of an
+    nnU-Net folder) when ``allFolds`` is ticked, else ``None`` (the model's default fold)."""
+    text = str(getattr(parameters, "folds", "") or "").strip()
+    return text or ("auto" if getattr(parameters, "allFolds", False) else None)
+
+
+def isFoldEnsemble(folds: Optional[str]) -> bool:
+    """Whether ``folds`` makes an ensemble (``"auto"`` or two or more fold numbers)."""
+    return bool(folds) and (str(folds).strip() == "auto" or "," in str(folds))
+
+
+def sliceAxes(parameters) -> Optional[List[str]]:
+    """Every slice axis when the parameter node's ``sliceAxis`` is ``all`` (an ensemble of slice axes), else
+    ``None``."""
+    return list(SLICE_AXES) if getattr(parameters, "sliceAxis", None) == ALL_AXES else None
+
+
+def checkedFolds(folds: str, folder: str) -> None:
+    """``folds`` (``"auto"`` or fold numbers such as ``"0,2"``) against the ``fold_N`` folders of ``folder``;
+    else one :class:`InputError`."""
+    present = foldFolders(folder)
+    if folds == "auto":
+        if len(present) < 2:
+            raise InputError("the nnU-Net folder %r has %d fold folder(s) (%s); an ensemble of folds needs two or "
+                             "more: untick All folds" % (folder, len(present), ", ".join(present) or "none"))
+        return
+    parts = [part.strip() for part in folds.split(",")]
+    if not all(re.fullmatch(r"\d+", part) for part in parts):
+        raise InputError("folds must be fold numbers separated by commas such as '0,2', got %r: write the numbers "
+                         "of the fold_N folders, or leave the field empty" % folds)
+    numbers = [int(part) for part in parts]
+    if len(set(numbers)) < len(numbers):
+        raise InputError("folds %r names a fold twice; name each fold once" % folds)
+    missing = [n for n in numbers if "fold_%d" % n not in present]
+    if missing:
+        raise InputError("fold %s does not exist in the nnU-Net folder %r (folds present: %s); choose among those"
+                         % (", ".join(map(str, missing)), folder, ", ".join(p[5:] for p in present) or "none"))
 
 
 def foldFolders(folder: str) -> List[str]:
@@ -73,20 +117,39 @@ def checkedWeights(weights, spec: Optional[str], kind: Optional[str], folds: Opt
             raise InputError("folds must be 'auto' (every fold) or fold numbers such as '0,1', got %r" % (folds,))
         if kind != "nnunet":
             raise InputError("all folds is for an nnU-Net model folder (dataset.json, plans.json, fold_N/); model %r "
-                             "is not one: untick All folds" % (spec,))
+                             "is not one: untick All folds and empty the folds field" % (spec,))
         if paths:
             raise InputError("all folds loads each fold's own checkpoint; a weights file replaces one checkpoint: "
                              "clear the weights files or untick All folds")
-        present = foldFolders(spec)
-        if folds == "auto" and len(present) < 2:
-            raise InputError("the nnU-Net folder %r has %d fold folder(s) (%s); an ensemble of folds needs two or "
-                             "more: untick All folds" % (spec, len(present), ", ".join(present) or "none"))
+        checkedFolds(folds.strip(), spec)
     return paths
+
+
+def checkedSliceAxes(sliceAxes, sliceAxis: Optional[str]) -> List[str]:
+    """``sliceAxes`` (``None``, ``"all"``, ``"axial,coronal"`` or a list) as two or more distinct slice axes (``[]``:
+    none), checked against ``sliceAxis`` (one axis: not both); else one :class:`InputError`. Whether the model runs
+    in slices is checked when it is loaded (:func:`~SegHiResCAMLib.analysis.ensemble.check_slice_axes`)."""
+    if sliceAxes is None or (isinstance(sliceAxes, str) and not sliceAxes.strip()):
+        return []
+    if isinstance(sliceAxes, str):
+        given = list(SLICE_AXES) if sliceAxes.strip() == ALL_AXES else sliceAxes.split(",")
+    elif isinstance(sliceAxes, (list, tuple)):
+        given = list(sliceAxes)
+    else:
+        raise InputError("sliceAxes must be 'all', axis names such as 'axial,coronal' or a list of them, got %s"
+                         % type(sliceAxes).__name__)
+    axes = list(dict.fromkeys(str(axis).strip() for axis in given))
+    if len(axes) < 2 or not set(axes) <= set(SLICE_AXES):
+        raise InputError("sliceAxes must be 'all' or two or more of %s, got %r" % (", ".join(SLICE_AXES), sliceAxes))
+    if sliceAxis not in (None, "", "auto"):
+        raise InputError("give either sliceAxis (one axis, %r) or sliceAxes (an ensemble of axes), not both"
+                         % sliceAxis)
+    return axes
 
 
 def membersName(request) -> str:
     """What the models of a request's ensemble are: ``folds``, ``weights files`` or ``models``."""
-    if getattr(request, "folds", None):
+    if isFoldEnsemble(getattr(request, "folds", None)):
         return "folds"
     return "weights files" if len(getattr(request, "memberWeights", None) or []) > 1 else "models"
 
@@ -112,8 +175,8 @@ def listText(paths: List[str]) -> str:
 
 
 class EnsemblePanel:
-    """Binds the weights list (path field, Add, Clear, the list's line) to ``weightsPaths`` by hand; ``allFolds``
-    is bound by its ``SlicerParameterName``.
+    """Binds the weights list (path field, Add, Clear, the list's line) to ``weightsPaths`` and the folds field to
+    ``folds`` by hand; ``allFolds`` is bound by its ``SlicerParameterName``.
 
     Args:
         ui: the panel's widgets.
@@ -124,6 +187,12 @@ class EnsemblePanel:
         self.ui, self.parameterNode = ui, parameterNode
         ui.addWeightsButton.connect("clicked(bool)", self.onAdd)
         ui.clearWeightsButton.connect("clicked(bool)", self.onClear)
+        ui.foldsLineEdit.connect("textChanged(QString)", self.onFoldsChanged)
+
+    def onFoldsChanged(self, text: str) -> None:
+        parameters = self.parameterNode()
+        if parameters is not None and parameters.folds != str(text):
+            parameters.folds = str(text)
 
     def onAdd(self) -> None:
         """Put the path field's file on the list (once) and empty the field."""
@@ -147,3 +216,5 @@ class EnsemblePanel:
         self.ui.weightsListLabel.text = listText(paths)
         self.ui.weightsListLabel.toolTip = "\n".join(paths)
         self.ui.clearWeightsButton.enabled = bool(paths)
+        if self.ui.foldsLineEdit.text != parameters.folds:
+            self.ui.foldsLineEdit.text = parameters.folds

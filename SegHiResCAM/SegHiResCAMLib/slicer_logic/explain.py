@@ -202,7 +202,8 @@ class ExplainLogic(ComputeLogic):
             errorKind=parameters.errorKind if errors else None,
             component=parameters.errorComponent if errors and parameters.errorComponent >= 0 else None,
             modelCard=channel_panel.modelCardPath(parameters), channelVolumes=channel_panel.channelVolumes(parameters),
-            sliceAxis=getattr(parameters, "sliceAxis", None), sliceContext=getattr(parameters, "sliceContext", 0),
+            sliceAxis=None if ensemble_panel.sliceAxes(parameters) else getattr(parameters, "sliceAxis", None),
+            sliceAxes=ensemble_panel.sliceAxes(parameters), sliceContext=getattr(parameters, "sliceContext", 0),
             tta=bool(getattr(parameters, "tta", False)),
             check="quick" if getattr(parameters, "quickCheck", False) else None,
             weights=ensemble_panel.weightsFiles(parameters) or None, folds=ensemble_panel.folds(parameters))
@@ -215,11 +216,12 @@ class ExplainLogic(ComputeLogic):
                 predictionSegmentation=None, weights=None, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
                 sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False,
-                check: Optional[str] = None, folds: Optional[str] = None) -> ExplainRequest:
+                check: Optional[str] = None, folds: Optional[str] = None, sliceAxes=None) -> ExplainRequest:
         """Check the inputs and copy what the engine needs out of the scene. See :meth:`process` for arguments."""
         image, geometry = mrml.image_from_volume(inputVolume)
         _choice("sliceAxis", sliceAxis, (None, "auto") + catalog.SLICE_AXES)
         _choice("check", check, (None, "quick"))
+        axes = ensemble_panel.checkedSliceAxes(sliceAxes, sliceAxis)  # an ensemble of slice axes (2D models)
         if isinstance(sliceContext, bool) or int(sliceContext) != sliceContext or sliceContext < 0:
             raise InputError("sliceContext must be a number of slices >= 0 (on each side), got %r" % (sliceContext,))
         if isinstance(model, str):
@@ -280,7 +282,8 @@ class ExplainLogic(ComputeLogic):
             memberWeights=weightsList if len(weightsList) > 1 else [], folds=folds, target=target, targetKind=kind,
             targetDescription=description, method=method, layer=str(layer or "auto"), device=device,
             inputVolumeID=inputVolume.GetID(), outputVolumeID=outputVolume.GetID() if outputVolume else None,
-            sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceContext=int(sliceContext), tta=bool(tta),
+            sliceAxis=None if sliceAxis == "auto" else sliceAxis, sliceAxes=axes, sliceContext=int(sliceContext),
+            tta=bool(tta),
             check=check,
             addPrediction=bool(addPrediction or predictionSegmentation is not None),
             predictionSegmentationID=predictionSegmentation.GetID() if predictionSegmentation else None,
@@ -371,7 +374,7 @@ class ExplainLogic(ComputeLogic):
                 progress: Optional[ProgressCallback] = None, show: bool = True, errorKind: Optional[str] = None,
                 component: Optional[int] = None, modelCard=None, channelVolumes: Sequence = (),
                 sliceAxis: Optional[str] = None, sliceContext: int = 0, tta: bool = False,
-                check: Optional[str] = None, folds: Optional[str] = None):
+                check: Optional[str] = None, folds: Optional[str] = None, sliceAxes=None):
         """Compute a heatmap for ``inputVolume`` and return it as a scalar volume node on exactly its grid.
 
         Args:
@@ -391,14 +394,18 @@ class ExplainLogic(ComputeLogic):
                 TorchScript file, a MONAI network or bundle, an nnU-Net checkpoint), or a list of them: with two or
                 more, an ensemble (the CLI's ``--weights A --weights B``), one member per file, as for ``tta``.
             folds: an nnU-Net model folder's folds: ``"auto"`` (every ``fold_N``: one member per fold, the CLI's
-                ``--model-args '{"fold": "auto"}'``) or ``"0,1,..."``; the mean map, spread map and agreement as
-                for ``tta`` (the spread volume is then ``"<scan> heatmap spread (ensemble)"``).
+                ``--model-args '{"fold": "auto"}'``) or ``"0,2"`` (those folds; one number: that fold alone); the
+                mean map, spread map and agreement as for ``tta`` (the spread volume is then ``"<scan> heatmap
+                spread (ensemble)"``).
             errorKind: ``"fp"`` or ``"fn"``: ``segmentationNode``/``segmentId`` is then the *reference* and the
                 prediction's false positives (why was this segmented?) or false negatives (what suppressed the class
                 there?) against it are explained; ``component``: one connected component of them (0 = largest).
             sliceAxis: a 2D model on a 3D scan runs slice by slice: ``axial``, ``coronal`` or ``sagittal``
                 (``None``/``auto``: the model card's, else axial; docs/slice_models.md); ``sliceContext``: a 2.5D
                 model gets each slice and this many neighbours on each side as input channels.
+            sliceAxes: a 2D model on a 3D scan, explained along several slice axes as an ensemble (the CLI's
+                ``--slice-axes``): ``"all"``, ``"axial,coronal"`` or a list; the spread volume is then
+                ``"<scan> heatmap spread (slice axes)"``. Not with ``sliceAxis``; a 3D model gives an InputError.
             tta: mirroring test-time augmentation (the CLI's ``--tta``): the heatmap is the mean map of the scan
                 and its mirror images; the spread map becomes a second volume (``"<scan> heatmap spread (TTA)"``,
                 the heatmap's node reference ``SegHiResCAMSpread``) and the agreement a heatmap attribute.
@@ -420,7 +427,8 @@ class ExplainLogic(ComputeLogic):
                                outputVolume, pointNode, pointIndex, radiusMm, threshold, score, device, addPrediction,
                                predictionSegmentation, weights, errorKind=errorKind, component=component,
                                modelCard=modelCard, channelVolumes=channelVolumes,
-                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta, check=check, folds=folds)
+                               sliceAxis=sliceAxis, sliceContext=sliceContext, tta=tta, check=check, folds=folds,
+                               sliceAxes=sliceAxes)
         return self.apply(request, self.compute(request, progress), show=show)
 
 

@@ -3,9 +3,11 @@
 With mirroring TTA, several weights files or the folds of an nnU-Net folder (:mod:`.ensemble_panel`) the heatmap
 is the mean of the members' maps (:func:`~SegHiResCAMLib.analysis.ensemble.explain_ensemble`); the voxel-wise
 spread map (``std / (|mean| + eps)``: where the members disagree) goes into a volume named
-``"<scan> heatmap spread (TTA)"`` (mirrorings only) or ``"<scan> heatmap spread (ensemble)"`` on the heatmap's
+``"<scan> heatmap spread (TTA)"`` (mirrorings only), ``"<scan> heatmap spread (slice axes)"`` (a 2D model along
+every slice axis only) or ``"<scan> heatmap spread (ensemble)"`` on the heatmap's
 grid, referenced from the heatmap as ``SegHiResCAMSpread``. The agreement (mean pairwise correlation of the maps),
 the number of maps and what the members differ in (``ensembleKind``: ``mirrorings``, ``folds``, ``weights files``,
+``slice axes``,
 joined by `` x ``) are heatmap attributes, read by the summary line (:func:`.panel_text.resultSummary`). A run
 without an ensemble unsets the reference and the attributes: the summary never shows an agreement that belongs to
 an earlier run.
@@ -37,8 +39,10 @@ def ensembleAttributes(info: dict, kind: str = "") -> dict:
 
 
 def spreadName(inputVolume, kind: str) -> str:
-    """``"<scan> heatmap spread (TTA)"`` for mirrorings only, else ``"<scan> heatmap spread (ensemble)"``."""
-    return "%s heatmap spread (%s)" % (inputVolume.GetName(), "TTA" if kind in ("", "mirrorings") else "ensemble")
+    """``"<scan> heatmap spread (TTA)"`` for mirrorings only, ``"<scan> heatmap spread (slice axes)"`` for slice
+    axes only, else ``"<scan> heatmap spread (ensemble)"``."""
+    name = "TTA" if kind in ("", "mirrorings") else "slice axes" if kind == "slice axes" else "ensemble"
+    return "%s heatmap spread (%s)" % (inputVolume.GetName(), name)
 
 
 def applySpread(scene, heatmap, inputVolume, spread, info: dict, metadata: Optional[dict] = None,
