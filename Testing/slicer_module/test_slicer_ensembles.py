@@ -80,14 +80,14 @@ def add_weights(ui, paths):
 
 
 
-def apply_ensemble(panel):
-    """Apply; the heatmap and its spread node (named for an ensemble), after checking the run had no error."""
+def apply_ensemble(panel, kind="ensemble"):
+    """Apply; the heatmap and its spread node (named for ``kind``), after checking the run had no error."""
     panel.ui.applyButton.click()
     run_until_done(panel.widget)
     assert not panel.errors, panel.errors
     heatmap = panel.p.outputVolume
     spread = heatmap.GetNodeReference("SegHiResCAMSpread")
-    assert spread is not None and spread.GetName() == "scan heatmap spread (ensemble)"
+    assert spread is not None and spread.GetName() == "scan heatmap spread (%s)" % kind
     return heatmap, spread
 
 def cli_ensemble(tmp_path, volume, model_args):
@@ -180,18 +180,25 @@ def write_nnunet(folder, folds):
     return folder
 
 
+
+def apply_folds_like_the_cli(panel, tmp_path, folder, folds, members):
+    """Apply a fold ensemble; its mean and spread maps must be the CLI's ``--model-args '{"fold": folds}'``, with
+    ``members`` (fold folder names); returns the heatmap node and the CLI's record."""
+    heatmap, spread = apply_ensemble(panel)
+    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", folder, "--model-args",
+                                                                     '{"fold": "%s"}' % folds])
+    assert [m["model"].rsplit("/", 1)[1] for m in record["ensemble"]["members"]] == members
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    return heatmap, record
+
 def test_all_folds_of_an_nnunet_folder_give_the_command_lines_fold_ensemble(panel, tmp_path):
     widget, ui, p = panel.widget, panel.ui, panel.p
     folder = write_nnunet(str(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"), (0, 1))
     p.modelPath, p.layer = folder, "auto"
     ui.allFoldsCheckBox.checked = True  # bound to the parameter node
     assert p.allFolds is True and ui.applyButton.enabled, ui.applyButton.toolTip
-    heatmap, spread = apply_ensemble(panel)
-    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", folder, "--model-args",
-                                                                     '{"fold": "auto"}'])
-    assert [m["model"].rsplit("/", 1)[1] for m in record["ensemble"]["members"]] == ["fold_0", "fold_1"]
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    heatmap, record = apply_folds_like_the_cli(panel, tmp_path, folder, "auto", ["fold_0", "fold_1"])
     agreement = "%.3f" % record["agreement"]
     assert "ensemble of folds: mean of 2 maps, agreement %s" % agreement in ui.summaryLabel.text
     ui.allFoldsCheckBox.checked = False  # fold 0 alone: no ensemble
@@ -319,12 +326,7 @@ def test_all_slice_axes_in_the_panel_give_the_command_lines_slice_axes_ensemble(
     p.modelPath, p.weightsPaths, p.targetKind = SPEC2D, weights2d, "prediction"
     ui.sliceAxisComboBox.currentIndex = ui.sliceAxisComboBox.items.index("all")  # bound to the parameter node
     assert p.sliceAxis == "all" and ui.applyButton.enabled, ui.applyButton.toolTip
-    ui.applyButton.click()
-    run_until_done(widget)
-    assert not panel.errors, panel.errors
-    heatmap = p.outputVolume
-    spread = heatmap.GetNodeReference("SegHiResCAMSpread")
-    assert spread is not None and spread.GetName() == "scan heatmap spread (slice axes)"
+    heatmap, spread = apply_ensemble(panel, "slice axes")
     mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", SPEC2D, "--weights", weights2d,
                                                                      "--layer", "dec", "--slice-axes", "all"])
     assert [m["slice_axis"] for m in record["ensemble"]["members"]] == ["axial", "coronal", "sagittal"]
@@ -368,12 +370,7 @@ def test_a_fold_subset_of_an_nnunet_folder_gives_the_command_lines_folds(panel, 
     p.modelPath, p.layer = folder, "auto"
     ui.foldsLineEdit.text = "0,2"  # bound to the parameter node by hand
     assert p.folds == "0,2" and ui.applyButton.enabled, ui.applyButton.toolTip
-    heatmap, spread = apply_ensemble(panel)
-    mean, spread_map, record = cli_ensemble(tmp_path, panel.volume, ["--model", folder, "--model-args",
-                                                                     '{"fold": "0,2"}'])
-    assert [m["model"].rsplit("/", 1)[1] for m in record["ensemble"]["members"]] == ["fold_0", "fold_2"]
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), mean, atol=1e-5)
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), spread_map, atol=1e-4, rtol=1e-4)
+    heatmap, record = apply_folds_like_the_cli(panel, tmp_path, folder, "0,2", ["fold_0", "fold_2"])
     assert "ensemble of folds: mean of 2 maps, agreement %.3f" % record["agreement"] in ui.summaryLabel.text
     p.folds = "1"  # the parameter node drives the field
     assert ui.foldsLineEdit.text == "1"
