@@ -342,6 +342,27 @@ def test_all_slice_axes_in_the_panel_give_the_command_lines_slice_axes_ensemble(
     assert widget._job is None and node_ids() == before
 
 
+def test_slice_axes_ensemble_through_the_worker_process(monkeypatch, weights2d):
+    """The panel's default runner, the persistent worker process: the slice axis ``all`` of a 2D model gives the
+    in-process result, the spread volume and the agreement (the request's slice axes reach the worker)."""
+    made = panel_on(monkeypatch)
+    try:
+        widget, ui, p = made.widget, made.ui, made.p
+        assert isinstance(widget.runner, slicer_job.ProcessRunner)
+        p.modelPath, p.weightsPaths, p.targetKind = SPEC2D, weights2d, "prediction"
+        ui.sliceAxisComboBox.currentIndex = ui.sliceAxisComboBox.items.index("all")
+        heatmap, spread = apply_ensemble(made, "slice axes")
+        assert widget.runner.worker is not None and widget.runner.worker.pid != os.getpid()
+        expected = widget.logic.compute(widget.logic.prepareFromParameters(p))  # in this process
+        assert expected.info["ensemble"]["members"] == 3
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected.heatmap, atol=1e-6)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), expected.spread, atol=1e-5, rtol=1e-5)
+        assert ("ensemble of slice axes: mean of 3 maps, agreement %.3f" % expected.info["ensemble"]["agreement"]
+                in ui.summaryLabel.text)
+    finally:
+        made.app.quit()
+
+
 def test_slice_axes_of_a_3d_model_give_one_error_and_add_nothing(panel):
     """All slice axes with a 3D model (it sees the whole scan): the run stops with one error and adds nothing;
     headless, ``process(..., sliceAxes="all")`` raises one InputError; bad axes are refused before any run."""
