@@ -80,10 +80,10 @@ def add_weights(ui, paths):
 
 
 
-def apply_ensemble(panel, kind="ensemble"):
+def apply_ensemble(panel, kind="ensemble", timeout=120.0):
     """Apply; the heatmap and its spread node (named for ``kind``), after checking the run had no error."""
     panel.ui.applyButton.click()
-    run_until_done(panel.widget)
+    run_until_done(panel.widget, timeout)
     assert not panel.errors, panel.errors
     heatmap = panel.p.outputVolume
     spread = heatmap.GetNodeReference("SegHiResCAMSpread")
@@ -278,31 +278,38 @@ def test_the_analyses_refuse_an_ensemble(panel, weights):
 
 
 # ---------------------------------------------------------------------------------------------- worker process
-def test_weights_ensemble_with_tta_through_the_worker_process(monkeypatch, weights):
-    """The panel's default runner, the persistent worker process: two weights files and mirroring TTA (16
-    members) give the in-process result, the spread volume and the agreement; the worker's request carries them."""
+@pytest.fixture()
+def worker_panel(monkeypatch):
+    """The panel with its default runner, the persistent worker process."""
     made = panel_on(monkeypatch)
-    try:
-        widget, ui, p = made.widget, made.ui, made.p
-        assert isinstance(widget.runner, slicer_job.ProcessRunner)
-        add_weights(ui, weights)
-        ui.ttaCheckBox.checked = True
-        ui.applyButton.click()
-        run_until_done(widget, timeout=300)
-        assert not made.errors, made.errors
-        assert widget.runner.worker is not None and widget.runner.worker.pid != os.getpid()
-        heatmap = p.outputVolume
-        spread = heatmap.GetNodeReference("SegHiResCAMSpread")
-        request = widget.logic.prepareFromParameters(p)
-        assert request.memberWeights == weights and request.tta
-        expected = widget.logic.compute(request)  # in this process
-        assert expected.info["ensemble"]["members"] == 16
-        np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected.heatmap, atol=1e-6)
-        np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), expected.spread, atol=1e-5, rtol=1e-5)
-        assert ("ensemble of weights files x mirrorings: mean of 16 maps, agreement %.3f"
-                % expected.info["ensemble"]["agreement"]) in ui.summaryLabel.text
-    finally:
-        made.app.quit()
+    assert isinstance(made.widget.runner, slicer_job.ProcessRunner)
+    yield made
+    made.app.quit()
+
+
+def matches_in_process(made, heatmap, spread, members, summary):
+    """The worker's result (another process) is the in-process one: heatmap, spread, ``members`` maps and the
+    summary line ``summary: mean of N maps, agreement A``; returns the request."""
+    widget = made.widget
+    assert widget.runner.worker is not None and widget.runner.worker.pid != os.getpid()
+    request = widget.logic.prepareFromParameters(made.p)
+    expected = widget.logic.compute(request)  # in this process
+    assert expected.info["ensemble"]["members"] == members
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected.heatmap, atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), expected.spread, atol=1e-5, rtol=1e-5)
+    assert ("%s: mean of %d maps, agreement %.3f" % (summary, members, expected.info["ensemble"]["agreement"])
+            in made.ui.summaryLabel.text)
+    return request
+
+
+def test_weights_ensemble_with_tta_through_the_worker_process(worker_panel, weights):
+    """Two weights files and mirroring TTA (16 members) through the worker process give the in-process result,
+    the spread volume and the agreement; the worker's request carries them."""
+    add_weights(worker_panel.ui, weights)
+    worker_panel.ui.ttaCheckBox.checked = True
+    heatmap, spread = apply_ensemble(worker_panel, timeout=300)
+    request = matches_in_process(worker_panel, heatmap, spread, 16, "ensemble of weights files x mirrorings")
+    assert request.memberWeights == weights and request.tta
 
 
 # ------------------------------------------------------------------------------------ slice axes, fold subsets
@@ -342,25 +349,14 @@ def test_all_slice_axes_in_the_panel_give_the_command_lines_slice_axes_ensemble(
     assert widget._job is None and node_ids() == before
 
 
-def test_slice_axes_ensemble_through_the_worker_process(monkeypatch, weights2d):
-    """The panel's default runner, the persistent worker process: the slice axis ``all`` of a 2D model gives the
-    in-process result, the spread volume and the agreement (the request's slice axes reach the worker)."""
-    made = panel_on(monkeypatch)
-    try:
-        widget, ui, p = made.widget, made.ui, made.p
-        assert isinstance(widget.runner, slicer_job.ProcessRunner)
-        p.modelPath, p.weightsPaths, p.targetKind = SPEC2D, weights2d, "prediction"
-        ui.sliceAxisComboBox.currentIndex = ui.sliceAxisComboBox.items.index("all")
-        heatmap, spread = apply_ensemble(made, "slice axes")
-        assert widget.runner.worker is not None and widget.runner.worker.pid != os.getpid()
-        expected = widget.logic.compute(widget.logic.prepareFromParameters(p))  # in this process
-        assert expected.info["ensemble"]["members"] == 3
-        np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected.heatmap, atol=1e-6)
-        np.testing.assert_allclose(slicer.util.arrayFromVolume(spread), expected.spread, atol=1e-5, rtol=1e-5)
-        assert ("ensemble of slice axes: mean of 3 maps, agreement %.3f" % expected.info["ensemble"]["agreement"]
-                in ui.summaryLabel.text)
-    finally:
-        made.app.quit()
+def test_slice_axes_ensemble_through_the_worker_process(worker_panel, weights2d):
+    """The slice axis ``all`` of a 2D model through the worker process gives the in-process result, the spread
+    volume and the agreement (the request's slice axes reach the worker)."""
+    p = worker_panel.p
+    p.modelPath, p.weightsPaths, p.targetKind = SPEC2D, weights2d, "prediction"
+    worker_panel.ui.sliceAxisComboBox.currentIndex = worker_panel.ui.sliceAxisComboBox.items.index("all")
+    heatmap, spread = apply_ensemble(worker_panel, "slice axes")
+    matches_in_process(worker_panel, heatmap, spread, 3, "ensemble of slice axes")
 
 
 def test_slice_axes_of_a_3d_model_give_one_error_and_add_nothing(panel):
