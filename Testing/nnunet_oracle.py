@@ -101,7 +101,7 @@ def shrink_plans(path: str) -> None:
         json.dump(plans, handle, indent=1)
 
 
-class _InProcess:
+class InProcess:
     """Stands for the ``multiprocessing`` module in nnU-Net's fingerprint and preprocessing modules: their pools
     become thread pools (a spawned pool re-imports nnU-Net in every worker: minutes on a loaded 2-core machine)."""
 
@@ -114,60 +114,90 @@ class _InProcess:
         return Context
 
 
-def main(out: str) -> None:
-    started = time.time()
-    raw, pre, res = (os.path.join(out, n) for n in ("raw", "preprocessed", "results"))
-    os.environ.update(nnUNet_raw=raw, nnUNet_preprocessed=pre, nnUNet_results=res, nnUNet_n_proc_DA="1",
-                      nnUNet_compile="false")
+def prepare(out: str, **planning) -> dict:
+    """Steps 1-2 up to the plans: the nnU-Net environment of ``out``, the raw dataset, nnU-Net's fingerprint and
+    plans (``planning``: options of ``plan_experiments``). Returns the folders (``raw``, ``pre``, ``res``,
+    ``images``) and the plans file."""
+    folders = {n: os.path.join(out, f) for n, f in (("raw", "raw"), ("pre", "preprocessed"), ("res", "results"),
+                                                    ("images", "images"))}
+    os.environ.update(nnUNet_raw=folders["raw"], nnUNet_preprocessed=folders["pre"], nnUNet_results=folders["res"],
+                      nnUNet_n_proc_DA="1", nnUNet_compile="false")
     import torch  # noqa: PLC0415 - after the environment is set
     torch.set_num_threads(2)
-    images = os.path.join(out, "images")
-    make_raw(raw, images)
+    make_raw(folders["raw"], folders["images"])
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (  # noqa: PLC0415
-        extract_fingerprints, plan_experiments, preprocess)
+        extract_fingerprints, plan_experiments)
     from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor  # noqa: PLC0415
     from nnunetv2.preprocessing.preprocessors import default_preprocessor  # noqa: PLC0415
-    fingerprint_extractor.multiprocessing = default_preprocessor.multiprocessing = _InProcess
+    fingerprint_extractor.multiprocessing = default_preprocessor.multiprocessing = InProcess
     extract_fingerprints([901], num_processes=1, check_dataset_integrity=False, verbose=False)
-    plan_experiments([901])
-    shrink_plans(os.path.join(pre, DATASET, "nnUNetPlans.json"))
-    preprocess([901], configurations=CONFIGURATIONS, num_processes=[1] * len(CONFIGURATIONS), verbose=False)
+    plan_experiments([901], **planning)
+    folders["plans"] = os.path.join(folders["pre"], DATASET, "nnUNetPlans.json")
+    return folders
+
+
+def train(folders: dict, configurations) -> None:
+    """Steps 2-3 after the plans: shrink them, preprocess ``configurations`` and train each (seed 0)."""
+    import torch  # noqa: PLC0415
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess  # noqa: PLC0415
+    shrink_plans(folders["plans"])
+    preprocess([901], configurations=tuple(configurations), num_processes=[1] * len(configurations), verbose=False)
     from batchgenerators.utilities.file_and_folder_operations import load_json  # noqa: PLC0415
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: PLC0415
     os.environ["nnUNet_n_proc_DA"] = "0"  # training batches in this process
-    plans = load_json(os.path.join(pre, DATASET, "nnUNetPlans.json"))
-    dataset_json = load_json(os.path.join(pre, DATASET, "dataset.json"))
-    for configuration in CONFIGURATIONS:
+    plans = load_json(folders["plans"])
+    dataset_json = load_json(os.path.join(folders["pre"], DATASET, "dataset.json"))
+    for configuration in configurations:
         torch.manual_seed(0)
         plans["continue_training"] = False  # what nnUNetv2_train sets (the trainer pops it)
         trainer = nnUNetTrainer(plans, configuration, "all", dataset_json, device=torch.device("cpu"))
         trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = \
             1, TRAIN_ITERATIONS, 1
         trainer.run_training()
+
+
+def predict(folders: dict, tests: dict) -> dict:
+    """Step 4: ``{"configuration/test/plain|tta/seg|probabilities": array}`` for ``tests`` (configuration ->
+    names of test images), with and without mirroring."""
+    import torch  # noqa: PLC0415
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: PLC0415
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO  # noqa: PLC0415
     oracle = {}
-    for configuration in CONFIGURATIONS:
-        folder = os.path.join(res, DATASET, "nnUNetTrainer__nnUNetPlans__%s" % configuration)
+    for configuration, names in tests.items():
+        folder = os.path.join(folders["res"], DATASET, "nnUNetTrainer__nnUNetPlans__%s" % configuration)
         for tta in (False, True):
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
                                         perform_everything_on_device=False, device=torch.device("cpu"),
                                         verbose=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(folder, use_folds=("all",),
                                                            checkpoint_name="checkpoint_final.pth")
-            for name in (TESTS if configuration == "3d_fullres" else ("flipped",)):  # 2d: slice by slice, slow
-                data, props = SimpleITKIO().read_images([os.path.join(images, "%s.nii.gz" % name)])
+            for name in names:
+                data, props = SimpleITKIO().read_images([os.path.join(folders["images"], "%s.nii.gz" % name)])
                 seg, probs = predictor.predict_single_npy_array(data, {"spacing": props["spacing"]}, None, None, True)
                 key = "%s/%s/%s" % (configuration, name, "tta" if tta else "plain")
                 oracle[key + "/seg"] = seg.astype(np.uint8)
                 oracle[key + "/probabilities"] = probs.astype(np.float32)
-    np.savez_compressed(os.path.join(out, "oracle.npz"), **oracle)
-    import nnunetv2  # noqa: PLC0415
+    return oracle
+
+
+def finish(out: str, oracle: dict, started: float, configurations, **record) -> None:
+    """``oracle.npz`` and ``done.json`` (versions, seconds, configurations, tests, dataset and ``record``)."""
+    import torch  # noqa: PLC0415
     from importlib.metadata import version  # noqa: PLC0415
+    np.savez_compressed(os.path.join(out, "oracle.npz"), **oracle)
     with open(os.path.join(out, "done.json"), "w") as handle:
-        json.dump({"nnunetv2": version("nnunetv2"), "torch": torch.__version__, "seconds": time.time() - started,
-                   "configurations": list(CONFIGURATIONS), "tests": list(TESTS), "dataset": DATASET}, handle)
-    del nnunetv2
+        json.dump(dict({"nnunetv2": version("nnunetv2"), "torch": torch.__version__,
+                        "seconds": time.time() - started, "configurations": list(configurations),
+                        "tests": list(TESTS), "dataset": DATASET}, **record), handle)
+
+
+def main(out: str) -> None:
+    started = time.time()
+    folders = prepare(out)
+    train(folders, CONFIGURATIONS)
+    oracle = predict(folders, {c: TESTS if c == "3d_fullres" else ("flipped",)  # 2d: slice by slice, slow
+                               for c in CONFIGURATIONS})
+    finish(out, oracle, started, CONFIGURATIONS)
 
 
 if __name__ == "__main__":
