@@ -137,7 +137,11 @@ def prepare(out: str, **planning) -> dict:
 
 
 def train(folders: dict, configurations) -> None:
-    """Steps 2-3 after the plans: shrink them, preprocess ``configurations`` and train each (seed 0)."""
+    """Steps 2-3 after the plans: shrink them, preprocess ``configurations`` and train each (seed 0 for torch,
+    numpy and ``random``: nnU-Net's data loading and augmentation draw from all three, so an unseeded run trains
+    another model every time)."""
+    import random  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess  # noqa: PLC0415
     shrink_plans(folders["plans"])
@@ -149,6 +153,8 @@ def train(folders: dict, configurations) -> None:
     dataset_json = load_json(os.path.join(folders["pre"], DATASET, "dataset.json"))
     for configuration in configurations:
         torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
         plans["continue_training"] = False  # what nnUNetv2_train sets (the trainer pops it)
         trainer = nnUNetTrainer(plans, configuration, "all", dataset_json, device=torch.device("cpu"))
         trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = \
