@@ -44,3 +44,13 @@ def node_ids(scene=None):
     """The sorted IDs of every node in ``scene`` (default: ``slicer.mrmlScene``): to show that nothing was added."""
     scene = slicer.mrmlScene if scene is None else scene
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def open_panel(module, monkeypatch):
+    """Load ``module`` (the scripted module's Python module) and select it as the application does, with its error
+    dialogs (``slicer.util.errorDisplay``) collected instead of shown; returns ``(widget, errors)``. The caller quits
+    ``slicer.app`` when done."""
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
+    slicer.app.loadModule(module)
+    return slicer.app.selectModule(module.__name__), errors

@@ -99,11 +99,7 @@ def test_the_worker_process_applies_the_card_and_the_channels(files, volumes):
 
 def test_panel_card_chooser_and_channel_selectors_drive_the_run(files, volumes, tmp_path, monkeypatch):
     t1, t2 = volumes
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
-    app = slicer.app
-    app.loadModule(SegHiResCAM)
-    widget = app.selectModule("SegHiResCAM")
+    widget, errors = slicer_fixtures.open_panel(SegHiResCAM, monkeypatch)
     try:
         widget.runner = slicer_job.ThreadRunner(widget.logic)
         ui, p = widget.ui, widget._parameterNode
@@ -124,4 +120,4 @@ def test_panel_card_chooser_and_channel_selectors_drive_the_run(files, volumes, 
         assert ui.modelCardPathLineEdit.currentPath == p.modelCardPath and not ui.applyButton.enabled
         assert "does not exist" in ui.applyButton.toolTip and ui.channel2Label.text == "Channel 2:"
     finally:
-        app.quit()
+        slicer.app.quit()

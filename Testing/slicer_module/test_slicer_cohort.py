@@ -80,11 +80,7 @@ def test_panel_lists_the_cases_and_steps_through_the_flagged_ones(finished, monk
     import SegHiResCAM
     out, frame = finished
     slicer_fixtures.clear_scene()
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
-    app = slicer.app
-    app.loadModule(SegHiResCAM)
-    widget = app.selectModule("SegHiResCAM")
+    widget, errors = slicer_fixtures.open_panel(SegHiResCAM, monkeypatch)
     try:
         ui, p = widget.ui, widget._parameterNode
         assert not ui.cohortShowButton.enabled and not ui.cohortNextButton.enabled
@@ -124,4 +120,4 @@ def test_panel_lists_the_cases_and_steps_through_the_flagged_ones(finished, monk
         assert not ui.cohortNextButton.enabled and not any(
             mrml.get_attributes(slicer.mrmlScene.GetNodeByID(n)).get("role") == ROLE for n in slicer_fixtures.node_ids())
     finally:
-        app.quit()
+        slicer.app.quit()
