@@ -1,6 +1,6 @@
 """Set-up shared by the tests that run the Slicer module on a real slicer-core MRML scene with the tiny factory
-model (test_slicer_logic.py, test_slicer_analysis.py): the model spec, its weights, an oblique anisotropic
-IJKToRAS, a cleared scene and the list of its node IDs.
+model (the tests under Testing/slicer_module/): the model spec, its weights, an oblique anisotropic IJKToRAS, a
+cleared scene, the list of its node IDs and the module's panel opened with its error dialogs collected.
 
 Plain helpers, not fixtures: each test module keeps its own (thin) fixtures, so that what a test depends on stays
 visible in that module. Importing this module sets up ``slicer`` (``slicer_standalone.setup()``, idempotent).

@@ -47,11 +47,8 @@ def panel_on(monkeypatch, runner=None):
     file (the factory spec); ``runner``: the job runner (default: the panel's own worker process)."""
     slicer_fixtures.clear_scene()
     volume = slicer.util.addVolumeFromArray(np.random.RandomState(1).randn(*SHAPE).astype("float32"), name="scan")
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
     app = slicer.app
-    app.loadModule(SegHiResCAM)
-    widget = app.selectModule("SegHiResCAM")
+    widget, errors = slicer_fixtures.open_panel(SegHiResCAM, monkeypatch)
     if runner is not None:
         widget.runner.close()
         widget.runner = runner(widget.logic)

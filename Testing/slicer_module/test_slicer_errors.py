@@ -114,13 +114,10 @@ def test_parameter_node_drives_the_error_target(case):
 
 @pytest.fixture()
 def panel(monkeypatch, case):
-    errors = []
     monkeypatch.setattr(SegHiResCAM.SegHiResCAMLogic, "modelSpec", staticmethod(lambda parameters: MODEL))
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
     old = slicer_standalone.emulate_slicer("5.12")
     app = slicer.app
-    app.loadModule(SegHiResCAM)
-    widget = app.selectModule("SegHiResCAM")
+    widget, errors = slicer_fixtures.open_panel(SegHiResCAM, monkeypatch)
     widget.runner = slicer_job.ThreadRunner(widget.logic)
     p = widget._parameterNode
     p.inputVolume, p.layer, p.device = case["nodes"]["bright"], "detect", "cpu"

@@ -8,7 +8,9 @@ import types
 
 import pytest
 
+import slicer_fixtures
 import slicer_standalone
+from slicer_fixtures import SPEC, node_ids
 
 slicer = slicer_standalone.setup()
 
@@ -17,8 +19,6 @@ from SegHiResCAMLib.slicer_logic import bridge as mrml  # noqa: E402
 from SegHiResCAMLib.slicer_logic import explain as slicer_logic
 from SegHiResCAMLib.slicer_logic import job as slicer_job  # noqa: E402
 from SegHiResCAMLib.errors import CancelledError  # noqa: E402
-
-SPEC = "toy_models:unet3d"
 
 
 @pytest.fixture()
@@ -31,18 +31,14 @@ def slicer_version():
 def panel(monkeypatch, slicer_version):
     """The module as the application shows it: loaded into ``slicer.modules``, its widget made and ``setup()`` on
     the stand-in widgets of the real .ui, then ``enter()``; ``exit()`` and ``cleanup()`` at the end."""
-    slicer.mrmlScene.Clear()
-    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    slicer_fixtures.clear_scene()
     volume = slicer.util.addVolumeFromArray(
         __import__("numpy").random.RandomState(1).randn(10, 16, 12).astype("float32"), name="scan")
     # the panel offers files; a factory model here
     monkeypatch.setattr(SegHiResCAM.SegHiResCAMLogic, "modelSpec", staticmethod(lambda parameters: SPEC))
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
     old = slicer_standalone.emulate_slicer(slicer_version)
     app = slicer.app
-    app.loadModule(SegHiResCAM)
-    widget = app.selectModule("SegHiResCAM")
+    widget, errors = slicer_fixtures.open_panel(SegHiResCAM, monkeypatch)
     # the in-process thread runner: the unweighted toy model is drawn from this process's seeded RNG (the worker
     # process, the panel's default, is tested with saved weights in test_worker_process.py)
     widget.runner = slicer_job.ThreadRunner(widget.logic)
@@ -52,11 +48,6 @@ def panel(monkeypatch, slicer_version):
     yield types.SimpleNamespace(widget=widget, ui=widget.ui, p=p, volume=volume, errors=errors, app=app)
     app.quit()
     slicer_standalone.emulate_slicer(old)
-
-
-def node_ids():
-    scene = slicer.mrmlScene
-    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 
 
 def run_until_done(widget, timeout=60.0, holdGIL=False):

@@ -43,11 +43,8 @@ def panel(monkeypatch, weights):
     slicer.util.addVolumeFromArray(np.random.RandomState(1).randn(32, 32, 32).astype("float32"), name="scan")
     monkeypatch.setattr(SegHiResCAM.SegHiResCAMLogic, "modelSpec", staticmethod(lambda parameters: SPEC))
     monkeypatch.setattr(SegHiResCAM.SegHiResCAMLogic, "prepare", prepare_with(weights))
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
     app = slicer.app
-    app.loadModule(SegHiResCAM)
-    widget = app.selectModule("SegHiResCAM")
+    widget, errors = slicer_fixtures.open_panel(SegHiResCAM, monkeypatch)
     widget._parameterNode.layer = "dec"
     yield widget, errors
     app.quit()
