@@ -1,5 +1,6 @@
 """Shared fixtures for the SegHiResCAM test suite (plain pytest, no Slicer application)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -15,6 +16,22 @@ torch.set_flush_denormal(True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+#: the repository's studies/ folder (scripts, not a package)
+STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies")
+
+
+@pytest.fixture(scope="session")
+def load_study():
+    """``load_study(name)``: the script ``studies/<name>.py`` loaded as a fresh module ``<name>_study`` (its
+    functions are tested without running its ``main``)."""
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name + "_study", os.path.join(STUDIES, name + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -1,7 +1,6 @@
 """The rules of studies/faithfulness.py (box placement, box size, per-scan and cross-scan rankings) on synthetic
 inputs: no model runs."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -9,15 +8,10 @@ import pytest
 
 from SegHiResCAMLib.geometry import Geometry
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "studies", "faithfulness.py")
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("faithfulness_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_study):
+    return load_study("faithfulness")
 
 
 def _geometry(shape, spacing, superior_up=True):

@@ -2,7 +2,6 @@
 whole pipeline at a toy size (tiny networks, 32^3, two training steps)."""
 
 import csv
-import importlib.util
 import math
 import os
 
@@ -12,16 +11,10 @@ import torch
 
 from SegHiResCAMLib import catalog
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "studies",
-                      "known_truth.py")
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("known_truth_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_study):
+    return load_study("known_truth")
 
 
 def _tiny_case(study):
