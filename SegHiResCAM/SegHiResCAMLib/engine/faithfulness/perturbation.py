@@ -28,7 +28,7 @@ from torch import nn
 from ...errors import InputError, InternalError, ModelError, SegHiResCAMError
 from ..cam import ProgressCallback, check_input
 from ..hooks import model_guard
-from ..outputs import available_bytes, main_output
+from ..outputs import available_bytes, main_output, reusing_freed_memory
 from ..targets import SegmentTarget
 
 BASELINES = ("blur", "mean", "zero")
@@ -189,7 +189,7 @@ class _Scorer:
     def __call__(self, inputs: Callable[[int], torch.Tensor], count: int,
                  report: Callable[[int], None] = lambda done: None) -> List[float]:
         scores: List[float] = []
-        with model_guard(self.model, eval_mode=self.eval_mode), torch.no_grad():
+        with model_guard(self.model, eval_mode=self.eval_mode), torch.no_grad(), reusing_freed_memory():
             while len(scores) < count:
                 size = min(self.batch_size, count - len(scores))
                 batch = torch.cat([inputs(len(scores) + i) for i in range(size)])

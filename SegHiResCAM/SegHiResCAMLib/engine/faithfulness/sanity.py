@@ -27,6 +27,7 @@ from torch import nn
 from ...errors import InputError, LayerError, close_matches
 from ..cam import CAMResult, ProgressCallback, compute_cams
 from ..hooks import model_guard
+from ..outputs import reusing_freed_memory
 from ..regions import ClassView, MaskRegion, Region
 from ..targets import SegmentTarget
 
@@ -363,24 +364,25 @@ def model_randomization(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         _replay(replayed[name], outputs)
     done: set = set()
     results = []
-    try:
-        for index, (label, names) in enumerate(plan):
-            report(index / len(plan), "randomised model, stage %s" % label)
-            randomize_modules(clone, [n for n in names if n not in done], seed)
-            done.update(names)
-            maps = compute_cams(clone, x, [frozen], list(layers), list(methods), **cam_options)
-            stage = SanityStage(label, list(names), map_correlations(reference, maps, domain) if whole or
-                                segment is None else {})
-            if segment is not None:
-                inside = segment.bool() if domain is None else segment.bool() & domain.bool()
-                stage.correlations_in_segment = map_correlations(reference, maps, inside)
-            stage.warnings = sorted({w for r in maps for w in r.warnings})
-            results.append(stage)
-            del maps
-            for name in upstream or {}:  # later stages re-initialise further down: compute everything
-                replayed[name].__dict__.pop("forward", None)
-    finally:
-        del clone
+    with reusing_freed_memory():  # the stages repeat one pass: keep its memory between them
+        try:
+            for index, (label, names) in enumerate(plan):
+                report(index / len(plan), "randomised model, stage %s" % label)
+                randomize_modules(clone, [n for n in names if n not in done], seed)
+                done.update(names)
+                maps = compute_cams(clone, x, [frozen], list(layers), list(methods), **cam_options)
+                stage = SanityStage(label, list(names), map_correlations(reference, maps, domain) if whole or
+                                    segment is None else {})
+                if segment is not None:
+                    inside = segment.bool() if domain is None else segment.bool() & domain.bool()
+                    stage.correlations_in_segment = map_correlations(reference, maps, inside)
+                stage.warnings = sorted({w for r in maps for w in r.warnings})
+                results.append(stage)
+                del maps
+                for name in upstream or {}:  # later stages re-initialise further down: compute everything
+                    replayed[name].__dict__.pop("forward", None)
+        finally:
+            del clone
     report(1.0, "done")
     return results
 
