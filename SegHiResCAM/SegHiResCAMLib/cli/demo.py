@@ -3,6 +3,7 @@
 
 import argparse
 import os
+import sys
 
 from . import common
 
@@ -29,5 +30,8 @@ def run(args: argparse.Namespace) -> int:
     for row in data["heatmaps"]:
         print("%-20s %-10s heat inside/outside brain %.2f  %s" % (row["method"], row["layer"], row["ratio"],
                                                                 row["figure"]))
+    for row in data["heatmaps"]:  # e.g. Seg-Grad CAM at context5: the gradients' spatial means cancel
+        for warning in row.get("warnings") or []:
+            print("seghirescam: warning: %s / %s: %s" % (row["method"], row["layer"], warning), file=sys.stderr)
     print("report: %s" % os.path.join(args.out, "report.md"))
     return 0
