@@ -94,11 +94,11 @@ def reusing_freed_memory() -> Iterator[bool]:
     For loops of same-sized forward passes on the CPU (deletion/insertion curves, model randomisation). glibc
     serves every allocation above 32 MiB (a 3D activation) with fresh pages from the system and returns them when
     freed, so each pass pays the kernel for zeroing its whole working set again: a quarter of the CPU time of an
-    HD-BET forward pass on a 128x160x144 grid here. Kept memory makes the same passes 1.36x faster (14.5 s ->
-    10.65 s per pass, 2 threads; ``benchmarks/results/malloc.md``) for a peak resident set 1.5x the pass's
-    (2.4 -> 3.7 GB), as freed blocks are reused rather than merged. Yields whether it is in effect: only with
-    glibc, and not when the environment variable ``SEGHIRESCAM_MALLOC`` is ``system``. Nested and concurrent
-    blocks share one setting, restored when the last one ends. Results are bit-identical either way.
+    HD-BET forward pass on a 128x160x144 grid here. Kept memory makes the same deletion/insertion passes 1.27x
+    faster (14.9 -> 11.7 s per pass on 2 threads, scores bit-identical; ``benchmarks/results/malloc.md``) for a
+    peak resident set about 1.2x as large (2.5 -> 2.9-3.2 GB), as freed blocks are reused rather than merged.
+    Yields whether it is in effect: only with glibc, and not when the environment variable ``SEGHIRESCAM_MALLOC``
+    is ``system``. Nested and concurrent blocks share one setting, restored when the last one ends.
     """
     global _reuse_depth
     libc = None if os.environ.get(MALLOC_VARIABLE, "").strip().lower() == "system" else _glibc()
