@@ -257,6 +257,24 @@ def test_evaluate_command_writes_table_json_markdown_and_plot(case, capsys):
     assert "| method | layer |" in open(out_md).read()
 
 
+def test_evaluate_steps_take_interior_fractions(case, capsys):
+    out_json = str(case["folder"] / "eval-fractions.json")
+    base = ["evaluate", "--model", "toy_models:unet3d", "--weights", case["weights"], "--image",
+            case["paths"][".nrrd"], "--methods", "seg-grad-cam", "--layers", "dec", "--sanity-stages", "0",
+            "--random-targets", "--no-random-reference"]
+    code, out, err = run(base + ["--steps", "0.25,0.75", "--out-json", out_json], capsys)
+    assert code == 0, err
+    assert "will run 5 forward passes (1 maps x 2 curves x 2 interior steps + 1)" in err
+    data = json.load(open(out_json))
+    assert data["metadata"]["options"]["steps"] == [0.0, 0.25, 0.75, 1.0]
+    assert data["curves"]["seg-grad-cam @ dec"]["deletion"]["fractions"] == [0.0, 0.25, 0.75, 1.0]
+    assert data["metadata"]["shortcut"]["measured_error"] is None  # the benchmark measured the default steps only
+    for bad in ("0.75,0.25", "0,0.5", "0.5,1", "0", "x", "0.5,,0.6x"):
+        code, out, err = run(base + ["--steps", bad, "--out-json", str(case["folder"] / "bad.json")], capsys)
+        assert code == 2 and err.count("\n") == 1 and "--steps" in err, (bad, err)
+        assert not os.path.exists(str(case["folder"] / "bad.json"))
+
+
 def test_sa_score_command_writes_tables_plot_and_map(case, capsys):
     import csv
     out_csv = str(case["folder"] / "sa.csv")

@@ -33,6 +33,29 @@ def _stages(text: str) -> Union[int, List[str], None]:
     return [name.strip() for name in text.split(",") if name.strip()] or None
 
 
+def _steps(text: str):
+    """``--steps``: a whole number of equal steps (>= 1), or interior fractions ``a,b,...`` strictly between 0 and 1
+    in increasing order (returned with 0 and 1 added)."""
+    text = text.strip()
+    if "," not in text and "." not in text:
+        try:
+            count = int(text)
+        except ValueError:
+            count = 0
+        if count >= 1:
+            return count
+        raise InputError("--steps must be a number of steps >= 1 or interior fractions such as 0.25,0.5,0.75; "
+                         "got %r" % text)
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 < v < 1.0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise InputError("--steps fractions must lie strictly between 0 and 1 in increasing order, such as "
+                         "0.25,0.5,0.75 (0 and 1 are added); got %r" % text)
+    return [0.0] + values + [1.0]
+
+
 def add_parser(subparsers) -> None:
     """Register ``evaluate`` on the ``seghirescam`` sub-command parser."""
     methods = list(catalog.method_names())
@@ -49,8 +72,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--methods", nargs="+", default=methods, choices=methods,
                    metavar="METHOD", help="default: all (%s)" % ", ".join(methods))
     p.add_argument("--layers", nargs="+", default=["auto"], metavar="LAYER", help="default: auto")
-    p.add_argument("--steps", type=int, help="deletion/insertion steps (default: with --exact 10: 0, 10, ..., 100%%; "
-                   "else 2 interior points placed at the target's share of the image and halfway to the end)")
+    p.add_argument("--steps", help="deletion/insertion steps: a number of equal steps (with --exact "
+                   "default 10: 0, 10, ..., 100%%) or the interior fractions to score, e.g. 0.125,0.375,0.625,0.875 "
+                   "(0 and 1 are added); default without --exact: 2 interior points, at half the target's share of "
+                   "the image and at that share")
     p.add_argument("--exact", action="store_true",
                    help="the full computation: every perturbed input runs on the whole image (slow on 3D scans); "
                    "default: only the target's bounding box plus --margin runs (see benchmarks/results/evaluate.md)")
@@ -99,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     common.check_outputs(outputs, protect)
     if len({os.path.abspath(p) for p in outputs}) != len(outputs):
         raise InputError("--out-json, --out-md and --plot must be different files")
-    if args.steps is not None and args.steps < 1:
-        raise InputError("--steps must be >= 1, got %d" % args.steps)
+    steps = None if args.steps is None else _steps(args.steps)
     if args.margin is not None and args.margin < 0:
         raise InputError("--margin must be >= 0 voxels, got %d" % args.margin)
     if args.batch_size is not None and args.batch_size < 1:
@@ -116,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
     if args.crop and model.preprocessing.min_size is not None:
         model = dataclasses.replace(model, preprocessing=dataclasses.replace(model.preprocessing, min_size=None))
     maps = len(args.methods) * len(args.layers) + (0 if args.no_random_reference else 1)
-    interior = (args.steps - 1) if args.steps is not None else (9 if args.exact else 2)
+    interior = (9 if args.exact else 2) if steps is None else (steps - 1 if isinstance(steps, int) else len(steps) - 2)
     if not args.quiet:
         print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
               "steps + 1)%s" % (1 + maps * 2 * interior, maps, interior,
                                 "" if args.exact else " on the target's bounding box + margin (one more pass when "
                                 "that box is smaller than the image; --exact: the whole image)"), file=sys.stderr)
-        if not args.exact and args.steps is None:
+        if not args.exact and steps is None:
             print("seghirescam: note: the shortcut's AUCs were within %.2f (deletion) and %.2f (insertion) of "
                   "--exact on the committed faithfulness study (benchmarks/results/evaluate.md): closer maps may "
                   "change places with --exact" % (MEASURED_ERROR["deletion"], MEASURED_ERROR["insertion"]),
@@ -131,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     progress = common.Progress(args.quiet)
     try:
         evaluation = evaluate_image(model, image, geometry, spec, methods=args.methods, layers=args.layers,
-                                    steps=args.steps, baseline=args.baseline, sigma=args.sigma,
+                                    steps=steps, baseline=args.baseline, sigma=args.sigma,
                                     dilation=args.dilation, batch_size=args.batch_size,
                                     sanity_stages=_stages(args.sanity_stages), random_targets=args.random_targets,
                                     random_reference=not args.no_random_reference, device=args.device,
