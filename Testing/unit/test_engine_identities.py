@@ -1,5 +1,6 @@
 """Exact identities of docs/algorithms.md for every method, 2D and 3D, sigmoid and softmax heads."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,3 +321,16 @@ def test_postprocess_never_overwrites_the_raw_map():
     torch.testing.assert_close(heat, (kept + 2.0) / 6.0)
     heat, flat = postprocess(torch.zeros(1, 2, 2), (4, 4), normalization="max")
     assert flat.all() and not heat.any()
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_is_argmax_equals_argmax_with_ties_and_nan(classes):
+    from SegHiResCAMLib.engine.targets import is_argmax, predicted_mask
+    rng = np.random.RandomState(classes)
+    out = torch.from_numpy(rng.randint(0, 3, size=(2, classes, 5, 6, 7)).astype(np.float32))  # many ties
+    for c in range(classes):
+        assert torch.equal(is_argmax(out, c), out.argmax(dim=1) == c)
+        assert torch.equal(predicted_mask(out, c, "softmax"), out.argmax(dim=1) == c)
+    out[0, classes - 1, 1, 2, 3] = float("nan")  # arg-max ranks NaN highest
+    for c in range(classes):
+        assert torch.equal(is_argmax(out, c), out.argmax(dim=1) == c)

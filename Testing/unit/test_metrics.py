@@ -157,6 +157,18 @@ def test_saliency_order_descending_deterministic_ties_and_domain():
         M.saliency_order(torch.tensor([1.0, float("nan")]))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_saliency_sets_are_the_full_orders_prefixes(seed):
+    rng = np.random.RandomState(seed)
+    heat = torch.from_numpy(np.maximum(rng.randint(-3, 5, size=(9, 10, 11)), 0).astype(np.float32))  # ReLU zeros
+    domain = torch.from_numpy(rng.rand(9, 10, 11) > 0.2)
+    for dom in (None, domain):
+        full = M.saliency_order(heat, dom, seed=seed)
+        counts = (0, 1, 7, 300, full.numel() - 1, full.numel(), full.numel() + 5)
+        for count, chosen in zip(counts, M.saliency_sets(heat, dom, seed=seed, counts=counts)):
+            assert sorted(chosen.tolist()) == sorted(full[:count].tolist()), count
+
+
 # --------------------------------------------------------------------------------------- known-answer curves
 @pytest.mark.parametrize("nd", [2, 3])
 def test_region_model_map_and_deletion_insertion_have_known_answers(nd):
@@ -442,7 +454,7 @@ def test_evaluate_command_writes_json_markdown_and_plot(toy_case, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be a number of steps >= 1"),
     (["--crop", "a,b"], "--crop must be"),
     (["--layers", "nope"], "unknown layer"),
     (["--out-md", "SAME"], "different files"),

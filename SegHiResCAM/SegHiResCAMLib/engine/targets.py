@@ -116,7 +116,21 @@ def predicted_mask(output: torch.Tensor, class_index: int, activation: str = "au
     mask = torch.empty((output.shape[0],) + tuple(output.shape[2:]), dtype=torch.bool, device=output.device)
     with torch.no_grad():
         for part in output_slabs(output):
-            mask[:, part] = output[:, :, part].argmax(dim=1) == class_index
+            mask[:, part] = is_argmax(output[:, :, part], class_index)
+    return mask
+
+
+def is_argmax(output: torch.Tensor, class_index: int) -> torch.Tensor:
+    """``output.argmax(dim=1) == class_index`` (boolean ``[B, *S]``), the first maximum winning ties as in arg-max,
+    by one comparison per other class: arg-max over a short channel axis is a strided reduction that took 0.39 s
+    on a 2 x 128^3 output here, the comparisons 1 ms. NaN outputs take arg-max itself (it ranks NaN highest)."""
+    mine = output[:, class_index]
+    if bool(torch.isnan(output).any()):
+        return output.argmax(dim=1) == class_index
+    mask = torch.ones_like(mine, dtype=torch.bool)
+    for other in range(output.shape[1]):
+        if other != class_index:  # an earlier class wins a tie, a later one does not
+            mask &= (mine > output[:, other]) if other < class_index else (mine >= output[:, other])
     return mask
 
 

@@ -5,7 +5,7 @@ The public entry point of the checks, which live in one module per concern and a
 - :mod:`.perturbation`: **deletion / insertion** curves (Petsiuk, Das, Saenko, *RISE*, BMVC 2018) with the
   original region M fixed along the curve, their AUCs normalised by the unperturbed score ``y0``
   (:func:`perturbation_curves`, :class:`Curve`, :func:`baseline_input`, :func:`gaussian_blur`,
-  :func:`saliency_order`, :func:`auto_batch_size`), and their shortcuts for whole scans (:mod:`.shortcut`: the
+  :func:`saliency_order`, :func:`saliency_sets`, :func:`auto_batch_size`), and their shortcuts for whole scans (:mod:`.shortcut`: the
   crop to the target and its receptive field, :func:`target_box`; well-placed steps, :func:`placed_fractions`).
 - :mod:`.energy`: **energy in the segment**, the fraction of the positive heat inside M (dilated by a max-pool of
   radius r voxels), against the fraction of voxels that M covers (:func:`energy_in_region`,
@@ -27,7 +27,8 @@ Everything is dimension-generic (1 to 3 spatial axes) and works on the explained
 from ..cam import ProgressCallback  # noqa: F401 - the callback type of perturbation_curves / model_randomization
 from .energy import dilate, energy_in_region, region_fraction, region_on_grid
 from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, MODES, Curve, auto_batch_size,  # noqa: F401
-                           baseline_input, gaussian_blur, perturbation_curves, saliency_order)
+                           baseline_input, gaussian_blur, perturbation_curves, saliency_order,
+                           saliency_sets)
 from .shortcut import DEFAULT_MARGIN, MEASURED_ERROR, placed_fractions, target_box
 from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stages, fixed_target, map_correlations,
                      model_randomization, parameter_layers, random_target, randomize_modules, rankdata,
@@ -39,5 +40,5 @@ __all__ = [
     "baseline_input", "cascade_stages", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
     "map_correlations", "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions",
     "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction",
-    "region_on_grid", "saliency_order", "spearman", "target_box", "target_randomization",
+    "region_on_grid", "saliency_order", "saliency_sets", "spearman", "target_box", "target_randomization",
 ]

@@ -3,9 +3,9 @@
 Part of the faithfulness checks gathered in :mod:`SegHiResCAMLib.engine.faithfulness`; dimension-generic (1 to 3 spatial axes).
 
 **Deletion / insertion** (Petsiuk, Das, Saenko, *RISE*, BMVC 2018): rank the input voxels by the heatmap
-(:func:`saliency_order`), replace the top fraction by a baseline (:func:`baseline_input`: Gaussian blur of the
-input, or its mean), record ``y^c_M`` at each step (deletion), or start from the baseline and put the top
-fraction back (insertion). The region M stays the *original* one at every step: ``y^c_M`` is the function the
+(:func:`saliency_order`; :func:`saliency_sets` finds the top fractions by selection, without a sort), replace
+the top fraction by a baseline (:func:`baseline_input`: Gaussian blur of the input, or its mean), record
+``y^c_M`` at each step (deletion), or start from the baseline and put the top fraction back (insertion). The region M stays the *original* one at every step: ``y^c_M`` is the function the
 heatmap explains (the engine differentiated exactly that sum), so only the input may change along the curve.
 Re-computing M from each perturbed prediction would mix two effects — the logits falling, and the summation
 domain shrinking as the prediction vanishes — and a blurred input, whose predicted region is usually empty, would
@@ -79,12 +79,9 @@ def baseline_input(x: torch.Tensor, kind: str = "blur", sigma: float = 5.0,
 
 
 # --------------------------------------------------------------------------------------------- the curves
-def saliency_order(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, seed: int = 0) -> torch.Tensor:
-    """Flat indices of the domain's voxels, most salient first.
-
-    Ties (e.g. the zeros left by ReLU) are broken by a fixed pseudo-random permutation drawn from ``seed``:
-    deterministic, and free of the spatial bias of raster order (which would delete whole slabs of the volume).
-    """
+def _permuted_values(heat: torch.Tensor, domain: Optional[torch.Tensor], seed: int):
+    """The domain's flat indices, the tie-breaking permutation and the negated heat in permuted order: the stable
+    ascending order of those values is the saliency order."""
     flat = heat.detach().reshape(-1)
     if not bool(torch.isfinite(flat).all()):
         raise InputError("the heatmap holds NaN or infinite values; cannot rank its voxels")
@@ -96,8 +93,38 @@ def saliency_order(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, se
         index = domain.reshape(-1).to(flat.device).nonzero().squeeze(1)
     generator = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(index.numel(), generator=generator).to(flat.device)
-    order = torch.argsort(-flat[index][perm], stable=True)
-    return index[perm[order]]
+    return index, perm, -flat[index][perm]
+
+
+def saliency_order(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, seed: int = 0) -> torch.Tensor:
+    """Flat indices of the domain's voxels, most salient first.
+
+    Ties (e.g. the zeros left by ReLU) are broken by a fixed pseudo-random permutation drawn from ``seed``:
+    deterministic, and free of the spatial bias of raster order (which would delete whole slabs of the volume).
+    """
+    index, perm, values = _permuted_values(heat, domain, seed)
+    return index[perm[torch.argsort(values, stable=True)]]
+
+
+def saliency_sets(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, seed: int = 0,
+                  counts: Sequence[int] = ()) -> List[torch.Tensor]:
+    """For each of ``counts``, the flat indices of the ``count`` most salient voxels of the domain: the same set as
+    ``saliency_order(heat, domain, seed)[:count]`` (in another order), found by selection, without a sort. What a
+    deletion or insertion step perturbs."""
+    index, perm, values = _permuted_values(heat, domain, seed)
+    sets = []
+    for count in (int(c) for c in counts):
+        if count >= values.numel():
+            sets.append(index)
+            continue
+        if count <= 0:
+            sets.append(index[:0])
+            continue
+        threshold = torch.kthvalue(values, count).values
+        below = values < threshold
+        tied = (values == threshold).nonzero().squeeze(1)[:count - int(below.sum())]  # earliest positions first
+        sets.append(index[perm[torch.cat([below.nonzero().squeeze(1), tied])]])
+    return sets
 
 
 @dataclass
@@ -302,13 +329,13 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     total_voxels = int(dom.sum()) if dom is not None else int(torch.tensor(spatial).prod())
     counts = [int(round(f * total_voxels)) for f in fractions]
     interior = list(range(1, len(fractions) - 1 if whole else len(fractions)))
-    orders = [saliency_order(heat, dom, seed) for heat in maps]
+    chosen = [dict(zip(interior, saliency_sets(heat, dom, seed, [counts[i] for i in interior]))) for heat in maps]
     jobs = [(m, mode, i) for m in range(len(maps)) for mode in modes for i in interior]
 
     def make(j: int) -> torch.Tensor:
         m, mode, i = jobs[j]
         mask = torch.zeros(x[0, 0].numel(), dtype=torch.bool, device=x.device)
-        mask[orders[m][:counts[i]]] = True
+        mask[chosen[m][i]] = True
         mask = mask.view(spatial)[cut[2:]]
         return torch.where(mask, base_cut, x_cut) if mode == "deletion" else torch.where(mask, x_cut, replaced_cut)
 
@@ -342,4 +369,4 @@ def _fractions(steps) -> List[float]:
 
 
 __all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "MODES", "Curve", "auto_batch_size", "baseline_input",
-           "gaussian_blur", "perturbation_curves", "saliency_order"]
+           "gaussian_blur", "perturbation_curves", "saliency_order", "saliency_sets"]

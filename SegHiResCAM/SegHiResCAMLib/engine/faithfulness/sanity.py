@@ -41,7 +41,7 @@ def rankdata(values) -> torch.Tensor:
     n = v.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
-    order = torch.argsort(v, stable=True)
+    order = torch.argsort(v)  # ties get their average rank whatever their order: no stable sort needed
     ordered = v[order]
     starts_group = torch.ones(n, dtype=torch.bool, device=v.device)
     starts_group[1:] = ordered[1:] != ordered[:-1]
