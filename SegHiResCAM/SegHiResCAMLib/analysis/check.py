@@ -1,4 +1,4 @@
-"""``--check quick``: a one-line verdict on one heatmap, at 1.6-1.8 times the cost of one explain run.
+"""``--check quick``: a one-line verdict on one heatmap, at 1.4-2.9 times the cost of one explain run.
 
 Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHiResCAMLib.engine.faithfulness`):
 
@@ -23,10 +23,12 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2
    gradient-free forward passes on the box in one batch (the unperturbed score ``y0`` is the explain run's).
 
-Cost measured against one explain run: ``benchmarks/results/check.md`` (``studies/benchmark/bench_check.py``):
-1.65x on HD-BET (96^3 crop of the ROBEX atlas), 1.84x on a MONAI UNet (128^3); 2.37x and 2.82x before (the fully
-replaced input, the order probe, the whole-image correlation and the randomised copy's whole forward pass).
-Within issue 18's "2x one explain run", not within 1x.
+Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
+(``studies/benchmark/bench_check.py``): 1.37x on HD-BET (96^3 crop of the ROBEX atlas), 2.85x on a MONAI UNet
+(128^3) whose explain run takes 0.9 s (two forward passes, a backward pass and rank statistics on 2 million
+voxels cost more than the model there); 2.71x and 4.03x before issue 18 part 4 (the fully replaced input, the
+order probe, the whole-image correlation and the randomised copy's whole forward pass). Within issue 18's "2x one
+explain run" for HD-BET, not for that UNet.
 
 The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97``; when the
 explanation carries the agreement of an ensemble or of test-time augmentation (``metadata["agreement"]``, a number
