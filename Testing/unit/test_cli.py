@@ -262,8 +262,15 @@ def test_evaluate_steps_take_interior_fractions(case, capsys):
     base = ["evaluate", "--model", "toy_models:unet3d", "--weights", case["weights"], "--image",
             case["paths"][".nrrd"], "--methods", "seg-grad-cam", "--layers", "dec", "--sanity-stages", "0",
             "--random-targets", "--no-random-reference"]
+    code, out, err = run(base + ["--out-json", out_json], capsys)  # the default steps: the measured error, the hint
+    assert code == 0, err
+    from SegHiResCAMLib.engine.faithfulness import MEASURED_ERROR
+    assert "AUCs were within %.2f (deletion) and %.2f (insertion)" % (MEASURED_ERROR["deletion"],
+                                                                      MEASURED_ERROR["insertion"]) in err
+    assert "--steps 0.125,0.375,0.625,0.875 (about twice the passes) kept every ranking" in err
     code, out, err = run(base + ["--steps", "0.25,0.75", "--out-json", out_json], capsys)
     assert code == 0, err
+    assert "AUCs were within" not in err  # the benchmark measured the default steps only
     assert "will run 5 forward passes (1 maps x 2 curves x 2 interior steps + 1)" in err
     data = json.load(open(out_json))
     assert data["metadata"]["options"]["steps"] == [0.0, 0.25, 0.75, 1.0]
