@@ -167,6 +167,14 @@ def _key(method: str, layer: str) -> str:
     return "%s @ %s" % (method, layer)
 
 
+def interior_steps(steps: Union[int, Sequence[float], None], exact: bool = False) -> int:
+    """The interior deletion/insertion points of ``steps`` (a number of equal steps, or fractions from 0 to 1);
+    without steps, the default's: 9 with ``exact`` (10 equal steps), else the shortcut's 2 placed fractions."""
+    if isinstance(steps, int):
+        return steps - 1
+    return len(list(steps)) - 2 if steps else (9 if exact else 2)
+
+
 def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, target: Optional[TargetSpec] = None,
                    methods: Sequence[str] = METHOD_NAMES, layers: Union[str, Sequence[str]] = "auto",
                    steps: Union[int, Sequence[float], None] = None, baseline: str = "blur", sigma: float = 5.0,
@@ -236,7 +244,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     if sanity_stages:
         n_stages = sanity_stages if isinstance(sanity_stages, int) else len(list(sanity_stages))
     # progress in units of one forward pass on the whole input (a CAM pass: forward + backward ~ 3 of them)
-    planned = (steps - 1) if isinstance(steps, int) else (len(list(steps)) - 2 if steps else (9 if exact else 2))
+    planned = interior_steps(steps, exact)
     n_maps = len(methods) * len(names) + (1 if random_reference else 0)
     clock.plan(cam=3.0 + len(extra), curves=2.0 + n_maps * 2 * planned, stages=3.0 * n_stages)
     t0 = time.perf_counter()
@@ -273,7 +281,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             steps = placed_fractions(fraction)
     elif steps is None:
         steps = 10
-    n_interior = (steps - 1) if isinstance(steps, int) else len(list(steps)) - 2
+    n_interior = interior_steps(steps, exact)
     box_share = 1.0 if box is None else float(np.prod([b.stop - b.start for b in box])) / float(np.prod(spatial))
     clock.plan(curves=(2 + len(maps) * 2 * max(0, n_interior)) * box_share)
     t0 = time.perf_counter()

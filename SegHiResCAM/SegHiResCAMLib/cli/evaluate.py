@@ -112,7 +112,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``seghirescam evaluate``; user errors raise :class:`~SegHiResCAMLib.errors.SegHiResCAMError`."""
-    from ..analysis.evaluate import crop_image, evaluate_image
+    from ..analysis.evaluate import crop_image, evaluate_image, interior_steps
     from ..analysis.explain import TargetSpec
     from ..reporting.figures import plot_curves
     from ..reporting.tables import evaluation_markdown, evaluation_tsv
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if args.crop and model.preprocessing.min_size is not None:
         model = dataclasses.replace(model, preprocessing=dataclasses.replace(model.preprocessing, min_size=None))
     maps = len(args.methods) * len(args.layers) + (0 if args.no_random_reference else 1)
-    interior = (9 if args.exact else 2) if steps is None else (steps - 1 if isinstance(steps, int) else len(steps) - 2)
+    interior = interior_steps(steps, args.exact)
     if not args.quiet:
         print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
               "steps + 1)%s" % (1 + maps * 2 * interior, maps, interior,

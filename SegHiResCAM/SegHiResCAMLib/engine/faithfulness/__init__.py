@@ -5,8 +5,9 @@ The public entry point of the checks, which live in one module per concern and a
 - :mod:`.perturbation`: **deletion / insertion** curves (Petsiuk, Das, Saenko, *RISE*, BMVC 2018) with the
   original region M fixed along the curve, their AUCs normalised by the unperturbed score ``y0``
   (:func:`perturbation_curves`, :class:`Curve`, :func:`baseline_input`, :func:`gaussian_blur`,
-  :func:`saliency_order`, :func:`saliency_sets`, :func:`auto_batch_size`), and their shortcuts for whole scans (:mod:`.shortcut`: the
-  crop to the target and its receptive field, :func:`target_box`; well-placed steps, :func:`placed_fractions`).
+  :func:`saliency_order`, :func:`saliency_sets`, :func:`auto_batch_size`), and their shortcuts for whole scans
+  (:mod:`.shortcut`: the crop to the target and its receptive field, :func:`target_box`; well-placed steps,
+  :func:`placed_fractions`).
 - :mod:`.energy`: **energy in the segment**, the fraction of the positive heat inside M (dilated by a max-pool of
   radius r voxels), against the fraction of voxels that M covers (:func:`energy_in_region`,
   :func:`region_fraction`, :func:`dilate`, :func:`region_on_grid`).

@@ -5,8 +5,9 @@ Part of the faithfulness checks gathered in :mod:`SegHiResCAMLib.engine.faithful
 **Deletion / insertion** (Petsiuk, Das, Saenko, *RISE*, BMVC 2018): rank the input voxels by the heatmap
 (:func:`saliency_order`; :func:`saliency_sets` finds the top fractions by selection, without a sort), replace
 the top fraction by a baseline (:func:`baseline_input`: Gaussian blur of the input, or its mean), record
-``y^c_M`` at each step (deletion), or start from the baseline and put the top fraction back (insertion). The region M stays the *original* one at every step: ``y^c_M`` is the function the
-heatmap explains (the engine differentiated exactly that sum), so only the input may change along the curve.
+``y^c_M`` at each step (deletion), or start from the baseline and put the top fraction back (insertion). The
+region M stays the *original* one at every step: ``y^c_M`` is the function the heatmap explains (the engine
+differentiated exactly that sum), so only the input may change along the curve.
 Re-computing M from each perturbed prediction would mix two effects — the logits falling, and the summation
 domain shrinking as the prediction vanishes — and a blurred input, whose predicted region is usually empty, would
 have no score at all. Curves (:class:`Curve`) are normalised by ``y0``, the score of the unperturbed input; the
@@ -121,9 +122,9 @@ def saliency_sets(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, see
             sets.append(index[:0])
             continue
         threshold = torch.kthvalue(values, count).values
-        below = values < threshold
-        tied = (values == threshold).nonzero().squeeze(1)[:count - int(below.sum())]  # earliest positions first
-        sets.append(index[perm[torch.cat([below.nonzero().squeeze(1), tied])]])
+        below = (values < threshold).nonzero().squeeze(1)
+        tied = (values == threshold).nonzero().squeeze(1)[:count - below.numel()]  # earliest positions first
+        sets.append(index[perm[torch.cat([below, tied])]])
     return sets
 
 
