@@ -21,6 +21,7 @@ from .monai import networks as monai_networks
 from .nnunet import loader as nnunet
 from .nnunet import totalseg
 from .torchscript import loader as torchscript
+from .weights import zero_subnormal_parameters
 
 
 class ModelKind(NamedTuple):
@@ -71,7 +72,8 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
         options: kind-specific options (``fold``, ``configuration``, ``model_args``, ``structure``, ...).
 
     Returns:
-        a :class:`~.base.SegModel`.
+        a :class:`~.base.SegModel`; its subnormal weights are zero (:func:`~.weights.zero_subnormal_parameters`;
+        how many is ``model.resolved["subnormal_parameters_zeroed"]``, in every result's provenance).
     """
     if not spec:
         raise ModelError("no model given; pass a model spec (e.g. package.module:factory --weights FILE)")
@@ -83,6 +85,9 @@ def load_model(spec: str, weights: Optional[str] = None, trust_model: bool = Fal
             model = kind.load(spec, weights=weights, trust_model=trust_model, **options)
             if kind.name in LOGIT_KINDS and model.output == "auto":
                 model.output = "logits"
+            zeroed = zero_subnormal_parameters(model.network)  # same outputs, much faster on many CPUs
+            if zeroed:
+                model.resolved["subnormal_parameters_zeroed"] = zeroed
             return apply_card(model, card) if card is not None else model
     hint = ", ".join(kind_names()[:-1] + ["package.module:factory --weights FILE"])
     raise ModelError("unknown model %r; give one of: %s" % (spec, hint))

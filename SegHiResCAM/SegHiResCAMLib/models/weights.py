@@ -104,3 +104,40 @@ def _first_line(exc: BaseException) -> str:
 
 def maybe_hash(path: Optional[str]) -> Dict[str, str]:
     return {} if not path else {os.path.abspath(path): file_sha256(path)}
+
+
+#: ``dtype: (integer dtype of the same width, exponent bits, fraction bits)``: subnormal = exponent 0, fraction not 0
+_FLOAT_BITS = {torch.float16: (torch.int16, 0x7C00, 0x03FF), torch.bfloat16: (torch.int16, 0x7F80, 0x007F),
+               torch.float32: (torch.int32, 0x7F800000, 0x007FFFFF),
+               torch.float64: (torch.int64, 0x7FF0000000000000, 0x000FFFFFFFFFFFFF)}
+
+
+def _subnormal(tensor: torch.Tensor) -> torch.Tensor:
+    """Where ``tensor`` holds a subnormal number, read from its bits (a comparison would see zero wherever the
+    processor treats subnormals as zero, as :func:`~SegHiResCAMLib.engine.outputs.flush_denormals` makes it)."""
+    int_dtype, exponent, fraction = _FLOAT_BITS[tensor.dtype]
+    bits = tensor.detach().contiguous().view(int_dtype)
+    return ((bits & exponent) == 0) & ((bits & fraction) != 0)
+
+
+def zero_subnormal_parameters(network: nn.Module) -> int:
+    """Set every subnormal floating-point parameter and buffer of ``network`` to zero, in place; returns how many.
+
+    Subnormal numbers (below ``torch.finfo(dtype).tiny`` in magnitude, e.g. 1e-44 in float32) are what weight
+    decay leaves of weights a network stopped using: 45% of HD-BET's parameters. Unless subnormals are treated as
+    zero on every torch thread (:func:`~SegHiResCAMLib.engine.outputs.flush_denormals`, which a Python session
+    may call too late), many CPUs compute them in microcode, and a convolution that meets them runs tens of
+    times slower (``benchmarks/results/subnormal.md``). Their products with activations are below ``1e-30`` and
+    vanish in any sum that is not itself subnormal, so the network's outputs stay the same (bit-identical in that
+    benchmark)."""
+    count = 0
+    with torch.no_grad():
+        for tensor in list(network.parameters()) + list(network.buffers()):
+            if tensor.dtype not in _FLOAT_BITS:
+                continue
+            subnormal = _subnormal(tensor)
+            found = int(subnormal.sum())
+            if found:
+                tensor.masked_fill_(subnormal.view(tensor.shape), 0.0)
+                count += found
+    return count
