@@ -142,6 +142,33 @@ def test_rankdata_and_spearman_match_brute_force(seed):
         M.spearman(grid, grid[:3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.bool])
+def test_rankdata_numpy_sort_gives_the_torch_sorts_ranks(dtype, monkeypatch):
+    """The CPU path (numpy's sort) and the generic path (torch's) give the same ranks, ties, NaN and -0.0 included."""
+    from SegHiResCAMLib.engine.faithfulness import sanity
+    rng = np.random.RandomState(3)
+    values = [torch.from_numpy(rng.randint(0, 5, size=999)).to(dtype),
+              torch.from_numpy(rng.rand(20000) * 3).to(dtype)]
+    if dtype.is_floating_point:
+        values.append(torch.tensor([float("nan"), 1.0, float("nan"), -0.0, 0.0, 2.0], dtype=dtype))
+    fast = [sanity.rankdata(v) for v in values]
+    monkeypatch.setattr(sanity, "_NUMPY_SORTABLE", ())
+    for v, ranks in zip(values, fast):
+        assert torch.equal(ranks, sanity.rankdata(v))
+
+
+def test_saliency_sets_with_a_shared_tie_order_are_the_same():
+    from SegHiResCAMLib.engine.faithfulness.perturbation import _tie_order
+    rng = np.random.RandomState(1)
+    domain = torch.from_numpy(rng.rand(6, 7, 8) > 0.3)
+    ties = _tie_order(domain.numel(), domain, 4, torch.device("cpu"))
+    for _ in range(2):
+        heat = torch.from_numpy(np.maximum(rng.randint(-3, 5, size=(6, 7, 8)), 0).astype(np.float32))
+        for alone, shared in zip(M.saliency_sets(heat, domain, 4, (5, 40, 200)),
+                                 M.saliency_sets(heat, domain, 4, (5, 40, 200), tie_order=ties)):
+            assert torch.equal(alone, shared)
+
+
 def test_saliency_order_descending_deterministic_ties_and_domain():
     heat = torch.tensor([[0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])
     order = M.saliency_order(heat, seed=0)

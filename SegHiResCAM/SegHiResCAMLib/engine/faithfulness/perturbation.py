@@ -20,7 +20,7 @@ higher insertion AUC are more faithful. ``y0 <= 0`` (possible with logits) leave
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,20 +80,30 @@ def baseline_input(x: torch.Tensor, kind: str = "blur", sigma: float = 5.0,
 
 
 # --------------------------------------------------------------------------------------------- the curves
-def _permuted_values(heat: torch.Tensor, domain: Optional[torch.Tensor], seed: int):
+def _tie_order(numel: int, domain: Optional[torch.Tensor], seed: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The domain's flat indices and the tie-breaking permutation of ``seed``: the same for every map of one input
+    (:func:`perturbation_curves` draws it once for all its maps)."""
+    if domain is None:
+        index = torch.arange(numel, device=device)
+    else:
+        if domain.numel() != numel:
+            raise InputError("the domain mask has %d voxels but the heatmap %d" % (domain.numel(), numel))
+        index = domain.reshape(-1).to(device).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(int(seed))
+    return index, torch.randperm(index.numel(), generator=generator).to(device)
+
+
+def _permuted_values(heat: torch.Tensor, domain: Optional[torch.Tensor], seed: int,
+                     tie_order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """The domain's flat indices, the tie-breaking permutation and the negated heat in permuted order: the stable
-    ascending order of those values is the saliency order."""
+    ascending order of those values is the saliency order. ``tie_order``: :func:`_tie_order`'s result, if drawn."""
     flat = heat.detach().reshape(-1)
     if not bool(torch.isfinite(flat).all()):
         raise InputError("the heatmap holds NaN or infinite values; cannot rank its voxels")
-    if domain is None:
-        index = torch.arange(flat.numel(), device=flat.device)
+    if tie_order is None:
+        index, perm = _tie_order(flat.numel(), domain, seed, flat.device)
     else:
-        if domain.numel() != flat.numel():
-            raise InputError("the domain mask has %d voxels but the heatmap %d" % (domain.numel(), flat.numel()))
-        index = domain.reshape(-1).to(flat.device).nonzero().squeeze(1)
-    generator = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(index.numel(), generator=generator).to(flat.device)
+        index, perm = (t.to(flat.device) for t in tie_order)
     return index, perm, -flat[index][perm]
 
 
@@ -108,11 +118,13 @@ def saliency_order(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, se
 
 
 def saliency_sets(heat: torch.Tensor, domain: Optional[torch.Tensor] = None, seed: int = 0,
-                  counts: Sequence[int] = ()) -> List[torch.Tensor]:
+                  counts: Sequence[int] = (), tie_order: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                  ) -> List[torch.Tensor]:
     """For each of ``counts``, the flat indices of the ``count`` most salient voxels of the domain: the same set as
     ``saliency_order(heat, domain, seed)[:count]`` (in another order), found by selection, without a sort. What a
-    deletion or insertion step perturbs."""
-    index, perm, values = _permuted_values(heat, domain, seed)
+    deletion or insertion step perturbs. ``tie_order``: ``_tie_order(heat.numel(), domain, seed, device)``, when
+    several maps share it."""
+    index, perm, values = _permuted_values(heat, domain, seed, tie_order)
     sets = []
     for count in (int(c) for c in counts):
         if count >= values.numel():
@@ -330,7 +342,9 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     total_voxels = int(dom.sum()) if dom is not None else int(torch.tensor(spatial).prod())
     counts = [int(round(f * total_voxels)) for f in fractions]
     interior = list(range(1, len(fractions) - 1 if whole else len(fractions)))
-    chosen = [dict(zip(interior, saliency_sets(heat, dom, seed, [counts[i] for i in interior]))) for heat in maps]
+    ties = _tie_order(maps[0].numel(), dom, seed, maps[0].device) if maps else None  # drawn once for all maps
+    chosen = [dict(zip(interior, saliency_sets(heat, dom, seed, [counts[i] for i in interior], ties)))
+              for heat in maps]
     jobs = [(m, mode, i) for m in range(len(maps)) for mode in modes for i in interior]
 
     def make(j: int) -> torch.Tensor:
