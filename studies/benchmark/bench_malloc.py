@@ -107,6 +107,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(folder: str, name: str, result: dict, markdown) -> None:
+    """``<folder>/<name>.json`` (the raw numbers) and ``<name>.md`` (``markdown(result)``, also printed)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name + ".json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    text = markdown(result)
+    with open(os.path.join(folder, name + ".md"), "w") as handle:
+        handle.write(text)
+    print(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -118,13 +129,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.threads, args.steps)))
         return 0
-    result = run(args.threads, args.steps, args.repeats)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "malloc.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
-    with open(os.path.join(args.out, "malloc.md"), "w") as handle:
-        handle.write(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "malloc", run(args.threads, args.steps, args.repeats), markdown)
     return 0
 
 

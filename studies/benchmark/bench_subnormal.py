@@ -114,13 +114,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.threads, args.size, args.repeats, args.zeroed, args.ftz)))
         return 0
-    result = run(args.threads, args.size, args.repeats)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "subnormal.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
-    with open(os.path.join(args.out, "subnormal.md"), "w") as handle:
-        handle.write(markdown(result))
-    print(markdown(result))
+    from bench_malloc import write_results  # the sibling script (this folder is on sys.path when run)
+    write_results(args.out, "subnormal", run(args.threads, args.size, args.repeats), markdown)
     return 0
 
 
