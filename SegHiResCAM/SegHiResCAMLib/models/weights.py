@@ -123,8 +123,8 @@ def _subnormal(tensor: torch.Tensor) -> torch.Tensor:
 def zero_subnormal_parameters(network: nn.Module) -> int:
     """Set every subnormal floating-point parameter and buffer of ``network`` to zero, in place; returns how many.
 
-    Subnormal numbers (below ``torch.finfo(dtype).tiny`` in magnitude, e.g. 1e-44 in float32) are what weight
-    decay leaves of weights a network stopped using: 45% of HD-BET's parameters. Unless subnormals are treated as
+    Subnormal numbers (below ``torch.finfo(dtype).tiny`` in magnitude, e.g. 1e-44 in float32) can be many in a
+    trained network: 45% of HD-BET's parameters are subnormal. Unless subnormals are treated as
     zero on every torch thread (:func:`~SegHiResCAMLib.engine.outputs.flush_denormals`, which a Python session
     may call too late), many CPUs compute them in microcode, and a convolution that meets them runs tens of
     times slower (``benchmarks/results/subnormal.md``). Their products with activations are below ``1e-30`` and
