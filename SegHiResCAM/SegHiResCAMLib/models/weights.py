@@ -126,7 +126,7 @@ def zero_subnormal_parameters(network: nn.Module) -> int:
     Subnormal numbers (below ``torch.finfo(dtype).tiny`` in magnitude, e.g. 1e-44 in float32) can be many in a
     trained network: 45% of HD-BET's parameters are subnormal. Unless subnormals are treated as
     zero on every torch thread (:func:`~SegHiResCAMLib.engine.outputs.flush_denormals`, which a Python session
-    may call too late), x86 CPUs take a slow path for them: HD-BET's forward pass ran 19x slower with them
+    may call too late), x86 CPUs take a slow path for them: HD-BET's forward pass ran 33x slower with them
     (``benchmarks/results/subnormal.md``). Their products with activations below ``1e8`` are below ``1e-30`` and
     vanish in any sum that is not itself that small, so the network's outputs stay the same (bit-identical in that
     benchmark)."""
