@@ -49,19 +49,9 @@ def rankdata(values) -> torch.Tensor:
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
     if v.device.type == "cpu" and v.dtype in _NUMPY_SORTABLE:
-        a = v.numpy()
-        order = np.argsort(a)
-        ordered = a[order]
-        starts_group = np.empty(n, dtype=bool)
-        starts_group[0] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=starts_group[1:])
-        group = np.cumsum(starts_group) - 1
-        counts = np.bincount(group).astype(np.float64)
-        average = np.cumsum(counts) - (counts - 1) / 2.0  # each group's last rank, less half its spread
-        ranks = np.empty(n, dtype=np.float64)
-        ranks[order] = average[group]
-        return torch.from_numpy(ranks)
-    order = torch.argsort(v)
+        order = torch.from_numpy(np.argsort(v.numpy()))
+    else:
+        order = torch.argsort(v)
     ordered = v[order]
     starts_group = torch.ones(n, dtype=torch.bool, device=v.device)
     starts_group[1:] = ordered[1:] != ordered[:-1]
