@@ -22,11 +22,12 @@ def test_bits_find_subnormals_that_a_comparison_misses():
                         torch.tensor([0.0, -0.0, 1.0, float(torch.finfo(torch.float32).tiny), float("inf"),
                                       float("nan")])])
     assert _subnormal(values).tolist() == [True] * 5 + [False] * 6
-    for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        tiny = torch.finfo(dtype).tiny
-        made = torch.tensor([tiny, tiny / 4, 0.0, 1.0], dtype=torch.float64).to(dtype)
-        if made[1] != 0:  # created without flushing: the conversion kept the subnormal
-            assert _subnormal(made).tolist() == [False, True, False, False]
+    # the other widths, also from bits: the smallest and the largest subnormal, the smallest normal, zero and -0.0
+    for dtype, int_dtype, fraction_bits in ((torch.float16, torch.int16, 10), (torch.bfloat16, torch.int16, 7),
+                                            (torch.float64, torch.int64, 52)):
+        sign = -(2 ** (torch.finfo(dtype).bits - 1))
+        bits = torch.tensor([1, 2 ** fraction_bits - 1, 2 ** fraction_bits, 0, sign], dtype=int_dtype)
+        assert _subnormal(bits.view(dtype)).tolist() == [True, True, False, False, False], dtype
 
 
 def test_loaded_model_has_its_subnormal_weights_zeroed_and_the_same_outputs(tmp_path):
