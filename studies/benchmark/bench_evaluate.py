@@ -55,9 +55,20 @@ def _image(name):
     return image.astype(np.float32), geometry
 
 
-def run_case(name, model, batch_size):
+def _study(name):
+    """The committed faithfulness study's result for one scan (``docs/faithfulness/<name>.json``)."""
     with open(os.path.join(STUDY, "%s.json" % name)) as handle:
-        one = json.load(handle)
+        return json.load(handle)
+
+
+def _energy(one):
+    """``{(method, layer): heat in the predicted brain}`` of a study case's whole-scan check (the study rule's third
+    criterion; empty without a whole-scan check)."""
+    return {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one.get("whole_scan", {}).get("rows", [])}
+
+
+def run_case(name, model, batch_size):
+    one = _study(name)
     image, geometry = _image(name)
     box = [slice(a, b) for a, b in one["crop"]["box"]]
     size = [s.stop - s.start for s in box]
@@ -81,7 +92,7 @@ def run_case(name, model, batch_size):
                       "insertion_auc_full": row["insertion_auc"], "insertion_auc_shortcut": mine["insertion_auc"],
                       "deletion_diff": mine["deletion_auc"] - row["deletion_auc"],
                       "insertion_diff": mine["insertion_auc"] - row["insertion_auc"]})
-    energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one.get("whole_scan", {}).get("rows", [])}
+    energy = _energy(one)
     table_full, ranked_full = study.recommend(full_rows, energy)
     table_fast, ranked_fast = study.recommend(rows, energy)
     meta, full_meta = ev.metadata, one["evaluation"]["metadata"]
@@ -113,10 +124,7 @@ def step_sensitivity(names, subsets=((0.5,), (0.5, 0.75), (0.25, 0.5), (0.25, 0.
     """The study's rankings from its own full computation, with the curves cut to fewer of its 8 equal steps (no
     model run): how much of a ranking the step grid alone decides, how many of the pairs the full computation
     resolves (:func:`pair_orders`) the fewer steps reverse, and their largest AUC error."""
-    cases = {}
-    for name in names:
-        with open(os.path.join(STUDY, "%s.json" % name)) as handle:
-            cases[name] = json.load(handle)
+    cases = {name: _study(name) for name in names}
 
     def cut(fractions):
         tables, out, aucs = {}, {}, {}
@@ -130,7 +138,7 @@ def step_sensitivity(names, subsets=((0.5,), (0.5, 0.75), (0.25, 0.5), (0.25, 0.
                     new[mode + "_auc"] = _auc([known[i] for i in keep], [pair[mode]["normalized"][i] for i in keep])
                     aucs[name][(row["method"], row["layer"]), mode] = new[mode + "_auc"]
                 rows.append(new)
-            energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+            energy = _energy(one)
             tables[name], kept = study.recommend(rows, energy)
             out[name] = [(t["method"], t["layer"]) for t in kept]
         if len(cases) > 1:
@@ -161,14 +169,11 @@ def adaptive_refinement(names, start=(0.5,), grid=8, every_map=False):
     rules, whether it keeps the rankings, and how many of the study's curves are not monotone (where the bracket
     is no bound). ``every_map``: refine the pairs of every map but the random-order row, not only of the kept ones
     (what ``evaluate`` could do without the study's sanity rule)."""
-    cases = {}
-    for name in names:
-        with open(os.path.join(STUDY, "%s.json" % name)) as handle:
-            cases[name] = json.load(handle)
+    cases = {name: _study(name) for name in names}
     out, tables_full, tables_adaptive = {"start": list(start), "cases": {}}, {}, {}
     for name, one in cases.items():
         curves, rows = one["evaluation"]["curves"], one["evaluation"]["rows"]
-        energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+        energy = _energy(one)
         table, kept = study.recommend(rows, energy)
         keys = [(t["method"], t["layer"]) for t in (table if every_map else kept)]
         values = {((r["method"], r["layer"]), mode): curves["%s @ %s" % (r["method"], r["layer"])][mode]["normalized"]
@@ -221,7 +226,7 @@ def adaptive_refinement(names, start=(0.5,), grid=8, every_map=False):
 
 
 def _kept(one):
-    energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+    energy = _energy(one)
     return [(t["method"], t["layer"]) for t in study.recommend(one["evaluation"]["rows"], energy)[1]]
 
 
@@ -264,9 +269,8 @@ def refine_case(name, model, steps=16, batch_size=2):
     rule keeps: whether the study's own ranking survives a finer step grid. Returns the refined rows, the ranking
     with them (every other criterion from the stored study) and the largest difference between the recomputed
     values at the stored study's 8 steps and the stored ones (0 when the recomputation is the study's)."""
-    with open(os.path.join(STUDY, "%s.json" % name)) as handle:
-        one = json.load(handle)
-    energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+    one = _study(name)
+    energy = _energy(one)
     _, kept = study.recommend(one["evaluation"]["rows"], energy)
     keys = [(t["method"], t["layer"]) for t in kept]
     image, geometry = _image(name)
@@ -305,16 +309,14 @@ def analyse(result, folder):
     """The analyses that need no model run: the pairs the full computation resolves and how the shortcut orders
     them, the step-grid sensitivity, and the finer full computation of ``refine.json`` when ``folder`` has one."""
     for c in result["cases"]:
-        with open(os.path.join(STUDY, "%s.json" % c["case"])) as handle:
-            one = json.load(handle)
+        one = _study(c["case"])
         shortcut = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
         c["pairs"] = pair_orders(one, shortcut)
     if result.get("previous_rule"):
         prev = result["previous_rule"]
         prev["pairs"] = {}
         for c in prev["cases"]:
-            with open(os.path.join(STUDY, "%s.json" % c["case"])) as handle:
-                one = json.load(handle)
+            one = _study(c["case"])
             before = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
             prev["pairs"][c["case"]] = pair_orders(one, before)
     names = [c["case"] for c in result["cases"]]
@@ -330,11 +332,10 @@ def analyse(result, folder):
         with open(refined) as handle:
             result["refine"] = json.load(handle)
         for c in result["refine"]["cases"]:
-            with open(os.path.join(STUDY, "%s.json" % c["case"])) as handle:
-                one = json.load(handle)
+            one = _study(c["case"])
             fine = {((d["method"], d["layer"]), mode): d[mode + "_auc"] for d in c["auc"] for mode in MODES}
             c["pairs"] = pair_orders(one, fine)
-            energy = {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one["whole_scan"]["rows"]}
+            energy = _energy(one)
             stored = {(t["method"], t["layer"]): t for t in study.recommend(one["evaluation"]["rows"], energy)[1]}
             c["criterion_ranks_changed"] = [
                 {"map": "%s @ %s" % (t["method"], t["layer"]), "criterion": name,
