@@ -96,6 +96,10 @@ def test_evaluate_shortcut_equals_exact_where_the_margin_covers_the_receptive_fi
     assert "within %.2f (deletion)" % MEASURED_ERROR["deletion"] in evaluation_markdown(default)
     assert "within" not in evaluation_markdown(exact) and "within" not in evaluation_markdown(fast)
     assert default.metadata["cost"]["perturbation_forwards"] == 2 + 3 * 2 * 2
+    # the batch a run used is recorded (it can move scores in the last bits): the given one, or the automatic one
+    assert fast.metadata["options"]["batch_size"] is None and fast.metadata["cost"]["batch_size"] == 2  # 2 on CPU
+    batched = evaluate_image(model, image, geometry, spec, margin=8, batch_size=3, **kw)
+    assert batched.metadata["cost"]["batch_size"] == 3 and "in batches of 3;" in evaluation_markdown(batched)
 
 
 def test_the_stated_error_of_the_shortcut_is_the_benchmarks():

@@ -261,7 +261,38 @@ def test_batching_does_not_change_scores_and_out_of_memory_halves_the_batch():
             np.testing.assert_allclose(a[mode].scores, b[mode].scores, rtol=1e-6)
     with pytest.raises(InternalError, match="out of memory"):
         M.perturbation_curves(FlakyMemory(net, 0), x, target, heats, steps=2)
-    assert 1 <= M.auto_batch_size(x) <= 4
+    assert [c.batch_size for c in one[0].values()] == [1, 1]
+    assert [c.batch_size for c in many[0].values()] == [2, 2]  # the batch used, after halving
+    assert one[0]["deletion"].to_dict()["batch_size"] == 1
+
+
+def test_cpu_batches_pairs_where_memory_allows(monkeypatch):
+    """benchmarks/results/batch.md: on a CPU, pairs pay a little; three or four no more, with more memory."""
+    perturbation = __import__("SegHiResCAMLib.engine.faithfulness.perturbation", fromlist=["available_bytes"])
+    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(perturbation, "available_bytes", lambda device: free["bytes"])
+
+    def auto(*shape):
+        return M.auto_batch_size(torch.empty((1, 1) + shape))
+
+    assert auto(128, 160, 144) == 2 and auto(32, 32, 32) == 2  # (4 before)
+    free["bytes"] = 6 << 30  # half of it holds 1.07 whole-MNI152 inputs, 1.5 of 128^3, 3.6 of 96^3
+    assert auto(128, 160, 144) == 1 and auto(128, 128, 128) == 1 and auto(96, 96, 96) == 2
+
+
+def test_the_automatic_batch_is_that_of_the_boxs_inputs(monkeypatch):
+    """With a box, the scored inputs are the box's: their size sets the automatic batch, not the whole input's."""
+    perturbation = __import__("SegHiResCAMLib.engine.faithfulness.perturbation", fromlist=["available_bytes"])
+    # half the free memory holds one 10^3 input or two 6^3 boxes
+    monkeypatch.setattr(perturbation, "available_bytes", lambda device: 2 * 10 ** 3 * M.AUTO_BYTES_PER_VOXEL)
+    torch.manual_seed(0)
+    net, x, heat = conv(3, 1, 2, 3, padding=1), torch.rand((1, 1) + SHAPES[3]), torch.rand(SHAPES[3])
+    region = torch.zeros((1,) + SHAPES[3], dtype=torch.bool)
+    region[0, 2:5, 2:5, 2:5] = True
+    kw = dict(steps=3, region=region, reference_score=1.0)
+    whole = M.perturbation_curves(net, x, SegmentTarget(1), [heat], **kw)
+    boxed = M.perturbation_curves(net, x, SegmentTarget(1), [heat], box=(slice(0, 6),) * 3, **kw)
+    assert whole[0]["deletion"].batch_size == 1 and boxed[0]["deletion"].batch_size == 2
 
 
 def test_perturbation_input_errors():

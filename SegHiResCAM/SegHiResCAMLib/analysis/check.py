@@ -21,7 +21,8 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    issue 18 part 4 the curve also had the fully replaced input at fraction 1; that point is shared by the map and
    the random ranking, so it moved both AUCs by the same amount and never changed which one is lower
    (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2
-   gradient-free forward passes on the box in one batch (the unperturbed score ``y0`` is the explain run's).
+   gradient-free forward passes on the box, in one batch where free memory holds two
+   (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`; the unperturbed score ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
 (``studies/benchmark/bench_check.py``): 1.37x on HD-BET (96^3 crop of the ROBEX atlas), 2.85x on a MONAI UNet

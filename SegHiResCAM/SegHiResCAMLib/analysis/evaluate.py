@@ -197,7 +197,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             (:func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`).
         baseline, sigma: replacement of removed voxels (``blur`` with ``sigma`` model voxels, ``mean``, ``zero``).
         dilation: radius of the dilated segment, in model voxels.
-        batch_size: perturbed inputs per forward pass (``None``: from free memory).
+        batch_size: perturbed inputs per forward pass (``None``: from free memory and the input's size,
+            :func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`); the one used is ``cost.batch_size``.
         sanity_stages: model-randomisation stages (a number, or module names); ``None`` or 0 skips the check.
         random_targets: kinds of randomised targets (``shift``, ``scatter``, ``class``); empty skips the check.
         random_reference: add a row whose map is uniform noise (what an uninformed ranking scores).
@@ -339,7 +340,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             "note": "perturbed inputs run on the target's bounding box + margin (exact where the margin covers the "
                     "receptive field of a network without global operations); --exact runs the full computation"},
         "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),
-                 "perturbation_forwards": 1 + (box is not None) + n_maps * 2 * n_inner},
+                 "perturbation_forwards": 1 + (box is not None) + n_maps * 2 * n_inner,
+                 "batch_size": curves[0]["deletion"].batch_size if curves else None},
         "timings": timings,
         "normalization": "AUC of score / y0 over the perturbed fraction in [0, 1] (trapezoid); NaN if y0 <= 0",
     }

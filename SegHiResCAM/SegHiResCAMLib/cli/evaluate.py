@@ -84,7 +84,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="replacement of removed voxels")
     p.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur sigma in model voxels (default 5)")
     p.add_argument("--dilation", type=int, default=3, help="radius of the dilated segment in model voxels (default 3)")
-    p.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default: from free memory)")
+    p.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default: from free memory and "
+                   "the input's size, at most 2 on a CPU); the one used is recorded in the JSON")
     p.add_argument("--sanity-stages", default="3",
                    help="model randomisation: a number of stages, or comma-separated module names; 0 skips it")
     p.add_argument("--random-targets", nargs="*", default=["shift", "class"], choices=list(RANDOM_TARGETS),

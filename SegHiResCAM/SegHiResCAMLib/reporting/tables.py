@@ -60,9 +60,12 @@ def evaluation_markdown(evaluation: Evaluation, title: str = "Heatmap faithfulne
                     meta.get("y0", float("nan")),
                     float("nan") if meta.get("y_baseline") is None else meta["y_baseline"]))
     options = meta.get("options", {})
-    lines.append("- deletion/insertion: %s steps, baseline %s (sigma %s voxels), %d forward passes; dilation %s "
+    cost = meta.get("cost", {})
+    lines.append("- deletion/insertion: %s steps, baseline %s (sigma %s voxels), %d forward passes%s; dilation %s "
                  "voxels" % (options.get("steps"), options.get("baseline"), options.get("sigma_voxels"),
-                             meta.get("cost", {}).get("perturbation_forwards", 0), options.get("dilation_voxels")))
+                             cost.get("perturbation_forwards", 0),
+                             " in batches of %d" % cost["batch_size"] if cost.get("batch_size") else "",
+                             options.get("dilation_voxels")))
     lines.append("- timings: %s" % ", ".join("%s %.0f s" % (k, v) for k, v in meta.get("timings", {}).items()))
     rows = evaluation.rows
     if rows:

@@ -150,12 +150,15 @@ class Curve:
             the last fraction scored, for a partial curve).
         scores: the target score ``y^c_M`` (original M) at each fraction.
         reference: ``y0``, the score of the unperturbed input (the normaliser).
+        batch_size: perturbed inputs per forward pass of the run that scored it, after any halving on an
+            out-of-memory error (``None``: not recorded).
     """
 
     mode: str
     fractions: List[float]
     scores: List[float]
     reference: float
+    batch_size: Optional[int] = None
 
     @property
     def normalized(self) -> List[float]:
@@ -177,7 +180,7 @@ class Curve:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "fractions": list(self.fractions), "scores": list(self.scores),
                 "normalized": self.normalized, "reference": self.reference, "auc": self.auc,
-                "auc_raw": self.auc_raw}
+                "auc_raw": self.auc_raw, "batch_size": self.batch_size}
 
 
 def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -185,12 +188,18 @@ def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 def auto_batch_size(x: torch.Tensor, bytes_per_voxel: int = AUTO_BYTES_PER_VOXEL) -> int:
-    """Perturbed inputs per forward pass: half the free memory over ``bytes_per_voxel`` per input voxel,
-    at most 4 on CPU (batching barely speeds CPU convolutions up) and 16 on a GPU."""
-    need = max(1, x[0, 0].numel() * bytes_per_voxel)
-    cap = 16 if x.device.type == "cuda" else 4
+    """Perturbed inputs (each like ``x[:1]``) per forward pass: half the free memory over ``bytes_per_voxel`` per
+    input voxel, at most 2 on a CPU and 16 on a GPU.
+
+    On a CPU a pair saves some per-layer overhead (1.03-1.2x per input, from HD-BET on a whole brain MRI to a
+    MONAI UNet on 128^3); three or four save no more, or lose, and hold more memory (``benchmarks/results/batch.md``,
+    made by ``studies/benchmark/bench_batch.py``). A batched input's scores can differ from its scores alone in
+    the last bits (the convolutions divide the work differently), so evaluate records the batch it used."""
+    voxels = max(1, x[0, 0].numel())
     free = available_bytes(x.device) or 4 << 30  # a platform that does not say: assume 4 GiB
-    return max(1, min(cap, int(0.5 * free // need)))
+    fits = int(0.5 * free // (voxels * bytes_per_voxel))
+    cap = 16 if x.device.type == "cuda" else 2
+    return max(1, min(cap, fits))
 
 
 class _OutOfMemory(InternalError):
@@ -304,9 +313,7 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     dom = None if domain is None else domain.to(device=x.device, dtype=torch.bool).reshape(spatial)
     if dom is not None and not bool(dom.any()):
         raise InputError("the domain mask is empty: no voxel can be perturbed")
-    if batch_size is None:
-        batch_size = auto_batch_size(x)
-    elif int(batch_size) < 1:
+    if batch_size is not None and int(batch_size) < 1:
         raise InputError("batch size must be >= 1, got %r" % (batch_size,))
     report = progress or (lambda f, m: None)
     x = x.detach()
@@ -329,8 +336,9 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         region = region[(slice(None),) + box]
         if bool(region.sum() == 0):
             raise InputError("the crop box holds none of the region's voxels")
-    scorer = _Scorer(model, target, region, output_key, int(batch_size), eval_mode)
     x_cut, base_cut, replaced_cut = x[cut], base[cut], replaced[cut]
+    batch_size = auto_batch_size(x_cut) if batch_size is None else int(batch_size)  # the box's inputs are batched
+    scorer = _Scorer(model, target, region, output_key, batch_size, eval_mode)
     if box is not None and rescore_box:
         report(0.0, "score of the unperturbed box")
         reference_score = scorer(lambda i: x_cut, 1)[0]
@@ -364,7 +372,7 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
             inner = [by_job[(m, mode, i)] for i in interior]
             ends = (reference_score, y_base) if mode == "deletion" else (y_base, reference_score)
             curves[mode] = Curve(mode, list(fractions), [ends[0]] + inner + ([ends[1]] if whole else []),
-                                 float(reference_score))
+                                 float(reference_score), scorer.batch_size)
         results.append(curves)
     report(1.0, "done (%d forward passes, batch %d)" % (scorer.forwards, scorer.batch_size))
     return results
@@ -383,5 +391,5 @@ def _fractions(steps) -> List[float]:
     return values
 
 
-__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "MODES", "Curve", "auto_batch_size", "baseline_input",
-           "gaussian_blur", "perturbation_curves", "saliency_order", "saliency_sets"]
+__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "MODES", "Curve", "auto_batch_size",
+           "baseline_input", "gaussian_blur", "perturbation_curves", "saliency_order", "saliency_sets"]
