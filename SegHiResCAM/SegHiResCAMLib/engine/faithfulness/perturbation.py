@@ -191,9 +191,9 @@ def auto_batch_size(x: torch.Tensor, bytes_per_voxel: int = AUTO_BYTES_PER_VOXEL
     """Perturbed inputs (each like ``x[:1]``) per forward pass: half the free memory over ``bytes_per_voxel`` per
     input voxel, at most 2 on a CPU and 16 on a GPU.
 
-    On a CPU a pair saves some per-layer overhead (1.03-1.2x per input, from HD-BET on a whole brain MRI to a
-    MONAI UNet on 128^3); three or four save no more, or lose, and hold more memory (``benchmarks/results/batch.md``,
-    made by ``studies/benchmark/bench_batch.py``). A batched input's scores can differ from its scores alone in
+    On a CPU a pair ran 1.03-1.19x faster per input than one at a time (from HD-BET on a whole brain MRI to a
+    MONAI UNet on 128^3); three or four gained at most 0.02 more and often lost, and hold more memory
+    (``benchmarks/results/batch.md``, made by ``studies/benchmark/bench_batch.py``). A batched input's scores can differ from its scores alone in
     the last bits (the convolutions divide the work differently), so evaluate records the batch it used."""
     voxels = max(1, x[0, 0].numel())
     free = available_bytes(x.device) or 4 << 30  # a platform that does not say: assume 4 GiB
