@@ -99,6 +99,30 @@ def test_separable_blur_equals_direct_nd_convolution(nd):
     torch.testing.assert_close(M.gaussian_blur(constant, 2.0), constant)
 
 
+def test_blur_gives_the_values_of_the_one_dimensional_convolution_it_replaced():
+    """The shifted sums give, on the CPU, what F.conv1d gave (the blur baseline's values, so every committed
+    deletion/insertion figure, stay as they were)."""
+
+    def by_conv1d(x, sigmas):
+        out = x
+        for axis, s in zip(range(2, x.ndim), sigmas):
+            radius = int(3.0 * s + 0.5)
+            if radius == 0:
+                continue
+            t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+            kernel = torch.exp(-0.5 * (t / s) ** 2)
+            moved = out.movedim(axis, -1)
+            flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
+            out = F.conv1d(flat, (kernel / kernel.sum()).view(1, 1, -1)).view(moved.shape).movedim(-1, axis)
+        return out
+
+    generator = torch.Generator().manual_seed(0)
+    for shape, sigmas in [((1, 1, 37, 50, 23), (5.0,) * 3), ((2, 3, 20, 31, 17), (1.0, 3.0, 0.0)),
+                          ((1, 2, 40, 33), (2.0, 0.7))]:
+        x = torch.randn(shape, generator=generator) * 100 + 50
+        assert torch.equal(M.gaussian_blur(x, sigmas), by_conv1d(x, sigmas)), shape
+
+
 def test_baselines_mean_zero_and_errors():
     x = torch.randn(1, 2, 6, 7)
     domain = torch.zeros(6, 7, dtype=torch.bool)

@@ -42,7 +42,10 @@ AUTO_BYTES_PER_VOXEL = 1024
 def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncate: float = 3.0) -> torch.Tensor:
     """Separable Gaussian blur of ``x`` ``[B, C, *S]`` (sigma in voxels, one value or one per spatial axis).
 
-    One 1-D convolution per axis, kernel radius ``round(truncate * sigma)``, borders extended by replication.
+    One 1-D filter per axis, kernel radius ``round(truncate * sigma)``, borders extended by replication. Each
+    filter is a sum of shifted copies of the padded input weighted by the kernel, taken in kernel order. On a CPU
+    that gave the values of the 1-D convolution used before (``F.conv1d``) bit for bit on every 2D and 3D image
+    tried (within 1e-7 relative on 1D ones), and faster: a one-channel convolution uses the vector units poorly.
     """
     nd = x.ndim - 2
     sigmas = [float(sigma)] * nd if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
@@ -55,11 +58,15 @@ def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncat
             continue
         t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         kernel = torch.exp(-0.5 * (t / s) ** 2)
-        kernel = (kernel / kernel.sum()).view(1, 1, -1)
-        moved = out.movedim(axis, -1)
-        shape = moved.shape
-        flat = F.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius), mode="replicate")
-        out = F.conv1d(flat, kernel).view(shape).movedim(-1, axis)
+        kernel = (kernel / kernel.sum()).tolist()
+        pad = [0] * (2 * nd)  # F.pad's order: last axis first
+        pad[2 * (x.ndim - 1 - axis)] = pad[2 * (x.ndim - 1 - axis) + 1] = radius
+        padded = F.pad(out, pad, mode="replicate")
+        size = out.shape[axis]
+        out = padded.narrow(axis, 0, size) * kernel[0]
+        for shift in range(1, 2 * radius + 1):
+            out.add_(padded.narrow(axis, shift, size), alpha=kernel[shift])
+        del padded
     return out
 
 
