@@ -14,6 +14,7 @@ from torch import nn
 from SegHiResCAMLib.imaging import files as io
 from SegHiResCAMLib.engine import MaskRegion, SegmentTarget, WholeRegion, compute_cams, count_hooks
 from SegHiResCAMLib.engine import faithfulness as M
+from SegHiResCAMLib.engine.faithfulness import perturbation
 from SegHiResCAMLib.errors import InputError, InternalError, SegHiResCAMError
 from SegHiResCAMLib.analysis.evaluate import METHOD_NAMES, RANDOM_ORDER, crop_image, evaluate_image
 from SegHiResCAMLib.cli.evaluate import add_parser, run
@@ -292,7 +293,6 @@ def test_batching_does_not_change_scores_and_out_of_memory_halves_the_batch():
 
 def test_cpu_batches_pairs_where_memory_allows(monkeypatch):
     """benchmarks/results/batch.md: on a CPU, pairs pay a little; three or four no more, with more memory."""
-    perturbation = __import__("SegHiResCAMLib.engine.faithfulness.perturbation", fromlist=["available_bytes"])
     free = {"bytes": 64 << 30}
     monkeypatch.setattr(perturbation, "available_bytes", lambda device: free["bytes"])
 
@@ -306,7 +306,6 @@ def test_cpu_batches_pairs_where_memory_allows(monkeypatch):
 
 def test_the_automatic_batch_is_that_of_the_boxs_inputs(monkeypatch):
     """With a box, the scored inputs are the box's: their size sets the automatic batch, not the whole input's."""
-    perturbation = __import__("SegHiResCAMLib.engine.faithfulness.perturbation", fromlist=["available_bytes"])
     # half the free memory holds one 10^3 input or two 6^3 boxes
     monkeypatch.setattr(perturbation, "available_bytes", lambda device: 2 * 10 ** 3 * M.AUTO_BYTES_PER_VOXEL)
     torch.manual_seed(0)

@@ -200,8 +200,9 @@ def auto_batch_size(x: torch.Tensor, bytes_per_voxel: int = AUTO_BYTES_PER_VOXEL
 
     On a CPU a pair ran 1.03-1.19x faster per input than one at a time (from HD-BET on a whole brain MRI to a
     MONAI UNet on 128^3); three or four gained at most 0.02 more and often lost, and hold more memory
-    (``benchmarks/results/batch.md``, made by ``studies/benchmark/bench_batch.py``). A batched input's scores can differ from its scores alone in
-    the last bits (the convolutions divide the work differently), so evaluate records the batch it used."""
+    (``benchmarks/results/batch.md``, made by ``studies/benchmark/bench_batch.py``). A batched input's scores can
+    differ from its scores alone in the last bits (the convolutions divide the work differently), so evaluate
+    records the batch it used."""
     voxels = max(1, x[0, 0].numel())
     free = available_bytes(x.device) or 4 << 30  # a platform that does not say: assume 4 GiB
     fits = int(0.5 * free // (voxels * bytes_per_voxel))
