@@ -333,7 +333,7 @@ def test_perturbation_input_errors():
 
 
 # ---------------------------------------------------------------------------------------------------- energy
-@pytest.mark.parametrize("nd,radius", [(2, 1), (2, 2), (3, 1)])
+@pytest.mark.parametrize("nd,radius", [(2, 1), (2, 2), (3, 1), (3, 3), (3, 12)])
 def test_dilation_and_energy_against_brute_force(nd, radius):
     shape = SHAPES[nd]
     mask = torch.rand(shape) > 0.93

@@ -47,6 +47,7 @@ from ..engine.faithfulness import (UpstreamRecorder, cascade_stages, dilate, mod
                                    placed_fractions, recording_parameter_layers, region_fraction, region_on_grid,
                                    target_box)
 from ..engine.faithfulness.shortcut import DEFAULT_MARGIN
+from ..engine.outputs import reusing_freed_memory
 from ..engine.targets import SegmentTarget
 from ..errors import InputError, LayerError
 from ..imaging.model_space import ModelSpace
@@ -102,20 +103,22 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
     steps = [0.0, placed_fractions(fraction)[-2]]  # [0, r]: the partial curve (module docstring)
     box = target_box(region, spatial, DEFAULT_MARGIN, align) if tuple(region.shape[1:]) == spatial else None
     noise = torch.rand(spatial, generator=torch.Generator().manual_seed(int(seed) + 1)).to(x.device)
-    with recording_parameter_layers(network) as order:  # the modules' order, from the passes below
-        curves = perturbation_curves(network, x, target, [result.map[0], noise], steps=steps, modes=("deletion",),
-                                     domain=domain, region=region, reference_score=float(result.score[0]),
-                                     output_key=output_key, seed=seed, box=box, rescore_box=False)
-    order = list(order)
-    try:
-        plan = cascade_stages(order, [result.layer])
-        kept = upstream.reusable(result.layer, x) if upstream is not None else None
-    except LayerError:  # a layer without parameters of its own (e.g. an up-sampling): the top half of the network
-        plan, kept = cascade_stages(order, 2), None
-    segment = dilate(region_on_grid(region, spatial), DILATION)[0]
-    stage = model_randomization(network, x, target, [result.layer], [result.method], stages=plan[0][1][:1],
-                                reference=[result], seed=seed, order=order, domain=domain, segment=segment,
-                                output_key=output_key, whole=False, upstream=kept, **method_options)[0]
+    with reusing_freed_memory():  # one block for both checks: the randomised pass reuses the deletion's memory
+        with recording_parameter_layers(network) as order:  # the modules' order, from the passes below
+            curves = perturbation_curves(network, x, target, [result.map[0], noise], steps=steps,
+                                         modes=("deletion",), domain=domain, region=region,
+                                         reference_score=float(result.score[0]), output_key=output_key, seed=seed,
+                                         box=box, rescore_box=False)
+        order = list(order)
+        try:
+            plan = cascade_stages(order, [result.layer])
+            kept = upstream.reusable(result.layer, x) if upstream is not None else None
+        except LayerError:  # a layer without parameters of its own (e.g. an up-sampling): the network's top half
+            plan, kept = cascade_stages(order, 2), None
+        segment = dilate(region_on_grid(region, spatial), DILATION)[0]
+        stage = model_randomization(network, x, target, [result.layer], [result.method], stages=plan[0][1][:1],
+                                    reference=[result], seed=seed, order=order, domain=domain, segment=segment,
+                                    output_key=output_key, whole=False, upstream=kept, **method_options)[0]
     rho_in = stage.correlations_in_segment.get((result.layer, result.method), float("nan"))
     mine, rand = curves[0]["deletion"], curves[1]["deletion"]
     use_raw = not (mine.reference > 0)  # y0 <= 0: the normalised AUC is undefined; the raw one still compares
