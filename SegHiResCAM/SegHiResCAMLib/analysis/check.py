@@ -1,4 +1,4 @@
-"""``--check quick``: a one-line verdict on one heatmap, at 1.4-2.9 times the cost of one explain run.
+"""``--check quick``: a one-line verdict on one heatmap, at 1.35-2.85 times the cost of one explain run.
 
 Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHiResCAMLib.engine.faithfulness`):
 
