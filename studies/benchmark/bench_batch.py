@@ -45,24 +45,14 @@ def _input(case: str):
     """The network (eval mode) and its input ``[1, 1, *S]`` of ``case``."""
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "SegHiResCAM"))
+    sys.path[:0] = [os.path.join(ROOT, "SegHiResCAM"), HERE]
+    from cases import build_unet, ct_sized_input, mni152_model_input
     if case.startswith("unet"):
-        sys.path.insert(0, HERE)
-        from cases import build_unet, ct_sized_input
         torch.manual_seed(0)  # as cases.prepare: the seeded weights of the other benchmarks
         return build_unet().eval(), torch.from_numpy(ct_sized_input((128,) * 3))[None, None].float()
-    from SegHiResCAMLib.analysis.explain import model_input
-    from SegHiResCAMLib.imaging.files import read_image
-    from SegHiResCAMLib.imaging.sample_data import mni152_template
     from SegHiResCAMLib.models import load_model
     model = load_model("hd-bet")
-    image, geometry = read_image(mni152_template().t1)
-    x, _, _ = model_input(model, image, geometry, "cpu")
-    if case != "hdbet-mni":
-        size = int(case.split("-")[1])
-        box = tuple(slice(n // 2 - size // 2, n // 2 - size // 2 + size) for n in x.shape[2:])
-        x = x[(slice(None), slice(None)) + box].contiguous()
-    return model.network.eval(), x
+    return model.network.eval(), mni152_model_input(model, 0 if case == "hdbet-mni" else int(case.split("-")[1]))
 
 
 def child(case: str, batch: int, threads: int, passes: int) -> dict:

@@ -34,11 +34,9 @@ def child(threads: int, size: int, repeats: int, zeroed: bool, ftz: bool) -> dic
 
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "SegHiResCAM"))
-    from SegHiResCAMLib.analysis.explain import model_input
+    sys.path[:0] = [os.path.join(ROOT, "SegHiResCAM"), HERE]
+    from cases import mni152_model_input
     from SegHiResCAMLib.engine.outputs import flush_denormals
-    from SegHiResCAMLib.imaging.files import read_image
-    from SegHiResCAMLib.imaging.sample_data import mni152_template
     from SegHiResCAMLib.models import hdbet
     from SegHiResCAMLib.models.weights import zero_subnormal_parameters
 
@@ -48,10 +46,7 @@ def child(threads: int, size: int, repeats: int, zeroed: bool, ftz: bool) -> dic
     model = hdbet.load()  # the kind's own loader: the weights as stored
     count = sum(p.numel() for p in model.network.parameters())
     zero = zero_subnormal_parameters(model.network) if zeroed else 0
-    image, geometry = read_image(mni152_template().t1)
-    x, _, _ = model_input(model, image, geometry, "cpu")
-    box = tuple(slice(max(0, n // 2 - size // 2), max(0, n // 2 - size // 2) + size) for n in x.shape[2:])
-    x = x[(slice(None), slice(None)) + box].contiguous()
+    x = mni152_model_input(model, size)
     times = []
     with torch.no_grad():
         out = model.network(x)

@@ -87,6 +87,20 @@ def hdbet_input(shape) -> np.ndarray:
     return _centre_fit(image, shape)
 
 
+def mni152_model_input(model, size: int = 0) -> torch.Tensor:
+    """nilearn's MNI152 T1 as ``model``'s input ``[1, 1, *S]`` on the CPU (its own preprocessing and grid), or the
+    central ``size``^3 cube of it."""
+    from SegHiResCAMLib.analysis.explain import model_input
+    from SegHiResCAMLib.imaging.files import read_image
+    from SegHiResCAMLib.imaging.sample_data import mni152_template
+    image, geometry = read_image(mni152_template().t1)
+    x, _, _ = model_input(model, image, geometry, "cpu")
+    if size:
+        box = tuple(slice(max(0, n // 2 - size // 2), max(0, n // 2 - size // 2) + size) for n in x.shape[2:])
+        x = x[(slice(None), slice(None)) + box].contiguous()
+    return x
+
+
 def ct_sized_input(shape, seed: int = 0) -> np.ndarray:
     """A smooth random field plus noise, standing in for a normalised CT (the cost does not depend on content)."""
     g = torch.Generator().manual_seed(seed)

@@ -399,5 +399,5 @@ def _fractions(steps) -> List[float]:
     return values
 
 
-__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "MODES", "Curve", "auto_batch_size",
-           "baseline_input", "gaussian_blur", "perturbation_curves", "saliency_order", "saliency_sets"]
+__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "MODES", "Curve", "auto_batch_size", "baseline_input",
+           "gaussian_blur", "perturbation_curves", "saliency_order", "saliency_sets"]
