@@ -124,6 +124,22 @@ def test_blur_gives_the_values_of_the_one_dimensional_convolution_it_replaced():
         assert torch.equal(M.gaussian_blur(x, sigmas), by_conv1d(x, sigmas)), shape
 
 
+def test_the_baseline_of_a_box_is_the_whole_baseline_cut_to_it():
+    """The scored box's baseline, computed from the box grown by the kernel radius only, has the values of the whole
+    input's baseline there, bit for bit: boxes inside, at the ends, thinner than the radius, one axis unblurred."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn((1, 2, 40, 33, 29), generator=generator) * 100 + 50
+    domain = torch.rand((40, 33, 29), generator=generator) > 0.2
+    boxes = [(slice(10, 30), slice(5, 20), slice(8, 21)), (slice(0, 7), slice(25, 33), slice(0, 29)),
+             (slice(19, 20), slice(0, 2), slice(27, 29)), (slice(None), slice(3, None), slice(0, 5))]
+    for box in boxes:
+        cut = (slice(None), slice(None)) + box
+        for sigma in (5.0, (2.0, 0.0, 7.5)):
+            assert torch.equal(M.gaussian_blur(x, sigma, box=box), M.gaussian_blur(x, sigma)[cut]), (box, sigma)
+        for kind in ("blur", "mean", "zero"):
+            assert torch.equal(M.baseline_input(x, kind, 3.0, domain, box), M.baseline_input(x, kind, 3.0, domain)[cut])
+
+
 def test_baselines_mean_zero_and_errors():
     x = torch.randn(1, 2, 6, 7)
     domain = torch.zeros(6, 7, dtype=torch.bool)

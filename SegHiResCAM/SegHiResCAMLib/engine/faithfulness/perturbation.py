@@ -39,8 +39,18 @@ AUTO_BYTES_PER_VOXEL = 1024
 
 
 # ----------------------------------------------------------------------------------------------- baselines
-def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncate: float = 3.0) -> torch.Tensor:
+def _blur_radius(sigma: float, truncate: float) -> int:
+    return 0 if sigma == 0 else int(truncate * sigma + 0.5)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncate: float = 3.0,
+                  box: Optional[Sequence[slice]] = None) -> torch.Tensor:
     """Separable Gaussian blur of ``x`` ``[B, C, *S]`` (sigma in voxels, one value or one per spatial axis).
+
+    ``box`` (one slice per spatial axis): the blurred input on that box only, ``[B, C, *box]``, computed from the
+    box grown by the kernel radius: the same values as the whole input's blur cut to the box, bit for bit (each
+    voxel sums the same neighbours in the same order; where the grown box meets the input's end, the replicated
+    border is the input's own).
 
     One 1-D filter per axis, kernel radius ``round(truncate * sigma)``, borders extended by replication. Each
     filter is a sum of shifted copies of the padded input weighted by the kernel, taken in kernel order. On a CPU
@@ -51,10 +61,17 @@ def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncat
     sigmas = [float(sigma)] * nd if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     if len(sigmas) != nd or any(s < 0 or not math.isfinite(s) for s in sigmas):
         raise InputError("sigma must be >= 0, one value or one per spatial axis (%d), got %r" % (nd, sigma))
+    if box is not None:
+        spans = [b.indices(n)[:2] for b, n in zip(box, x.shape[2:])]
+        radii = [_blur_radius(s, truncate) for s in sigmas]
+        grown = [slice(max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(spans, radii, x.shape[2:])]
+        inner = tuple(slice(a - g.start, b - g.start) for (a, b), g in zip(spans, grown))
+        return gaussian_blur(x[(slice(None), slice(None)) + tuple(grown)], sigmas, truncate)[
+            (slice(None), slice(None)) + inner]
     out = x
     for axis, s in zip(range(2, x.ndim), sigmas):
-        radius = int(truncate * s + 0.5)
-        if s == 0 or radius == 0:
+        radius = _blur_radius(s, truncate)
+        if radius == 0:
             continue
         t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         kernel = torch.exp(-0.5 * (t / s) ** 2)
@@ -71,19 +88,21 @@ def gaussian_blur(x: torch.Tensor, sigma: Union[float, Sequence[float]], truncat
 
 
 def baseline_input(x: torch.Tensor, kind: str = "blur", sigma: float = 5.0,
-                   domain: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   domain: Optional[torch.Tensor] = None, box: Optional[Sequence[slice]] = None) -> torch.Tensor:
     """What removed voxels are replaced with: ``blur`` (Gaussian, ``sigma`` voxels), ``mean`` (per channel, over
-    the domain) or ``zero``."""
+    the domain) or ``zero``. ``box``: only that box of it (the values of the whole baseline there), computed from
+    no more of ``x`` than it needs."""
     if kind not in BASELINES:
         raise InputError("baseline must be one of %s, got %r" % (", ".join(BASELINES), kind))
+    cut = (slice(None), slice(None)) + (tuple(box) if box is not None else ())
     if kind == "zero":
-        return torch.zeros_like(x)
+        return torch.zeros_like(x[cut])
     if kind == "blur":
-        return gaussian_blur(x, sigma)
+        return gaussian_blur(x, sigma, box=box)
     weights = torch.ones(x.shape[2:], dtype=x.dtype, device=x.device) if domain is None else domain.to(x.dtype)
     dims = tuple(range(2, x.ndim))
     mean = (x * weights).sum(dim=dims, keepdim=True) / weights.sum().clamp_min(1.0)
-    return mean.expand_as(x).clone()
+    return mean.expand_as(x[cut]).clone()
 
 
 # --------------------------------------------------------------------------------------------- the curves
@@ -332,8 +351,6 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         reference_score = float(target(out, region.to(out.device))[0]) if reference_score is None else reference_score
     region = region.to(x.device).bool()
     region = region[None] if region.ndim == len(spatial) else region
-    base = baseline_input(x, baseline, sigma, dom)
-    replaced = base if dom is None else torch.where(dom, base, x)
     cut = (slice(None), slice(None))
     if box is not None:
         box = tuple(box)
@@ -344,7 +361,9 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         region = region[(slice(None),) + box]
         if bool(region.sum() == 0):
             raise InputError("the crop box holds none of the region's voxels")
-    x_cut, base_cut, replaced_cut = x[cut], base[cut], replaced[cut]
+    x_cut = x[cut]
+    base_cut = baseline_input(x, baseline, sigma, dom, box)  # the baseline of the scored box only
+    replaced_cut = base_cut if dom is None else torch.where(dom[cut[2:]], base_cut, x_cut)
     batch_size = auto_batch_size(x_cut) if batch_size is None else int(batch_size)  # the box's inputs are batched
     scorer = _Scorer(model, target, region, output_key, batch_size, eval_mode)
     if box is not None and rescore_box:

@@ -40,18 +40,18 @@ _NUMPY_SORTABLE = (torch.float32, torch.float64, torch.float16, torch.int32, tor
 
 # ----------------------------------------------------------------------------------------- rank correlation
 def rankdata(values) -> torch.Tensor:
-    """1-based ranks of the flattened ``values`` (float64); ties get the average of their ranks.
+    """1-based ranks of the flattened ``values`` (float64); ties get the average of their ranks (NaN are never
+    tied: each is its own group, after every number).
 
-    On the CPU the sort is numpy's (vectorised quicksort: about 4x torch's ``argsort`` on 10^6 floats); ties get
-    their average rank whatever their order, so any sort gives the same ranks."""
+    On the CPU it runs in numpy, whose vectorised sort and indexing are several times faster than torch's on 10^6
+    floats; ties get their average rank whatever their order, so any sort gives the same ranks."""
     v = torch.as_tensor(values).detach().reshape(-1)
     n = v.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
     if v.device.type == "cpu" and v.dtype in _NUMPY_SORTABLE:
-        order = torch.from_numpy(np.argsort(v.numpy()))
-    else:
-        order = torch.argsort(v)
+        return torch.from_numpy(_rankdata_numpy(v.numpy()))
+    order = torch.argsort(v)
     ordered = v[order]
     starts_group = torch.ones(n, dtype=torch.bool, device=v.device)
     starts_group[1:] = ordered[1:] != ordered[:-1]
@@ -61,6 +61,24 @@ def rankdata(values) -> torch.Tensor:
     average = ends - (counts - 1) / 2.0
     ranks = torch.empty(n, dtype=torch.float64, device=v.device)
     ranks[order] = average[group]
+    return ranks
+
+
+def _rankdata_numpy(v: np.ndarray) -> np.ndarray:
+    """:func:`rankdata` of a flat numpy array: each group of equal sorted values gets the mean of its positions."""
+    n = v.size
+    order = np.argsort(v)
+    ordered = v[order]
+    starts = np.empty(n, dtype=bool)
+    starts[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    first = np.flatnonzero(starts)  # sorted position of each group's first member
+    ranks = np.empty(n, dtype=np.float64)
+    if first.size == n:  # no ties
+        ranks[order] = np.arange(1, n + 1, dtype=np.float64)
+        return ranks
+    ends = np.append(first[1:], n)  # one past each group's last member
+    ranks[order] = np.repeat((first + 1 + ends) / 2.0, ends - first)
     return ranks
 
 
