@@ -17,6 +17,9 @@ Run from the repository root (after ``make install``)::
 
     .venv/bin/python studies/benchmark/bench_evaluate.py            # -> benchmarks/results/evaluate.{json,md}
 
+``--rule union`` runs the same cases with three interior points, the default's two and the rule before's
+(``r / 2``, ``r`` and ``(1 + r) / 2``), and adds them to ``evaluate.json`` (``union_rule``) and ``evaluate.md``.
+
 The timing of the default ``seghirescam evaluate`` on a whole MRI is measured by the command line itself (see
 ``benchmarks/results/evaluate.md``, which names the command and the JSON it wrote).
 """
@@ -67,7 +70,8 @@ def _energy(one):
     return {(r["method"], r["layer"]): r["energy_in_prediction"] for r in one.get("whole_scan", {}).get("rows", [])}
 
 
-def run_case(name, model, batch_size):
+def run_case(name, model, batch_size, steps=None):
+    """One study case with evaluate's shortcut: its default steps, or the fractions ``steps``."""
     one = _study(name)
     image, geometry = _image(name)
     box = [slice(a, b) for a, b in one["crop"]["box"]]
@@ -77,7 +81,7 @@ def run_case(name, model, batch_size):
     load = list(os.getloadavg())
     t0 = time.perf_counter()
     ev = evaluate_image(model, box_image, box_geometry, TargetSpec(class_index=1), methods=METHOD_NAMES,
-                        layers=list(study.LAYERS), steps=None, batch_size=batch_size, sanity_stages=None,
+                        layers=list(study.LAYERS), steps=steps, batch_size=batch_size, sanity_stages=None,
                         random_targets=(), device="cpu", exact=False, pool_size=2)
     seconds = time.perf_counter() - t0
     full_rows = one["evaluation"]["rows"]
@@ -312,13 +316,14 @@ def analyse(result, folder):
         one = _study(c["case"])
         shortcut = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
         c["pairs"] = pair_orders(one, shortcut)
-    if result.get("previous_rule"):
-        prev = result["previous_rule"]
-        prev["pairs"] = {}
-        for c in prev["cases"]:
-            one = _study(c["case"])
-            before = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
-            prev["pairs"][c["case"]] = pair_orders(one, before)
+    for key, _ in OTHER_RULES:
+        if result.get(key):
+            other = result[key]
+            other["pairs"] = {}
+            for c in other["cases"]:
+                one = _study(c["case"])
+                aucs = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
+                other["pairs"][c["case"]] = pair_orders(one, aucs)
     names = [c["case"] for c in result["cases"]]
     result["sensitivity"] = step_sensitivity(names)
     every = step_sensitivity(names, [tuple(k / 8.0 for k in chosen) for n in (1, 2, 3)
@@ -350,6 +355,41 @@ def _with_mean_ranks(case, kind):
     return ", ".join("%s @ %s (%.2f)" % (k[0], k[1], means[tuple(k)]) for k in case["ranking_" + kind])
 
 
+#: other step rules run on the same cases (evaluate.json key, section title): the rule before the default, and
+#: ``--rule union`` (the points of both)
+OTHER_RULES = (("previous_rule", "The step rule before (interior points at %s)"),
+               ("union_rule", "Three interior points: the default's and the rule before's (%s)"))
+
+
+def _rule_section(rule, title):
+    """The Markdown section of another step rule run on the study's cases: rankings and AUC errors."""
+    lines = ["", "## " + title % rule["fractions"], "",
+             "Made by `%s`; the same cases and full computation.%s" % (rule["command"], "" if any(
+                 "shortcut" not in c for c in rule["cases"]) else " Forward passes of its curves: %s." % ", ".join(
+                 "%s %d" % (c["case"], c["shortcut"]["forwards"]) for c in rule["cases"])), "",
+             "| scan | same ranking | max abs deletion | max abs insertion | mean abs deletion | mean abs insertion |",
+             "|---|---|---|---|---|---|"]
+    for c in rule["cases"]:
+        lines.append("| %s | %s | %.3f | %.3f | %.3f | %.3f |" % (
+            c["case"], "yes" if [list(k) for k in c["ranking_full"]] == [list(k) for k in c["ranking_shortcut"]]
+            else "**no**", c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
+            float(np.mean([abs(d["deletion_diff"]) for d in c["auc"]])),
+            float(np.mean([abs(d["insertion_diff"]) for d in c["auc"]]))))
+    lines.append("| all scans | %s | | | | |" % ("yes" if rule["combined"]["full"] == rule["combined"]["shortcut"]
+                                               else "**no**"))
+    for c in rule["cases"]:
+        if "tables" in c and [list(k) for k in c["ranking_full"]] != [list(k) for k in c["ranking_shortcut"]]:
+            lines += ["", "%s, mean ranks in brackets: full computation %s; this rule %s." % (
+                c["case"], _with_mean_ranks(c, "full"), _with_mean_ranks(c, "shortcut"))]
+    if rule["combined"]["full"] != rule["combined"]["shortcut"]:
+        lines += ["", "All scans: full computation %s; this rule %s." % tuple(
+            ", ".join("%s @ %s" % tuple(k) for k in rule["combined"][kind]) for kind in ("full", "shortcut"))]
+    if rule.get("pairs"):
+        lines += ["", "Pairs the full computation resolves that this rule reversed: %s." % ", ".join(
+            "%s %d of %d" % (n, len(p["resolved_reversed"]), p["resolved"]) for n, p in rule["pairs"].items())]
+    return lines
+
+
 def markdown(result):
     lines = ["# evaluate: the shortcut against the full computation", "",
              "Made by `%s` (HD-BET fold 0, %d torch threads, CPU). The full computation is the committed "
@@ -378,22 +418,9 @@ def markdown(result):
             c["case"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
             float(np.mean([abs(d["deletion_diff"]) for d in c["auc"]])),
             float(np.mean([abs(d["insertion_diff"]) for d in c["auc"]]))))
-    if result.get("previous_rule"):
-        prev = result["previous_rule"]
-        lines += ["", "## The step rule before (interior points at %s)" % prev["fractions"], "",
-                  "Made by `%s` before the rule changed; the same cases and full computation." % prev["command"], "",
-                  "| scan | same ranking | max abs deletion | max abs insertion | mean abs deletion | mean abs insertion |",
-                  "|---|---|---|---|---|---|"]
-        for c in prev["cases"]:
-            lines.append("| %s | %s | %.3f | %.3f | %.3f | %.3f |" % (
-                c["case"], "yes" if [list(k) for k in c["ranking_full"]] == [list(k) for k in c["ranking_shortcut"]]
-                else "**no**", c["max_abs_deletion_diff"], c["max_abs_insertion_diff"], c["mean_abs_deletion_diff"],
-                c["mean_abs_insertion_diff"]))
-        lines.append("| all scans | %s | | | | |" % ("yes" if prev["combined"]["full"] == prev["combined"]["shortcut"]
-                                                   else "**no**"))
-        if prev.get("pairs"):
-            lines += ["", "Pairs the full computation resolves that the rule before reversed: %s." % ", ".join(
-                "%s %d of %d" % (n, len(p["resolved_reversed"]), p["resolved"]) for n, p in prev["pairs"].items())]
+    for key, title in OTHER_RULES:
+        if result.get(key):
+            lines += _rule_section(result[key], title)
     lines += ["", "## Cost of the curves", "",
               "| scan | full: forwards, s, s/forward | shortcut: forwards, box share, s, s/forward "
               "| load avg (shortcut) |",
@@ -508,7 +535,35 @@ def main(argv=None):
     parser.add_argument("--refine", type=int, default=0, metavar="STEPS",
                         help="instead: the full computation with STEPS equal steps (e.g. 16) on the maps the study "
                         "keeps, into refine.json (whether the study's own ranking survives a finer step grid)")
+    parser.add_argument("--rule", choices=("union",), help="instead: the study's cases with interior points at r / 2, "
+                        "r and (1 + r) / 2 (r from the default's run in --out's evaluate.json), added to it as "
+                        "union_rule")
     args = parser.parse_args(argv)
+    if args.rule:
+        with open(os.path.join(args.out, "evaluate.json")) as handle:
+            result = json.load(handle)
+        flush_denormals()
+        torch.set_num_threads(args.threads)
+        model = load_model("hd-bet")
+        boxed = study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(
+            model.preprocessing, min_size=None))
+        rule = {"fractions": "r / 2, r and (1 + r) / 2",
+                "command": "python studies/benchmark/bench_evaluate.py " + " ".join(argv or sys.argv[1:]), "cases": []}
+        for stored in result["cases"]:
+            r = stored["shortcut"]["fractions"][2]  # the default's [0, r / 2, r, 1]
+            steps = [0.0, stored["shortcut"]["fractions"][1], r, round((1.0 + r) / 2.0, 6), 1.0]
+            print("case %s, fractions %s ..." % (stored["case"], steps), flush=True)
+            c = run_case(stored["case"], boxed, args.batch_size, steps)
+            rule["cases"].append(c)
+            print("  same ranking: %s; max |dAUC| deletion %.3f insertion %.3f; curves %.0f s" % (
+                c["ranking_full"] == c["ranking_shortcut"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
+                c["shortcut"]["curves_s"]), flush=True)
+        rule["combined"] = {kind: [(o["method"], o["layer"]) for o in study.recommend_combined(
+            {c["case"]: c["tables"][kind] for c in rule["cases"]})] for kind in ("full", "shortcut")}
+        result["union_rule"] = rule
+        args.rerank = True
+        with open(os.path.join(args.out, "evaluate.json"), "w") as handle:
+            handle.write(dumps(study.portable(result), indent=1))
     if args.refine:
         flush_denormals()
         torch.set_num_threads(args.threads)
@@ -561,6 +616,11 @@ def main(argv=None):
         fast = study.recommend_combined({c["case"]: c["tables"]["shortcut"] for c in result["cases"]})
         result["combined"] = {"full": [(o["method"], o["layer"]) for o in full],
                               "shortcut": [(o["method"], o["layer"]) for o in fast]}
+    stored = os.path.join(args.out, "evaluate.json")
+    if os.path.exists(stored):  # the other step rules' runs stay (their fractions do not depend on the default)
+        with open(stored) as handle:
+            before = json.load(handle)
+        result.update({key: before[key] for key, _ in OTHER_RULES if key in before})
     analyse(result, args.out)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "evaluate.json"), "w") as handle:
