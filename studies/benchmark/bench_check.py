@@ -12,7 +12,10 @@ costing at most one explain run) and the check's own seconds (``metadata["timing
   predicted brain (class 1).
 - ``unet``: the MONAI UNet of the other benchmarks (``cases.py``: 16-256 channels, 2 residual units, seeded
   weights, layer ``model.1.submodule.1.submodule.2``) on ``cases.ct_sized_input`` of ``--unet-size`` voxels per axis
-  (default 128), the predicted class 1.
+  (default 128), the predicted class 1 (half the input: the check's deletion runs on the whole input).
+- ``unet-click``: the same UNet on ``--click-size`` voxels per axis (default 256, 1 mm voxels), class 1 in a ball of
+  10 mm around the centre voxel (a clicked voxel, as in the Slicer module): a small target in a large image, whose
+  check perturbs and scores only the target's box.
 
 Several source trees can be measured in one call (``--tree before=DIR --tree after=.``, each a checkout holding
 ``SegHiResCAM/``), e.g. the code before and after a change; the results name each tree's commit.
@@ -59,6 +62,8 @@ def load_average():
 
 # ------------------------------------------------------------------------------------------ one case (worker)
 def _case(name: str, size: int):
+    """``(model, image, geometry, layer, title, target)`` of one case (module docstring)."""
+    from SegHiResCAMLib.analysis.explain import TargetSpec
     import numpy as np
     import torch
     from SegHiResCAMLib.geometry import Geometry
@@ -73,7 +78,7 @@ def _case(name: str, size: int):
         if size:
             image, geometry, _ = crop_image(image, geometry, (size,) * 3)
             title += ", central %s crop" % "x".join(str(s) for s in image.shape)
-        return load_model("hd-bet"), image, geometry, "auto", title
+        return load_model("hd-bet"), image, geometry, "auto", title, TargetSpec(class_index=1)
     sys.path.insert(0, HERE)
     from cases import UNET_LAYER, build_unet, ct_sized_input
     from SegHiResCAMLib.models.base import Preprocessing, SegModel
@@ -84,22 +89,25 @@ def _case(name: str, size: int):
     image = ct_sized_input((size,) * 3)
     geometry = Geometry(size=(size,) * 3, spacing=(1.0,) * 3, origin=(0.0,) * 3,
                         direction=tuple(np.eye(3).flatten()))
-    return model, image, geometry, UNET_LAYER, "MONAI UNet (cases.py, seeded), CT-like %d^3 input" % size
+    title = "MONAI UNet (cases.py, seeded), CT-like %d^3 input" % size
+    if name == "unet-click":
+        return (model, image, geometry, UNET_LAYER, title + ", 10 mm ball at the centre",
+                TargetSpec(class_index=1, voxel=(size // 2,) * 3, radius_mm=10.0))
+    return model, image, geometry, UNET_LAYER, title, TargetSpec(class_index=1)
 
 
 def worker(name: str, size: int, repeats: int, threads: int) -> dict:
     import torch
     from SegHiResCAMLib import __version__
-    from SegHiResCAMLib.analysis.explain import TargetSpec, explain_image
+    from SegHiResCAMLib.analysis.explain import explain_image
     from SegHiResCAMLib.engine.outputs import flush_denormals
     torch.set_num_threads(threads)
     flush_denormals()  # as the CLI does (cli/app.py)
-    model, image, geometry, layer, title = _case(name, size)
+    model, image, geometry, layer, title, target = _case(name, size)
 
     def run(check):
         t0 = time.perf_counter()
-        got = explain_image(model, image, geometry, [TargetSpec(class_index=1)], layers=layer, device="cpu",
-                            check=check)
+        got = explain_image(model, image, geometry, [target], layers=layer, device="cpu", check=check)
         return time.perf_counter() - t0, got.metadata
 
     load_start = load_average()
@@ -112,7 +120,8 @@ def worker(name: str, size: int, repeats: int, threads: int) -> dict:
             timings = meta["timings"]
             runs.append({"kind": "explain + check" if check else "explain", "seconds": seconds,
                          "cam_s": timings["cam_s"], "check_s": timings.get("check_s"), "load_1min": load_average()[0],
-                         "verdict": meta.get("verdict")})
+                         "verdict": meta.get("verdict"),
+                         "check_box": meta["check"]["deletion"]["box"] if check else None})
     return {"case": name, "title": title, "layer": layer, "version": __version__, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "load_average_start": load_start, "load_average_end": load_average(),
             "runs": runs}
@@ -163,10 +172,12 @@ def markdown(data: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="hdbet,unet", help="hdbet, unet or both (default)")
+    parser.add_argument("--cases", default="hdbet,unet,unet-click", help="comma-separated, of hdbet, unet and "
+                        "unet-click (default: all three)")
     parser.add_argument("--hdbet-size", type=int, default=96, help="central crop of the ROBEX atlas, voxels per axis "
                         "(default 96; 0: the whole scan)")
     parser.add_argument("--unet-size", type=int, default=128, help="UNet input, voxels per axis (default 128)")
+    parser.add_argument("--click-size", type=int, default=256, help="unet-click's input, voxels per axis (default 256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind per case (default 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tree", action="append", help="LABEL=DIR, a checkout to measure (repeat; default: "
@@ -181,7 +192,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads)))
         return 0
     if args.quick:
-        args.hdbet_size, args.unet_size, args.repeats = 64, 64, 1
+        args.hdbet_size, args.unet_size, args.click_size, args.repeats = 64, 64, 96, 1
     out = args.out or (QUICK_OUT if args.quick else OUT)
     trees = [t.split("=", 1) for t in (args.tree or ["current=" + ROOT])]
     shown = " ".join(argv if argv is not None else sys.argv[1:])
@@ -197,7 +208,7 @@ def main(argv=None) -> int:
             data = json.load(handle)
         data["command"] += "`, then `" + command
         data["date"] += ", then " + stamp
-    sizes = {"hdbet": args.hdbet_size, "unet": args.unet_size}
+    sizes = {"hdbet": args.hdbet_size, "unet": args.unet_size, "unet-click": args.click_size}
     for name in args.cases.split(","):
         for label, tree in trees:
             print("%s on %s (%s) ..." % (name, label, tree), file=sys.stderr, flush=True)
