@@ -203,10 +203,11 @@ def main(argv=None) -> int:
         args.hdbet_size, args.unet_size, args.click_size, args.repeats = 64, 64, 96, 1
     out = args.out or (QUICK_OUT if args.quick else OUT)
     trees = [t.split("=", 1) for t in (args.tree or ["current=" + ROOT])]
+    commits = {tree: commit_of(tree) for _, tree in trees}  # before any case: the results written below dirty "."
     shown = " ".join(argv if argv is not None else sys.argv[1:])
     for label, tree in trees:  # no local paths in the committed command: a tree is named by its commit
         if tree != ".":
-            shown = shown.replace("=" + tree, "=<checkout of %s>" % commit_of(tree).split()[0])
+            shown = shown.replace("=" + tree, "=<checkout of %s>" % commits[tree].split()[0])
     command = ("python studies/benchmark/bench_check.py " + shown).strip()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     data = {"command": command, "date": stamp, "machine": platform.machine(), "cpu_count": os.cpu_count(),
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
                 sys.stderr.write(proc.stderr)
                 return proc.returncode
             result = summarise(json.loads(proc.stdout.strip().splitlines()[-1]))
-            result.update(tree=label, commit=commit_of(tree), command=command, date=stamp, repeats=args.repeats)
+            result.update(tree=label, commit=commits[tree], command=command, date=stamp, repeats=args.repeats)
             data["results"].append(result)
             s = result["summary"]
             print("  explain %.1f s, explain + check %.1f s, ratio %.2f" % (s["explain_s"], s["explain_check_s"],

@@ -1,4 +1,4 @@
-"""``--check quick``: a one-line verdict on one heatmap, at 1.35-2.85 times the cost of one explain run.
+"""``--check quick``: a one-line verdict on one heatmap, at 0.86-2.85 times the cost of one explain run.
 
 Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHiResCAMLib.engine.faithfulness`):
 
@@ -25,12 +25,14 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`; the unperturbed score ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
-(``studies/benchmark/bench_check.py``): 1.35-1.51x on HD-BET (96^3 crop of the ROBEX atlas), 1.94x (check 1.8 s)
-to 2.85x on a MONAI UNet (128^3) whose explain run takes 0.8-1.3 s (two forward passes, a backward pass and rank
-statistics on 2 million voxels cost more than the model there); 2.71x and 4.03x before issue 18 part 4 (the fully
-replaced input, the order probe, the whole-image correlation and the randomised copy's whole forward pass).
-Within issue 18's "2x one explain run" for HD-BET; for that UNet only in the latest run, within the noise of its
-explain runs.
+(``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas); 1.94x to 2.85x on a
+MONAI UNet (128^3, the target half the input) whose explain runs take 0.8-1.4 s (two forward passes, a backward
+pass and rank statistics on 2 million voxels cost more than the model there); 2.71x and 4.03x before issue 18
+part 4 (the fully replaced input, the order probe, the whole-image correlation and the randomised copy's whole
+forward pass). Within issue 18's "2x one explain run" for HD-BET; for that UNet in one of its seven runs since
+issue 18 part 4 (2.07x and 2.36x in the latest two), within the noise of its explain runs. For a small target in
+a large image (a 10 mm ball in the UNet's 192^3 input: its deletion passes run on the ball's box) the check cost
+0.86-0.95x one explain run.
 
 The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97``; when the
 explanation carries the agreement of an ensemble or of test-time augmentation (``metadata["agreement"]``, a number
