@@ -64,9 +64,9 @@ def load_average():
 # ------------------------------------------------------------------------------------------ one case (worker)
 def _case(name: str, size: int):
     """``(model, image, geometry, layer, title, target)`` of one case (module docstring)."""
-    from SegHiResCAMLib.analysis.explain import TargetSpec
     import numpy as np
     import torch
+    from SegHiResCAMLib.analysis.explain import TargetSpec
     from SegHiResCAMLib.geometry import Geometry
     from SegHiResCAMLib.models import load_model
     if name == "hdbet":
