@@ -24,7 +24,8 @@ import toy_models
 
 SHAPE = (32, 32, 32)
 VERDICT = re.compile(r"^(passes|fails) model randomisation \(rho (-?\d\.\d\d|n/a)\); "
-                     r"deletion AUC( \(raw\))? -?\d+\.\d\d vs random -?\d+\.\d\d$")
+                     r"deletion AUC( \(raw\))? -?\d+\.\d\d vs random -?\d+\.\d\d: (better|no better) than "
+                     r"random$")
 
 
 def _case():
@@ -55,12 +56,13 @@ def test_quick_check_gives_one_verdict_line_and_its_numbers():
     deletion = check["deletion"]
     assert "%.2f vs random %.2f" % (deletion["auc"], deletion["auc_random"]) in verdict
     assert deletion["better_than_random"] == (deletion["auc"] < deletion["auc_random"])
+    assert verdict.endswith(": better than random" if deletion["better_than_random"] else ": no better than random")
     assert len(deletion["fractions"]) == 2 and deletion["box"] is not None
     assert got.metadata["timings"]["check_s"] > 0
 
 
 def test_agreement_is_appended_and_bad_names_fail_clearly():
-    line = {"verdict": "passes model randomisation (rho 0.10); deletion AUC 0.20 vs random 0.50"}
+    line = {"verdict": "passes model randomisation (rho 0.10); deletion AUC 0.20 vs random 0.50: better than random"}
     assert with_agreement(dict(line), {"agreement": 0.861})["verdict"].endswith("; fold agreement 0.86")
     assert with_agreement(dict(line), {"agreement": {"score": 0.5}})["verdict"].endswith("fold agreement 0.50")
     assert with_agreement(dict(line), {})["verdict"] == line["verdict"]

@@ -162,7 +162,8 @@ def test_check_quick_adds_the_verdict_and_its_numbers_and_is_part_of_the_hash(ma
     done = rows[rows["status"] == "done"]
     assert len(done) == 5
     assert done["check_verdict"].str.match(r"^(passes|fails) model randomisation \(rho -?[0-9.]+\); deletion AUC "
-                                           r"[0-9.-]+ vs random [0-9.-]+$").all(), done["check_verdict"]
+                                           r"[0-9.-]+ vs random [0-9.-]+: (no )?better than random$").all(), \
+        done["check_verdict"]
     assert np.isfinite(done[["check_rho", "check_deletion_auc", "check_deletion_auc_random"]].values).all()
     assert pd.isna(rows.loc["broken", "check_verdict"]) and np.isnan(rows.loc["broken", "check_rho"])
     case = read_manifest(manifest)[0]

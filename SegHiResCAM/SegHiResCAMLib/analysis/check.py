@@ -34,7 +34,8 @@ issue 18 part 4 (2.07x and 2.36x in the latest two), within the noise of its exp
 a large image (a 10 mm ball in the UNet's 192^3 input: its deletion passes run on the ball's box) the check cost
 0.86-0.95x one explain run.
 
-The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97``; when the
+The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97: better than
+random`` (a lower deletion AUC is better; ``no better than random`` otherwise, from the unrounded AUCs); when the
 explanation carries the agreement of an ensemble or of test-time augmentation (``metadata["agreement"]``, a number
 or ``{"score": ...}``), ``; fold agreement 0.86`` is appended.
 """
@@ -131,7 +132,8 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
     passes = rho_in <= RHO_LIMIT
     verdict = "%s model randomisation (rho %s)" % ("passes" if passes else "fails",
                                                    "n/a" if np.isnan(rho_in) else "%.2f" % rho_in)
-    verdict += "; deletion AUC%s %.2f vs random %.2f" % (" (raw)" if use_raw else "", auc, auc_random)
+    verdict += "; deletion AUC%s %.2f vs random %.2f: %s than random" % (
+        " (raw)" if use_raw else "", auc, auc_random, "better" if auc < auc_random else "no better")
     return {"verdict": verdict,
             "model_randomization": {"randomized": stage.randomized, "spearman_in_segment": rho_in,
                                     "limit": RHO_LIMIT, "passes": bool(passes),

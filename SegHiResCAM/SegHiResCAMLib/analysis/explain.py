@@ -268,7 +268,7 @@ def explain_image(model: SegModel, image: np.ndarray, geometry: Geometry, target
     the estimate exceeds the budget; ``metadata["memory"]`` records the estimate, the budget and the choice.
 
     ``check="quick"``: a one-line verdict on the first heatmap (:mod:`.check`: model randomisation of the layer's
-    downstream and a partial deletion AUC against a random ranking; 1.4-2.9 explain runs' time in
+    downstream and a partial deletion AUC against a random ranking; 0.9-2.9 explain runs' time in
     ``benchmarks/results/check.md``) in
     ``metadata["verdict"]``, its numbers in ``metadata["check"]``.
     """

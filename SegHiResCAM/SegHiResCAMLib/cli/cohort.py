@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
     work.add_argument("--predict", action="store_true", help="the prediction (alone: one pass, no gradients)")
     work.add_argument("--check", choices=["quick", "none"], default="none",
                       help="quick: a one-line verdict on each case's heatmap (model randomisation rho, deletion AUC "
-                           "vs random; 1.4-2.9x one explain run per case) in cohort.csv and cohort.md; implies "
+                           "vs random; 0.9-2.9x one explain run per case) in cohort.csv and cohort.md; implies "
                            "--explain")
     common.add_class_arg(p)
     p.add_argument("--method", default=catalog.DEFAULT_METHOD, choices=sorted(catalog.method_names()),

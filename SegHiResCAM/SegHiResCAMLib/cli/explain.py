@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     common.add_memory_arg(p)
     p.add_argument("--check", choices=["quick", "none"], default="none",
                    help="quick: a one-line verdict on the heatmap (model randomisation of the layer's downstream, a "
-                   "partial deletion AUC against a random ranking; 1.4-2.9x one explain run), printed and stored "
+                   "partial deletion AUC against a random ranking; 0.9-2.9x one explain run), printed and stored "
                    "in --json as \"verdict\"")
     p.add_argument("--json", help="write provenance metadata (JSON) here")
     p.add_argument("--prediction", help="also write the model's label map here")

@@ -410,7 +410,7 @@ class ExplainLogic(ComputeLogic):
                 and its mirror images; the spread map becomes a second volume (``"<scan> heatmap spread (TTA)"``,
                 the heatmap's node reference ``SegHiResCAMSpread``) and the agreement a heatmap attribute.
             check: ``"quick"`` (the CLI's ``--check quick``): a one-line verdict on the map (model randomisation
-                and a few-step deletion AUC; 1.4-2.9 more explain runs, benchmarks/results/check.md) in the
+                and a few-step deletion AUC; 0.9-2.9 more explain runs, benchmarks/results/check.md) in the
                 attribute ``SegHiResCAM.checkVerdict``.
             progress: ``progress(fraction, message)``; may raise ``CancelledError`` to stop.
             show: show the heatmap over the scan in the slice views.
