@@ -15,7 +15,8 @@ import torch
 from SegHiResCAMLib.analysis.evaluate import evaluate_image
 from SegHiResCAMLib.analysis.explain import TargetSpec
 from SegHiResCAMLib.engine import SegmentTarget
-from SegHiResCAMLib.engine.faithfulness import MEASURED_ERROR, perturbation_curves, placed_fractions, target_box
+from SegHiResCAMLib.engine.faithfulness import (MEASURED_ERROR, box_note, choose_box, perturbation_curves,
+                                                placed_fractions, target_box)
 from SegHiResCAMLib.engine.regions import MaskRegion
 from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.geometry import Geometry
@@ -95,11 +96,74 @@ def test_evaluate_shortcut_equals_exact_where_the_margin_covers_the_receptive_fi
     assert fast.metadata["shortcut"]["measured_error"] is None
     assert "within %.2f (deletion)" % MEASURED_ERROR["deletion"] in evaluation_markdown(default)
     assert "within" not in evaluation_markdown(exact) and "within" not in evaluation_markdown(fast)
-    assert default.metadata["cost"]["perturbation_forwards"] == 2 + 3 * 2 * 2
+    # margin 16 leaves a box of most of the 32^3 input: 13 passes on it, plus the unperturbed box, would cost more than
+    # 13 on the whole input, which runs them
+    assert default.metadata["shortcut"]["box"] is None and default.metadata["shortcut"]["box_rejected"] is None
+    assert default.metadata["cost"]["perturbation_forwards"] == 1 + 3 * 2 * 2
     # the batch a run used is recorded (it can move scores in the last bits): the given one, or the automatic one
     assert fast.metadata["options"]["batch_size"] is None and fast.metadata["cost"]["batch_size"] == 2  # 2 on CPU
     batched = evaluate_image(model, image, geometry, spec, margin=8, batch_size=3, **kw)
     assert batched.metadata["cost"]["batch_size"] == 3 and "in batches of 3;" in evaluation_markdown(batched)
+
+
+def _instance_normed():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(),
+                               torch.nn.Conv3d(4, 2, 1)).eval()
+
+
+def test_the_box_is_used_only_where_it_pays_and_scores_like_the_whole_input():
+    """choose_box: a network without global operations scores the target's box like the whole input, so the box is
+    used and its score starts the curves; one with instance normalisation scores a small box of an uneven image
+    quite differently, so the inputs run on the whole input and the rejection says why; a box whose passes, with the
+    extra one, cost at least the whole input's is not even scored."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 48, 48, 48)
+    x[..., :12] += 4.0  # a bright slab outside the box: the box's statistics differ from the whole input's
+    region = torch.zeros(1, 48, 48, 48, dtype=torch.bool)
+    region[0, 20:26, 20:26, 20:26] = True
+    target = SegmentTarget(1)
+    box = target_box(region, (48, 48, 48), 8, 2)
+    torch.manual_seed(0)
+    for net, kept in ((toy_models.unet3d().eval(), True), (_instance_normed(), False)):
+        with torch.no_grad():
+            y0 = float(target(net(x), region)[0])
+        got, y, rejected = choose_box(net, x, target, region, box, y0, passes=10)
+        if kept:
+            assert got == tuple(box) and rejected is None and y == pytest.approx(y0, rel=1e-5)
+        else:
+            assert got is None and y == y0 and box_note(rejected).startswith("the model scored the target's box alone")
+            assert rejected["box"] == [[b.start, b.stop] for b in box] and rejected["y0"] == y0
+            assert abs(rejected["y0_box"] - y0) > rejected["tolerance"] * abs(y0)
+    big = (slice(0, 40), slice(0, 40), slice(0, 36))  # 0.52 of the input: 2 x 0.52 >= 1 pass on the whole input
+    calls = []
+    net = toy_models.unet3d().eval()
+    net.register_forward_hook(lambda *args: calls.append(1))
+    assert choose_box(net, x, target, region, big, 1.0, passes=1) == (None, 1.0, None) and not calls
+    scored = choose_box(net, x, target, region, big, 1.0, passes=2)  # 3 x 0.52 < 2: scored (against a made-up y0)
+    assert len(calls) == 1 and scored[2]["box"] == [[0, 40], [0, 40], [0, 36]]
+    assert choose_box(net, x, target, region, None, 2.5, passes=9) == (None, 2.5, None)
+
+
+def test_evaluate_runs_a_network_with_instance_normalisation_on_the_whole_input_and_says_so():
+    model = SegModel(network=_instance_normed(), name="normed", output="logits")
+    size = (40, 40, 40)
+    geometry = Geometry(size=size, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                        direction=tuple(np.eye(3).flatten()))
+    image = np.random.RandomState(0).randn(*size).astype(np.float32)
+    image[:10] += 4.0
+    mask = np.zeros(size, np.uint8)
+    mask[18:22, 18:22, 18:22] = 1
+    kw = dict(methods=["seg-hires-grad-cam"], layers=["2"], steps=2, sanity_stages=None, random_targets=(),
+              device="cpu", sigma=1.0, margin=4)
+    fast = evaluate_image(model, image, geometry, TargetSpec(1, mask=mask), **kw)
+    exact = evaluate_image(model, image, geometry, TargetSpec(1, mask=mask), exact=True, **kw)
+    shortcut = fast.metadata["shortcut"]
+    assert shortcut["box"] is None and shortcut["box_rejected"]["box"] is not None
+    assert shortcut["note"] == box_note(shortcut["box_rejected"]) and shortcut["note"] in evaluation_markdown(fast)
+    assert fast.metadata["cost"]["perturbation_forwards"] == 1 + 1 + 2 * 2 * 1  # the scored box, then the whole
+    for a, b in zip(exact.rows, fast.rows):  # the same steps on the whole input: the full computation's values
+        assert b["deletion_auc"] == a["deletion_auc"] and b["insertion_auc"] == a["insertion_auc"]
 
 
 def test_the_stated_error_of_the_shortcut_is_the_benchmarks():

@@ -14,15 +14,20 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    by a forward pass of its own.
 2. **A partial deletion AUC against a random ranking**: the map's hottest voxels are removed (replaced by a blurred
    input) at ``r``, the target's share of the image (kept in evaluate's range: the point at ``r`` of
-   :func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`), and so are as many voxels drawn at random, on the target's box
-   (:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`). A faithful map destroys the score sooner: a lower AUC than
+   :func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`), and so are as many voxels drawn at random. The
+   inputs run on the target's box (:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`) where
+   :func:`~SegHiResCAMLib.engine.faithfulness.choose_box` allows it: the box's three passes (with the unperturbed
+   box, whose score is then ``y0``) cost less than two on the whole input, and the model scores the unperturbed box
+   within 1% of the whole input (``deletion.box_rejected`` records a box it scored and did not use, e.g. a small
+   box in a network with instance normalisation); else on the whole input. A faithful map destroys the score sooner: a lower AUC than
    the random ranking. The AUC is that of the normalised curve over ``[0, r]`` divided by ``r`` (the mean
    normalised score there, ``(1 + y_r / y0) / 2``: 1 when nothing changed, 0.5 when the score is gone). Until
    issue 18 part 4 the curve also had the fully replaced input at fraction 1; that point is shared by the map and
    the random ranking, so it moved both AUCs by the same amount and never changed which one is lower
    (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2
-   gradient-free forward passes on the box, in one batch where free memory holds two
-   (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`; the unperturbed score ``y0`` is the explain run's).
+   gradient-free forward passes, in one batch where free memory holds two
+   (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`), plus one on the unperturbed box when there is a
+   box to score (on the whole input, ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
 (``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas); 1.94x to 2.85x on a
@@ -47,9 +52,9 @@ import numpy as np
 import torch
 
 from ..engine.cam import CAMResult
-from ..engine.faithfulness import (UpstreamRecorder, cascade_stages, dilate, model_randomization, perturbation_curves,
-                                   placed_fractions, recording_parameter_layers, region_fraction, region_on_grid,
-                                   target_box)
+from ..engine.faithfulness import (UpstreamRecorder, cascade_stages, choose_box, dilate, model_randomization,
+                                   perturbation_curves, placed_fractions, recording_parameter_layers, region_fraction,
+                                   region_on_grid, target_box)
 from ..engine.faithfulness.shortcut import DEFAULT_MARGIN
 from ..engine.outputs import reusing_freed_memory
 from ..engine.targets import SegmentTarget
@@ -109,10 +114,11 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
     noise = torch.rand(spatial, generator=torch.Generator().manual_seed(int(seed) + 1)).to(x.device)
     with reusing_freed_memory():  # one block for both checks: the randomised pass reuses the deletion's memory
         with recording_parameter_layers(network) as order:  # the modules' order, from the passes below
+            box, y_start, box_rejected = choose_box(network, x, target, region, box, float(result.score[0]),
+                                                    passes=2, output_key=output_key)
             curves = perturbation_curves(network, x, target, [result.map[0], noise], steps=steps,
-                                         modes=("deletion",), domain=domain, region=region,
-                                         reference_score=float(result.score[0]), output_key=output_key, seed=seed,
-                                         box=box, rescore_box=False)
+                                         modes=("deletion",), domain=domain, region=region, reference_score=y_start,
+                                         output_key=output_key, seed=seed, box=box, rescore_box=False)
         order = list(order)
         try:
             plan = cascade_stages(order, [result.layer])
@@ -141,6 +147,7 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
             "deletion": {"fractions": steps, "auc": auc, "auc_random": auc_random, "normalized": not use_raw,
                          "scores": mine.scores, "scores_random": rand.scores,
                          "box": None if box is None else [[b.start, b.stop] for b in box],
+                         "box_rejected": box_rejected, "y0": y_start,
                          "better_than_random": bool(auc < auc_random)},
             "seconds": time.perf_counter() - started}
 

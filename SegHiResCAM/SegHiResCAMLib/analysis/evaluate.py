@@ -36,8 +36,8 @@ import torch
 
 from .. import __version__
 from ..engine import compute_cams
-from ..engine.faithfulness import (BASELINES, DEFAULT_MARGIN, MEASURED_ERROR, RANDOM_TARGETS, Curve, dilate,
-                                   energy_in_region, map_correlations, model_randomization, parameter_layers,
+from ..engine.faithfulness import (BASELINES, BOX_TOLERANCE, DEFAULT_MARGIN, MEASURED_ERROR, RANDOM_TARGETS, Curve,
+                                   box_note, choose_box, dilate, energy_in_region, map_correlations, model_randomization, parameter_layers,
                                    perturbation_curves, placed_fractions, random_target, region_fraction,
                                    region_on_grid, target_box)
 from ..engine.methods import METHODS
@@ -283,12 +283,15 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     elif steps is None:
         steps = 10
     n_interior = interior_steps(steps, exact)
+    passes = 1 + len(maps) * 2 * max(0, n_interior)
+    box, y_start, box_rejected = choose_box(net, x, cam_target, region, box, y0, passes, model.output_key)
+    scored_box = box is not None or box_rejected is not None  # choose_box took one pass on the box
     box_share = 1.0 if box is None else float(np.prod([b.stop - b.start for b in box])) / float(np.prod(spatial))
-    clock.plan(curves=(2 + len(maps) * 2 * max(0, n_interior)) * box_share)
+    clock.plan(curves=passes * box_share)
     t0 = time.perf_counter()
     curves = perturbation_curves(net, x, cam_target, maps, steps=steps, baseline=baseline, sigma=sigma,
-                                 domain=domain, region=region, reference_score=y0, batch_size=batch_size,
-                                 output_key=model.output_key, seed=seed, box=box,
+                                 domain=domain, region=region, reference_score=y_start, batch_size=batch_size,
+                                 output_key=model.output_key, seed=seed, box=box, rescore_box=False,
                                  progress=lambda f, m: report(clock.at("curves", f), "deletion/insertion: %s" % m))
     timings["curves_s"] = time.perf_counter() - t0
     stages = []
@@ -336,11 +339,14 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             "box": None if box is None else [[b.start, b.stop] for b in box], "box_share": box_share,
             "margin_voxels": margin, "fractions": curves[0]["deletion"].fractions if curves else None,
             "y0_box": curves[0]["deletion"].reference if curves else None,
+            "box_rejected": box_rejected,
             "measured_error": dict(MEASURED_ERROR) if placed else None,
-            "note": "perturbed inputs run on the target's bounding box + margin (exact where the margin covers the "
-                    "receptive field of a network without global operations); --exact runs the full computation"},
+            "note": box_note(box_rejected) or (
+                "perturbed inputs run on the target's bounding box + margin (exact where the margin covers the "
+                "receptive field of a network without global operations; used only where the model scores the "
+                "unperturbed box within %g of the whole input); --exact runs the full computation" % BOX_TOLERANCE)},
         "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),
-                 "perturbation_forwards": 1 + (box is not None) + n_maps * 2 * n_inner,
+                 "perturbation_forwards": 1 + scored_box + n_maps * 2 * n_inner,
                  "batch_size": curves[0]["deletion"].batch_size if curves else None},
         "timings": timings,
         "normalization": "AUC of score / y0 over the perturbed fraction in [0, 1] (trapezoid); NaN if y0 <= 0",

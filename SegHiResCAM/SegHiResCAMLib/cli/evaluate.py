@@ -145,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print("seghirescam: note: deletion/insertion will run %d forward passes (%d maps x 2 curves x %d interior "
               "steps + 1)%s" % (1 + maps * 2 * interior, maps, interior,
-                                "" if args.exact else " on the target's bounding box + margin (one more pass when "
-                                "that box is smaller than the image; --exact: the whole image)"), file=sys.stderr)
+                                "" if args.exact else " on the target's bounding box + margin where that is cheaper, "
+                                "after one pass on the box to see that the model scores it like the whole image; "
+                                "--exact: the whole image"), file=sys.stderr)
         if not args.exact and steps is None:
             print("seghirescam: note: the shortcut's AUCs were within %.2f (deletion) and %.2f (insertion) of "
                   "--exact on the committed faithfulness study (benchmarks/results/evaluate.md): closer maps may "
@@ -183,4 +184,6 @@ def run(args: argparse.Namespace) -> int:
     common.warn_model_output(model)
     for warning in sorted({w for r in evaluation.rows for w in r.get("warnings", [])}):
         print("seghirescam: warning: %s" % warning, file=sys.stderr)
+    if (evaluation.metadata.get("shortcut") or {}).get("box_rejected"):
+        print("seghirescam: note: %s" % evaluation.metadata["shortcut"]["note"], file=sys.stderr)
     return 0

@@ -27,18 +27,18 @@ Everything is dimension-generic (1 to 3 spatial axes) and works on the explained
 
 from ..cam import ProgressCallback  # noqa: F401 - the callback type of perturbation_curves / model_randomization
 from .energy import dilate, energy_in_region, region_fraction, region_on_grid
-from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, MODES, Curve, auto_batch_size,  # noqa: F401
-                           baseline_input, gaussian_blur, perturbation_curves, saliency_order,
-                           saliency_sets)
+from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, BOX_TOLERANCE, MODES, Curve,  # noqa: F401
+                           auto_batch_size, baseline_input, box_note, choose_box, gaussian_blur, perturbation_curves,
+                           saliency_order, saliency_sets)
 from .shortcut import DEFAULT_MARGIN, MEASURED_ERROR, placed_fractions, target_box
 from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stages, fixed_target, map_correlations,
                      model_randomization, parameter_layers, random_target, randomize_modules, rankdata,
                      recording_parameter_layers, spearman, target_randomization)
 
 __all__ = [
-    "BASELINES", "Curve", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "RANDOM_TARGETS", "SanityStage",
+    "BASELINES", "BOX_TOLERANCE", "Curve", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "RANDOM_TARGETS", "SanityStage",
     "UpstreamRecorder", "auto_batch_size",
-    "baseline_input", "cascade_stages", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
+    "baseline_input", "box_note", "cascade_stages", "choose_box", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
     "map_correlations", "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions",
     "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction",
     "region_on_grid", "saliency_order", "saliency_sets", "spearman", "target_box", "target_randomization",
