@@ -30,14 +30,14 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    box to score (on the whole input, ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
-(``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas); 1.94x to 2.85x on a
-MONAI UNet (128^3, the target half the input) whose explain runs take 0.8-1.4 s (two forward passes, a backward
-pass and rank statistics on 2 million voxels cost more than the model there); 2.71x and 4.03x before issue 18
-part 4 (the fully replaced input, the order probe, the whole-image correlation and the randomised copy's whole
-forward pass). Within issue 18's "2x one explain run" for HD-BET; for that UNet in one of its seven runs since
-issue 18 part 4 (2.07x and 2.36x in the latest two), within the noise of its explain runs. For a small target in
-a large image (a 10 mm ball in the UNet's 192^3 input: its deletion passes run on the ball's box) the check cost
-0.86-0.95x one explain run.
+(``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas; 1.51x in the latest
+run, on the whole input); 1.52x to 2.85x on a MONAI UNet (128^3, the target half the input) whose explain runs
+take 0.8-1.5 s (two forward passes, a backward pass and rank statistics on 2 million voxels cost more than the
+model there); 1.35x for a small target in a large image (a 10 mm ball in the UNet's 192^3 input, whose box the
+UNet scores differently: the whole input runs); 2.71x and 4.03x before issue 18 part 4 (the fully replaced input,
+the order probe, the whole-image correlation and the randomised copy's whole forward pass). Within issue 18's "2x
+one explain run" for HD-BET and the small target; for that UNet in two of its nine runs since issue 18 part 4
+(1.94x, 1.52x), within the noise of its explain runs.
 
 The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97: better than
 random`` (a lower deletion AUC is better; ``no better than random`` otherwise, from the unrounded AUCs); when the

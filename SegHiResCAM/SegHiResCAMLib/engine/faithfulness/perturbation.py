@@ -302,7 +302,7 @@ def choose_box(model: nn.Module, x: torch.Tensor, target: SegmentTarget, region:
       ``reference_score`` (one forward pass on the box). The box stands in for the whole input only where the
       margin covers the receptive field of a network without global operations; instance normalisation, for one,
       normalises a small box by its own statistics, and HD-BET scored a 10 mm ball +15411 on a whole MRI and -12861
-      on its 64^3 box.
+      on its 64^3 box (``benchmarks/results/check-click-mni152.json``).
 
     Returns ``(box or None, y, rejected)``: ``y`` is ``y_box`` when the box is used, else ``reference_score``;
     ``rejected`` is ``None``, or, when the box was scored and not used, ``{"box", "y0_box", "y0", "tolerance"}``.
