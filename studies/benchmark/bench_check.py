@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hdbet-size", type=int, default=96, help="central crop of the ROBEX atlas, voxels per axis "
                         "(default 96; 0: the whole scan)")
     parser.add_argument("--unet-size", type=int, default=128, help="UNet input, voxels per axis (default 128)")
-    parser.add_argument("--click-size", type=int, default=192, help="unet-click's input, voxels per axis (default 192)")
+    parser.add_argument("--click-size", type=int, default=192,
+                        help="unet-click's input, voxels per axis (default 192)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind per case (default 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tree", action="append", help="LABEL=DIR, a checkout to measure (repeat; default: "

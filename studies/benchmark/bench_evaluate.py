@@ -322,7 +322,8 @@ def analyse(result, folder):
             other["pairs"] = {}
             for c in other["cases"]:
                 one = _study(c["case"])
-                aucs = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"] for mode in MODES}
+                aucs = {((d["method"], d["layer"]), mode): d[mode + "_auc_shortcut"] for d in c["auc"]
+                        for mode in MODES}
                 other["pairs"][c["case"]] = pair_orders(one, aucs)
     names = [c["case"] for c in result["cases"]]
     result["sensitivity"] = step_sensitivity(names)

@@ -18,16 +18,16 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    inputs run on the target's box (:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`) where
    :func:`~SegHiResCAMLib.engine.faithfulness.choose_box` allows it: the box's three passes (with the unperturbed
    box, whose score is then ``y0``) cost less than two on the whole input, and the model scores the unperturbed box
-   within 1% of the whole input (``deletion.box_rejected`` records a box it scored and did not use, e.g. a small
-   box in a network with instance normalisation); else on the whole input. A faithful map destroys the score sooner: a lower AUC than
-   the random ranking. The AUC is that of the normalised curve over ``[0, r]`` divided by ``r`` (the mean
-   normalised score there, ``(1 + y_r / y0) / 2``: 1 when nothing changed, 0.5 when the score is gone). Until
-   issue 18 part 4 the curve also had the fully replaced input at fraction 1; that point is shared by the map and
-   the random ranking, so it moved both AUCs by the same amount and never changed which one is lower
-   (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2
-   gradient-free forward passes, in one batch where free memory holds two
-   (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`), plus one on the unperturbed box when there is a
-   box to score (on the whole input, ``y0`` is the explain run's).
+   within 1% of the whole input (``deletion.box_rejected`` records a box it scored and did not use, e.g. a small box
+   in a network with instance normalisation); else on the whole input. A faithful map destroys the score sooner: a
+   lower AUC than the random ranking. The AUC is that of the normalised curve over ``[0, r]`` divided by ``r`` (the
+   mean normalised score there, ``(1 + y_r / y0) / 2``: 1 when nothing changed, 0.5 when the score is gone). Until
+   issue 18 part 4 the curve also had the fully replaced input at fraction 1; that point is shared by the map and the
+   random ranking, so it moved both AUCs by the same amount and never changed which one is lower
+   (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2 gradient-free
+   forward passes, in one batch where free memory holds two
+   (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`), plus one on the unperturbed box when there is a box
+   to score (on the whole input, ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
 (``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas; 1.51x in the latest

@@ -37,9 +37,9 @@ import torch
 from .. import __version__
 from ..engine import compute_cams
 from ..engine.faithfulness import (BASELINES, BOX_TOLERANCE, DEFAULT_MARGIN, MEASURED_ERROR, RANDOM_TARGETS, Curve,
-                                   box_note, choose_box, dilate, energy_in_region, map_correlations, model_randomization, parameter_layers,
-                                   perturbation_curves, placed_fractions, random_target, region_fraction,
-                                   region_on_grid, target_box)
+                                   box_note, choose_box, dilate, energy_in_region, map_correlations,
+                                   model_randomization, parameter_layers, perturbation_curves, placed_fractions,
+                                   random_target, region_fraction, region_on_grid, target_box)
 from ..engine.methods import METHODS
 from ..errors import InputError
 from ..geometry import Geometry
@@ -342,9 +342,11 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             "box_rejected": box_rejected,
             "measured_error": dict(MEASURED_ERROR) if placed else None,
             "note": box_note(box_rejected) or (
-                "perturbed inputs run on the target's bounding box + margin (exact where the margin covers the "
-                "receptive field of a network without global operations; used only where the model scores the "
-                "unperturbed box within %g of the whole input); --exact runs the full computation" % BOX_TOLERANCE)},
+                "perturbed inputs ran on the target's bounding box + margin (exact where the margin covers the "
+                "receptive field of a network without global operations; the model scored the unperturbed box "
+                "within %g of the whole input); --exact runs the full computation" % BOX_TOLERANCE
+                if box is not None else "perturbed inputs ran on the whole input (the target's box + margin, if "
+                "any, was too large to save its extra pass)")},
         "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),
                  "perturbation_forwards": 1 + scored_box + n_maps * 2 * n_inner,
                  "batch_size": curves[0]["deletion"].batch_size if curves else None},
