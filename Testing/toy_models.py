@@ -160,3 +160,27 @@ def fconv2d(classes=2, in_channels=1):
             return self.head(self.features(x))
 
     return Net()
+
+
+def instance_normed():
+    """A 3D two-class net that normalises by its input's statistics (conv, InstanceNorm3d, ReLU, 1x1x1 conv; seeded):
+    a small box of an uneven image scores quite differently from the whole image."""
+    import torch
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(),
+                               torch.nn.Conv3d(4, 2, 1)).eval()
+
+
+def uneven_volume(size, bright, cube):
+    """``(image, mask, geometry)``: ``size``^3 noise whose first ``bright`` slices are 4 brighter, a mask of the
+    ``cube`` (one slice, every axis) and 1 mm geometry."""
+    import numpy as np
+    from SegHiResCAMLib.geometry import Geometry
+    shape = (size,) * 3
+    image = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    image[:bright] += 4.0
+    mask = np.zeros(shape, np.uint8)
+    mask[cube, cube, cube] = 1
+    geometry = Geometry(size=shape, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                        direction=tuple(np.eye(3).flatten()))
+    return image, mask, geometry

@@ -66,17 +66,8 @@ def test_quick_check_gives_one_verdict_line_and_its_numbers():
 def test_a_network_with_instance_normalisation_is_checked_on_the_whole_input():
     """A small box scores very differently in such a network: the check's deletion runs on the whole input, from
     the explain run's score, and records the box it scored and did not use."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(),
-                              torch.nn.Conv3d(4, 2, 1)).eval()
-    model = SegModel(network=net, name="normed", output="logits")
-    size = (56, 56, 56)
-    geometry = Geometry(size=size, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                        direction=tuple(np.eye(3).flatten()))
-    image = np.random.RandomState(0).randn(*size).astype(np.float32)
-    image[:12] += 4.0
-    mask = np.zeros(size, np.uint8)
-    mask[30:34, 30:34, 30:34] = 1
+    model = SegModel(network=toy_models.instance_normed(), name="normed", output="logits")
+    image, mask, geometry = toy_models.uneven_volume(56, 12, slice(30, 34))
     got = explain_image(model, image, geometry, [TargetSpec(1, mask=mask)], layers="2", device="cpu", check="quick")
     deletion = got.metadata["check"]["deletion"]
     assert deletion["box"] is None and deletion["box_rejected"]["box"] is not None

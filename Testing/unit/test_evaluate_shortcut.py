@@ -106,12 +106,6 @@ def test_evaluate_shortcut_equals_exact_where_the_margin_covers_the_receptive_fi
     assert batched.metadata["cost"]["batch_size"] == 3 and "in batches of 3;" in evaluation_markdown(batched)
 
 
-def _instance_normed():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(),
-                               torch.nn.Conv3d(4, 2, 1)).eval()
-
-
 def test_the_box_is_used_only_where_it_pays_and_scores_like_the_whole_input():
     """choose_box: a network without global operations scores the target's box like the whole input, so the box is
     used and its score starts the curves; one with instance normalisation scores a small box of an uneven image
@@ -125,7 +119,7 @@ def test_the_box_is_used_only_where_it_pays_and_scores_like_the_whole_input():
     target = SegmentTarget(1)
     box = target_box(region, (48, 48, 48), 8, 2)
     torch.manual_seed(0)
-    for net, kept in ((toy_models.unet3d().eval(), True), (_instance_normed(), False)):
+    for net, kept in ((toy_models.unet3d().eval(), True), (toy_models.instance_normed(), False)):
         with torch.no_grad():
             y0 = float(target(net(x), region)[0])
         got, y, rejected = choose_box(net, x, target, region, box, y0, passes=10)
@@ -146,14 +140,8 @@ def test_the_box_is_used_only_where_it_pays_and_scores_like_the_whole_input():
 
 
 def test_evaluate_runs_a_network_with_instance_normalisation_on_the_whole_input_and_says_so():
-    model = SegModel(network=_instance_normed(), name="normed", output="logits")
-    size = (40, 40, 40)
-    geometry = Geometry(size=size, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                        direction=tuple(np.eye(3).flatten()))
-    image = np.random.RandomState(0).randn(*size).astype(np.float32)
-    image[:10] += 4.0
-    mask = np.zeros(size, np.uint8)
-    mask[18:22, 18:22, 18:22] = 1
+    model = SegModel(network=toy_models.instance_normed(), name="normed", output="logits")
+    image, mask, geometry = toy_models.uneven_volume(40, 10, slice(18, 22))
     kw = dict(methods=["seg-hires-grad-cam"], layers=["2"], steps=2, sanity_stages=None, random_targets=(),
               device="cpu", sigma=1.0, margin=4)
     fast = evaluate_image(model, image, geometry, TargetSpec(1, mask=mask), **kw)
