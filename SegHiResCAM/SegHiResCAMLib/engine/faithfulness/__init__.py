@@ -6,7 +6,8 @@ The public entry point of the checks, which live in one module per concern and a
   original region M fixed along the curve, their AUCs normalised by the unperturbed score ``y0``
   (:func:`perturbation_curves`, :class:`Curve`, :func:`baseline_input`, :func:`gaussian_blur`,
   :func:`saliency_order`, :func:`saliency_sets`, :func:`auto_batch_size`), and their shortcuts for whole scans
-  (:mod:`.shortcut`: the crop to the target and its receptive field, :func:`target_box`; well-placed steps,
+  (:mod:`.shortcut`: the crop to the target and its receptive field, :func:`target_box`, used where
+  :func:`choose_box` finds that it pays and that the model scores it like the whole input; well-placed steps,
   :func:`placed_fractions`).
 - :mod:`.energy`: **energy in the segment**, the fraction of the positive heat inside M (dilated by a max-pool of
   radius r voxels), against the fraction of voxels that M covers (:func:`energy_in_region`,
@@ -36,10 +37,10 @@ from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stag
                      recording_parameter_layers, spearman, target_randomization)
 
 __all__ = [
-    "BASELINES", "BOX_TOLERANCE", "Curve", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "RANDOM_TARGETS", "SanityStage",
-    "UpstreamRecorder", "auto_batch_size",
-    "baseline_input", "box_note", "cascade_stages", "choose_box", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
-    "map_correlations", "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions",
-    "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction",
-    "region_on_grid", "saliency_order", "saliency_sets", "spearman", "target_box", "target_randomization",
+    "BASELINES", "BOX_TOLERANCE", "Curve", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "RANDOM_TARGETS",
+    "SanityStage", "UpstreamRecorder", "auto_batch_size", "baseline_input", "box_note", "cascade_stages",
+    "choose_box", "dilate", "energy_in_region", "fixed_target", "gaussian_blur", "map_correlations",
+    "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions", "random_target",
+    "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction", "region_on_grid",
+    "saliency_order", "saliency_sets", "spearman", "target_box", "target_randomization",
 ]
