@@ -15,8 +15,9 @@ costing at most one explain run) and the check's own seconds (``metadata["timing
   (default 128), the predicted class 1 (half the input: the check's deletion runs on the whole input).
 - ``unet-click``: the same UNet on ``--click-size`` voxels per axis (default 192, 1 mm voxels; from 224 on, the
   memory plan of a 23 GiB machine runs it in windows, where the check does not run), class 1 in a ball of
-  10 mm around the centre voxel (a clicked voxel, as in the Slicer module): a small target in a large image, whose
-  check perturbs and scores only the target's box.
+  10 mm around the centre voxel (a clicked voxel, as in the Slicer module): a small target in a large image. Until
+  commit 6c8fd84 its check perturbed and scored only the target's box; the UNet's instance normalisation scores that
+  box unlike the whole input, so the check now runs on the whole input (``choose_box``; each run records its box).
 
 Several source trees can be measured in one call (``--tree before=DIR --tree after=.``, each a checkout holding
 ``SegHiResCAM/``), e.g. the code before and after a change; the results name each tree's commit.
