@@ -37,7 +37,7 @@ import torch
 from .. import __version__
 from ..engine import compute_cams
 from ..engine.faithfulness import (BASELINES, BOX_TOLERANCE, DEFAULT_MARGIN, MEASURED_ERROR, RANDOM_TARGETS, Curve,
-                                   box_note, choose_box, dilate, energy_in_region, map_correlations,
+                                   box_note, box_share, choose_box, dilate, energy_in_region, map_correlations,
                                    model_randomization, parameter_layers, perturbation_curves, placed_fractions,
                                    random_target, region_fraction, region_on_grid, target_box)
 from ..engine.methods import METHODS
@@ -286,8 +286,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
     passes = 1 + len(maps) * 2 * max(0, n_interior)
     box, y_start, box_rejected = choose_box(net, x, cam_target, region, box, y0, passes, model.output_key)
     scored_box = box is not None or box_rejected is not None  # choose_box took one pass on the box
-    box_share = 1.0 if box is None else float(np.prod([b.stop - b.start for b in box])) / float(np.prod(spatial))
-    clock.plan(curves=passes * box_share)
+    share = box_share(box, spatial)
+    clock.plan(curves=passes * share)
     t0 = time.perf_counter()
     curves = perturbation_curves(net, x, cam_target, maps, steps=steps, baseline=baseline, sigma=sigma,
                                  domain=domain, region=region, reference_score=y_start, batch_size=batch_size,
@@ -336,7 +336,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
                     "batch_size": batch_size, "sanity_stages": sanity_stages, "random_targets": list(random_targets),
                     "seed": seed, "method_options": dict(method_options), "exact": bool(exact), "margin": margin},
         "shortcut": None if exact else {
-            "box": None if box is None else [[b.start, b.stop] for b in box], "box_share": box_share,
+            "box": None if box is None else [[b.start, b.stop] for b in box], "box_share": share,
             "margin_voxels": margin, "fractions": curves[0]["deletion"].fractions if curves else None,
             "y0_box": curves[0]["deletion"].reference if curves else None,
             "box_rejected": box_rejected,

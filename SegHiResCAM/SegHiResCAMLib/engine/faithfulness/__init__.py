@@ -31,14 +31,14 @@ from .energy import dilate, energy_in_region, region_fraction, region_on_grid
 from .perturbation import (AUTO_BYTES_PER_VOXEL, BASELINES, BOX_TOLERANCE, MODES, Curve,  # noqa: F401
                            auto_batch_size, baseline_input, box_note, choose_box, gaussian_blur, perturbation_curves,
                            saliency_order, saliency_sets)
-from .shortcut import DEFAULT_MARGIN, MEASURED_ERROR, placed_fractions, target_box
+from .shortcut import DEFAULT_MARGIN, MEASURED_ERROR, box_share, placed_fractions, target_box
 from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stages, fixed_target, map_correlations,
                      model_randomization, parameter_layers, random_target, randomize_modules, rankdata,
                      recording_parameter_layers, spearman, target_randomization)
 
 __all__ = [
     "BASELINES", "BOX_TOLERANCE", "Curve", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "RANDOM_TARGETS",
-    "SanityStage", "UpstreamRecorder", "auto_batch_size", "baseline_input", "box_note", "cascade_stages",
+    "SanityStage", "UpstreamRecorder", "auto_batch_size", "baseline_input", "box_note", "box_share", "cascade_stages",
     "choose_box", "dilate", "energy_in_region", "fixed_target", "gaussian_blur", "map_correlations",
     "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions", "random_target",
     "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction", "region_on_grid",

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +31,7 @@ from ..cam import ProgressCallback, check_input
 from ..hooks import model_guard
 from ..outputs import available_bytes, main_output, reusing_freed_memory
 from ..targets import SegmentTarget
+from .shortcut import box_share
 
 BASELINES = ("blur", "mean", "zero")
 MODES = ("deletion", "insertion")
@@ -311,8 +311,7 @@ def choose_box(model: nn.Module, x: torch.Tensor, target: SegmentTarget, region:
         return None, float(reference_score), None
     box = tuple(box)
     spatial = tuple(x.shape[2:])
-    share = float(np.prod([len(range(*b.indices(n))) for b, n in zip(box, spatial)])) / float(np.prod(spatial))
-    if (passes + 1) * share >= passes:
+    if (passes + 1) * box_share(box, spatial) >= passes:
         return None, float(reference_score), None
     region = region.to(x.device).bool()
     region = region[None] if region.ndim == len(spatial) else region

@@ -59,6 +59,14 @@ def target_box(region: torch.Tensor, spatial: Sequence[int], margin: int = DEFAU
     return tuple(box)
 
 
+def box_share(box: Optional[Sequence[slice]], spatial: Sequence[int]) -> float:
+    """The part of an input of spatial shape ``spatial`` that ``box`` covers (1 for ``None``, the whole input)."""
+    if box is None:
+        return 1.0
+    return float(math.prod(len(range(*b.indices(int(n)))) for b, n in zip(box, spatial))) / float(
+        math.prod(int(n) for n in spatial))
+
+
 def placed_fractions(region_fraction: float) -> List[float]:
     """The deletion/insertion fractions of the shortcut: ``[0, r / 2, r, 1]`` with ``r`` the fraction of the
     domain covered by the target, kept within [0.04, 0.5] (a point at 0 would repeat an end point; above one half
@@ -69,4 +77,4 @@ def placed_fractions(region_fraction: float) -> List[float]:
     return [0.0, round(r / 2.0, 6), round(r, 6), 1.0]
 
 
-__all__ = ["DEFAULT_MARGIN", "MEASURED_ERROR", "placed_fractions", "target_box"]
+__all__ = ["DEFAULT_MARGIN", "MEASURED_ERROR", "box_share", "placed_fractions", "target_box"]
