@@ -123,6 +123,11 @@ def _auc(xs, ys):
     return sum((x1 - x0) * (a + b) / 2.0 for x0, x1, a, b in zip(xs[:-1], xs[1:], ys[:-1], ys[1:]))
 
 
+def _combined_order(tables):
+    """``[(method, layer), ...]``: the study's cross-scan ranking of ``{case: table}``."""
+    return [(o["method"], o["layer"]) for o in study.recommend_combined(tables)]
+
+
 def step_sensitivity(names, subsets=((0.5,), (0.5, 0.75), (0.25, 0.5), (0.25, 0.5, 0.75),
                                     (0.125, 0.375, 0.625, 0.875))):
     """The study's rankings from its own full computation, with the curves cut to fewer of its 8 equal steps (no
@@ -146,7 +151,7 @@ def step_sensitivity(names, subsets=((0.5,), (0.5, 0.75), (0.25, 0.5), (0.25, 0.
             tables[name], kept = study.recommend(rows, energy)
             out[name] = [(t["method"], t["layer"]) for t in kept]
         if len(cases) > 1:
-            out["all scans"] = [(o["method"], o["layer"]) for o in study.recommend_combined(tables)]
+            out["all scans"] = _combined_order(tables)
         return out, aucs
 
     full, full_aucs = cut([i / 8.0 for i in range(9)])
@@ -224,8 +229,7 @@ def adaptive_refinement(names, start=(0.5,), grid=8, every_map=False):
             "curves": len(values), "not_monotone": sum(1 for v in against if v > 0),
             "largest_step_against_trend": max(against)}
     if len(cases) > 1:
-        order = lambda tables: [(o["method"], o["layer"]) for o in study.recommend_combined(tables)]  # noqa: E731
-        out["same_all_scans"] = order(tables_adaptive) == order(tables_full)
+        out["same_all_scans"] = _combined_order(tables_adaptive) == _combined_order(tables_full)
     return out
 
 
@@ -525,6 +529,27 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def _study_model(threads):
+    """HD-BET fold 0 as the study runs it (no minimum size: the study's 64^3 box is its input), on ``threads``
+    threads with denormals flushed."""
+    flush_denormals()
+    torch.set_num_threads(threads)
+    model = load_model("hd-bet")
+    return study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(model.preprocessing,
+                                                                                    min_size=None))
+
+
+def _print_case(c):
+    print("  same ranking: %s; max |dAUC| deletion %.3f insertion %.3f; curves %.0f s"
+          % (c["ranking_full"] == c["ranking_shortcut"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
+             c["shortcut"]["curves_s"]), flush=True)
+
+
+def _combined(cases):
+    """The cross-scan rankings, ``{"full": [(method, layer), ...], "shortcut": [...]}``, of run cases."""
+    return {kind: _combined_order({c["case"]: c["tables"][kind] for c in cases}) for kind in ("full", "shortcut")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="robex,mni152", help="study cases (default robex,mni152)")
@@ -543,11 +568,7 @@ def main(argv=None):
     if args.rule:
         with open(os.path.join(args.out, "evaluate.json")) as handle:
             result = json.load(handle)
-        flush_denormals()
-        torch.set_num_threads(args.threads)
-        model = load_model("hd-bet")
-        boxed = study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(
-            model.preprocessing, min_size=None))
+        boxed = _study_model(args.threads)
         rule = {"fractions": "r / 2, r and (1 + r) / 2",
                 "command": "python studies/benchmark/bench_evaluate.py " + " ".join(argv or sys.argv[1:]), "cases": []}
         for stored in result["cases"]:
@@ -556,21 +577,14 @@ def main(argv=None):
             print("case %s, fractions %s ..." % (stored["case"], steps), flush=True)
             c = run_case(stored["case"], boxed, args.batch_size, steps)
             rule["cases"].append(c)
-            print("  same ranking: %s; max |dAUC| deletion %.3f insertion %.3f; curves %.0f s" % (
-                c["ranking_full"] == c["ranking_shortcut"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
-                c["shortcut"]["curves_s"]), flush=True)
-        rule["combined"] = {kind: [(o["method"], o["layer"]) for o in study.recommend_combined(
-            {c["case"]: c["tables"][kind] for c in rule["cases"]})] for kind in ("full", "shortcut")}
+            _print_case(c)
+        rule["combined"] = _combined(rule["cases"])
         result["union_rule"] = rule
         args.rerank = True
         with open(os.path.join(args.out, "evaluate.json"), "w") as handle:
             handle.write(dumps(study.portable(result), indent=1))
     if args.refine:
-        flush_denormals()
-        torch.set_num_threads(args.threads)
-        model = load_model("hd-bet")
-        boxed = study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(
-            model.preprocessing, min_size=None))
+        boxed = _study_model(args.threads)
         out = {"command": "python studies/benchmark/bench_evaluate.py " + " ".join(argv or sys.argv[1:]),
                "threads": torch.get_num_threads(), "cases": []}
         for name in [c for c in args.cases.split(",") if c]:
@@ -598,25 +612,15 @@ def main(argv=None):
         with open(os.path.join(args.out, "evaluate.md"), "w") as handle:
             handle.write(markdown(result))
         return 0
-    flush_denormals()
-    torch.set_num_threads(args.threads)
-    model = load_model("hd-bet")
-    boxed = study.dataclasses.replace(model, preprocessing=study.dataclasses.replace(model.preprocessing,
-                                                                                     min_size=None))
+    boxed = _study_model(args.threads)
     result = {"command": "python studies/benchmark/bench_evaluate.py " + " ".join(argv or sys.argv[1:]),
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cases": []}
     for name in [c for c in args.cases.split(",") if c]:
         print("case %s ..." % name, flush=True)
         result["cases"].append(run_case(name, boxed, args.batch_size))
-        c = result["cases"][-1]
-        print("  same ranking: %s; max |dAUC| deletion %.3f insertion %.3f; curves %.0f s"
-              % (c["ranking_full"] == c["ranking_shortcut"], c["max_abs_deletion_diff"], c["max_abs_insertion_diff"],
-                 c["shortcut"]["curves_s"]), flush=True)
+        _print_case(result["cases"][-1])
     if len(result["cases"]) > 1:
-        full = study.recommend_combined({c["case"]: c["tables"]["full"] for c in result["cases"]})
-        fast = study.recommend_combined({c["case"]: c["tables"]["shortcut"] for c in result["cases"]})
-        result["combined"] = {"full": [(o["method"], o["layer"]) for o in full],
-                              "shortcut": [(o["method"], o["layer"]) for o in fast]}
+        result["combined"] = _combined(result["cases"])
     stored = os.path.join(args.out, "evaluate.json")
     if os.path.exists(stored):  # the other step rules' runs stay (their fractions do not depend on the default)
         with open(stored) as handle:
