@@ -18,6 +18,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _float32_unless_asked(monkeypatch):
+    """``precision="auto"`` (evaluate's and the quick check's default) resolves to float32 on every machine, so that
+    a test's numbers do not depend on whether its CPU computes bfloat16 natively; the bfloat16 tests ask for it, or
+    patch this back (``--amp`` tests patch it themselves)."""
+    from SegHiResCAMLib.engine import cam
+
+    monkeypatch.setattr(cam, "cpu_bfloat16", lambda: False)
+    yield
+
+
 #: the repository's studies/ folder (scripts, not a package)
 STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies")
 

@@ -184,3 +184,26 @@ def uneven_volume(size, bright, cube):
     geometry = Geometry(size=shape, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                         direction=tuple(np.eye(3).flatten()))
     return image, mask, geometry
+
+
+def cancelling():
+    """A 3D two-class net whose logits are the small difference of two large, nearly equal convolutions (their
+    weights 0.1% apart, then scaled up 1000 times; seeded): bfloat16, which keeps about 3 significant digits, rounds
+    both convolutions alike and loses the difference, so the net scores an input quite differently in bfloat16."""
+    import torch
+
+    class Cancelling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Conv3d(1, 2, 3, padding=1)
+            self.b = torch.nn.Conv3d(1, 2, 3, padding=1)
+            with torch.no_grad():
+                self.a.weight.abs_().add_(1.0)
+                self.b.weight.copy_(self.a.weight * 1.001)
+                self.b.bias.copy_(self.a.bias)
+
+        def forward(self, x):
+            return (self.b(x) - self.a(x)) * 1000.0
+
+    return Cancelling().eval()

@@ -72,7 +72,25 @@ def test_a_network_with_instance_normalisation_is_checked_on_the_whole_input():
     deletion = got.metadata["check"]["deletion"]
     assert deletion["box"] is None and deletion["box_rejected"]["box"] is not None
     assert deletion["y0"] == deletion["box_rejected"]["y0"] == deletion["scores"][0]
-    assert abs(deletion["box_rejected"]["y0_box"] - deletion["y0"]) > 0.01 * abs(deletion["y0"])
+    assert abs(deletion["box_rejected"]["y0_stand_in"] - deletion["y0"]) > 0.01 * abs(deletion["y0"])
+    assert deletion["precision"] == "float32" and deletion["precision_rejected"] is None
+
+
+def test_the_check_runs_its_deletion_in_bfloat16_on_a_cpu_with_amx(monkeypatch):
+    """Where ``auto`` picks bfloat16, the deletion's passes run in it, from the unperturbed input's bfloat16 score
+    (one more pass: the curve shares one arithmetic), and the verdict is still the same kind of line."""
+    from SegHiResCAMLib.engine import cam
+
+    model, image, geometry, mask = _case()
+    spec = [TargetSpec(1, mask=mask)]
+    single = explain_image(model, image, geometry, spec, layers="dec", device="cpu", check="quick")
+    monkeypatch.setattr(cam, "cpu_bfloat16", lambda: True)
+    half = explain_image(model, image, geometry, spec, layers="dec", device="cpu", check="quick")
+    one, other = single.metadata["check"]["deletion"], half.metadata["check"]["deletion"]
+    assert one["precision"] == "float32" and other["precision"] == "bfloat16" and VERDICT.match(
+        half.metadata["verdict"])
+    assert other["y0"] == other["scores"][0] != one["y0"] and other["y0"] == pytest.approx(one["y0"], rel=1e-2)
+    assert other["scores"][1] == pytest.approx(one["scores"][1], rel=0.02)
 
 
 def test_agreement_is_appended_and_bad_names_fail_clearly():

@@ -267,7 +267,8 @@ def test_evaluate_steps_take_interior_fractions(case, capsys):
     from SegHiResCAMLib.engine.faithfulness import MEASURED_ERROR
     assert "AUCs were within %.2f (deletion) and %.2f (insertion)" % (MEASURED_ERROR["deletion"],
                                                                       MEASURED_ERROR["insertion"]) in err
-    assert "--steps 0.125,0.375,0.625,0.875 (about twice the passes) kept every ranking" in err
+    assert "will run 9 forward passes (1 maps x 2 curves x 4 interior steps + 1)" in err
+    assert "this shortcut kept every ranking of --exact" in err
     code, out, err = run(base + ["--steps", "0.25,0.75", "--out-json", out_json], capsys)
     assert code == 0, err
     assert "AUCs were within" not in err  # the benchmark measured the default steps only

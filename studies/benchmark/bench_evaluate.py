@@ -3,8 +3,9 @@
 For every case of ``docs/faithfulness/`` (the ROBEX atlas and the MNI152 template, HD-BET fold 0, the study's 64^3
 model-voxel box, 18 maps = 6 methods x 3 layers, plus the random-order row) this runs the deletion/insertion curves
 the way ``seghirescam evaluate`` now does by default (perturbed inputs on the target's bounding box + 16 voxels,
-two well-placed interior steps; :mod:`SegHiResCAMLib.engine.faithfulness.shortcut`) and compares them with the full
-computation stored by the study (``--exact``: every input on the whole box, 8 equal steps):
+four interior steps at 1/8, 3/8, 5/8 and 7/8, in bfloat16 on a CPU that computes it natively;
+:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`) and compares them with the full computation stored by the study
+(``--exact``: every input on the whole box, 8 equal steps, float32):
 
 - the AUC differences per map (shortcut - full), normalised deletion and insertion AUC;
 - the study's ranking (:func:`studies.faithfulness.recommend`, per scan, and :func:`recommend_combined`, across
@@ -17,7 +18,7 @@ Run from the repository root (after ``make install``)::
 
     .venv/bin/python studies/benchmark/bench_evaluate.py            # -> benchmarks/results/evaluate.{json,md}
 
-``--rule union`` runs the same cases with three interior points, the default's two and the rule before's
+``--rule union`` runs the same cases with three interior points, those of the two rules before the present default
 (``r / 2``, ``r`` and ``(1 + r) / 2``), and adds them to ``evaluate.json`` (``union_rule``) and ``evaluate.md``.
 
 The timing of the default ``seghirescam evaluate`` on a whole MRI is measured by the command line itself (see
@@ -103,6 +104,7 @@ def run_case(name, model, batch_size, steps=None):
     return {
         "case": name, "box": one["crop"]["box"], "load_average_start": load, "load_average_end": list(os.getloadavg()),
         "shortcut": {"curves_s": meta["timings"]["curves_s"], "total_s": seconds,
+                     "precision": meta["precision"]["used"],
                      "forwards": meta["cost"]["perturbation_forwards"], "box": meta["shortcut"]["box"],
                      "box_share": meta["shortcut"]["box_share"], "fractions": meta["shortcut"]["fractions"],
                      "seconds_per_forward": meta["timings"]["curves_s"] / meta["cost"]["perturbation_forwards"]},
@@ -362,8 +364,9 @@ def _with_mean_ranks(case, kind):
 
 #: other step rules run on the same cases (evaluate.json key, section title): the rule before the default, and
 #: ``--rule union`` (the points of both)
-OTHER_RULES = (("previous_rule", "The step rule before (interior points at %s)"),
-               ("union_rule", "Three interior points: the default's and the rule before's (%s)"))
+OTHER_RULES = (("placed_rule", "The default before this one (interior points at %s)"),
+               ("previous_rule", "The default before that (interior points at %s)"),
+               ("union_rule", "Three interior points: those of the two defaults before (%s)"))
 
 
 def _rule_section(rule, title):
@@ -399,10 +402,11 @@ def markdown(result):
     lines = ["# evaluate: the shortcut against the full computation", "",
              "Made by `%s` (HD-BET fold 0, %d torch threads, CPU). The full computation is the committed "
              "faithfulness study (`docs/faithfulness/<case>.json`, `studies/faithfulness.py`, `--exact`, 8 equal "
-             "steps); the shortcut is `seghirescam evaluate`'s default (target's box + 16 voxels, 2 well-placed "
-             "interior steps, at r / 2 and r with r the target's share of the domain). Raw numbers: "
-             "`benchmarks/results/evaluate.json`." % (result["command"],
-                                                                                   result["threads"]), ""]
+             "steps, float32); the shortcut is `seghirescam evaluate`'s default (target's box + 16 voxels, 4 "
+             "interior steps at 1/8, 3/8, 5/8 and 7/8, forward passes in %s). Raw numbers: "
+             "`benchmarks/results/evaluate.json`." % (
+                 result["command"], result["threads"],
+                 " and ".join(sorted({c["shortcut"].get("precision", "float32") for c in result["cases"]}))), ""]
     lines += ["## Rankings (the study's rule; sanity and whole-scan criteria from the stored study)", "",
               "Per scan, each map's mean rank is in brackets: equal mean ranks are ties, which the study's rule "
               "leaves in the order of its table.", "",
@@ -497,10 +501,11 @@ def markdown(result):
                   "two kept maps' AUC brackets overlap (trapezoid +- sum of (b - a) |y_b - y_a| / 2 over its "
                   "intervals, a bound for a monotone curve), each of their curves gets the midpoint of its widest "
                   "interval on the study's 8-step grid, until every pair is separated or the curves are complete. "
-                  "Passes are counted over all the study's maps (the default and midpoint rules: 2 and 4 per curve). "
+                  "Passes are counted over all the study's maps (the default before, 2 per curve, and the midpoint "
+                  "rule, now the default, 4 per curve). "
                   "Made by `python studies/benchmark/bench_evaluate.py --rerank` (no model run)."
                   % ", ".join("%g" % f for f in a["start"]), "",
-                  "| scan | maps (kept) | passes: adaptive, default rule, midpoint rule, full | same ranking | "
+                  "| scan | maps (kept) | passes: adaptive, default before, midpoint rule, full | same ranking | "
                   "curves not monotone | largest step against the trend (of y0) |", "|---|---|---|---|---|---|"]
         for name, c in a["cases"].items():
             lines.append("| %s | %d (%d) | %d, %d, %d, %d | %s | %d of %d | %.2f |" % (
@@ -510,8 +515,8 @@ def markdown(result):
             lines.append("")
             ratios = [c["passes"] / float(c["passes_default"]) for c in a["cases"].values()]
             lines.append("Across scans: same ranking %s. The study's curves are not monotone, so the brackets are no "
-                         "bounds and the rule is a heuristic. It takes %.2f-%.2fx the default rule's passes here; on "
-                         "the whole-MNI152 default below (29 passes of 12.7 s and 132 s for the rest, "
+                         "bounds and the rule is a heuristic. It takes %.2f-%.2fx the default before's passes here; "
+                         "on that rule's whole-MNI152 run below (29 passes of 12.7 s and 132 s for the rest, "
                          "`evaluate-whole-mni152-idle-1b62c93.json`) that would be about %.1f-%.1f min, an estimate "
                          "that assumes the same ratio there." % (
                              "yes" if a["same_all_scans"] else "**no**", min(ratios), max(ratios),
@@ -622,10 +627,10 @@ def main(argv=None):
     if len(result["cases"]) > 1:
         result["combined"] = _combined(result["cases"])
     stored = os.path.join(args.out, "evaluate.json")
-    if os.path.exists(stored):  # the other step rules' runs stay (their fractions do not depend on the default)
+    if os.path.exists(stored):  # the other step rules' runs and the whole-scan text stay
         with open(stored) as handle:
             before = json.load(handle)
-        result.update({key: before[key] for key, _ in OTHER_RULES if key in before})
+        result.update({key: before[key] for key in [k for k, _ in OTHER_RULES] + ["whole_scan"] if key in before})
     analyse(result, args.out)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "evaluate.json"), "w") as handle:

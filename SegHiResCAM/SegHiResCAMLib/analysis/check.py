@@ -16,10 +16,12 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    input) at ``r``, the target's share of the image (kept in evaluate's range: the point at ``r`` of
    :func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`), and so are as many voxels drawn at random. The
    inputs run on the target's box (:mod:`SegHiResCAMLib.engine.faithfulness.shortcut`) where
-   :func:`~SegHiResCAMLib.engine.faithfulness.choose_box` allows it: the box's three passes (with the unperturbed
-   box, whose score is then ``y0``) cost less than two on the whole input, and the model scores the unperturbed box
-   within 1% of the whole input (``deletion.box_rejected`` records a box it scored and did not use, e.g. a small box
-   in a network with instance normalisation); else on the whole input. A faithful map destroys the score sooner: a
+   :func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in` allows it: the box's three passes (with the
+   unperturbed box, whose score is then ``y0``) cost less than two on the whole input, and the model scores the
+   unperturbed box within 1% of the whole input (``deletion.box_rejected`` records a box it scored and did not use,
+   e.g. a small box in a network with instance normalisation); else on the whole input. On a CPU that computes
+   bfloat16 natively they run in bfloat16 under the same test (``deletion.precision``; ``precision`` argument,
+   default ``auto``). A faithful map destroys the score sooner: a
    lower AUC than the random ranking. The AUC is that of the normalised curve over ``[0, r]`` divided by ``r`` (the
    mean normalised score there, ``(1 + y_r / y0) / 2``: 1 when nothing changed, 0.5 when the score is gone). Until
    issue 18 part 4 the curve also had the fully replaced input at fraction 1; that point is shared by the map and the
@@ -27,7 +29,7 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    (``better_than_random`` is the same on either curve): it is left out, one forward pass less. Cost: 2 gradient-free
    forward passes, in one batch where free memory holds two
    (:func:`~SegHiResCAMLib.engine.faithfulness.auto_batch_size`), plus one on the unperturbed box when there is a box
-   to score (on the whole input, ``y0`` is the explain run's).
+   to score or the passes run in bfloat16 (on the whole input in float32, ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
 (``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas; 1.51x in the latest
@@ -52,7 +54,7 @@ import numpy as np
 import torch
 
 from ..engine.cam import CAMResult
-from ..engine.faithfulness import (UpstreamRecorder, cascade_stages, choose_box, dilate, model_randomization,
+from ..engine.faithfulness import (UpstreamRecorder, cascade_stages, choose_stand_in, dilate, model_randomization,
                                    perturbation_curves, placed_fractions, recording_parameter_layers, region_fraction,
                                    region_on_grid, target_box)
 from ..engine.faithfulness.shortcut import DEFAULT_MARGIN
@@ -98,11 +100,13 @@ def agreement_score(metadata: dict) -> Optional[float]:
 
 def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget, result: CAMResult,
                 domain: Optional[torch.Tensor] = None, output_key: Optional[str] = None, align: int = 1,
-                seed: int = 0, upstream: Optional[UpstreamRecorder] = None, **method_options) -> dict:
+                seed: int = 0, upstream: Optional[UpstreamRecorder] = None, precision: str = "auto",
+                **method_options) -> dict:
     """The two checks of the module docstring on ``result`` (one map of ``target`` on the whole input ``x``).
 
     ``upstream``: what the explain run's forward pass computed before ``result.layer`` (an :class:`UpstreamRecorder`
     around it); the randomised copy then runs only from the layer on (the same map as without it).
+    ``precision``: of the deletion's forward passes (:func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in`).
 
     Returns ``{"verdict": one line, "model_randomization": {...}, "deletion": {...}, "seconds": s}``."""
     started = time.perf_counter()
@@ -114,11 +118,12 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
     noise = torch.rand(spatial, generator=torch.Generator().manual_seed(int(seed) + 1)).to(x.device)
     with reusing_freed_memory():  # one block for both checks: the randomised pass reuses the deletion's memory
         with recording_parameter_layers(network) as order:  # the modules' order, from the passes below
-            box, y_start, box_rejected = choose_box(network, x, target, region, box, float(result.score[0]),
-                                                    passes=2, output_key=output_key)
+            stand_in = choose_stand_in(network, x, target, region, box, float(result.score[0]), passes=2,
+                                       output_key=output_key, precision=precision)
             curves = perturbation_curves(network, x, target, [result.map[0], noise], steps=steps,
-                                         modes=("deletion",), domain=domain, region=region, reference_score=y_start,
-                                         output_key=output_key, seed=seed, box=box, rescore_box=False)
+                                         modes=("deletion",), domain=domain, region=region,
+                                         reference_score=stand_in.y0, output_key=output_key, seed=seed,
+                                         box=stand_in.box, rescore_box=False, precision=stand_in.precision)
         order = list(order)
         try:
             plan = cascade_stages(order, [result.layer])
@@ -146,8 +151,9 @@ def quick_check(network: torch.nn.Module, x: torch.Tensor, target: SegmentTarget
                                     "reused_upstream_modules": len(kept or {})},
             "deletion": {"fractions": steps, "auc": auc, "auc_random": auc_random, "normalized": not use_raw,
                          "scores": mine.scores, "scores_random": rand.scores,
-                         "box": None if box is None else [[b.start, b.stop] for b in box],
-                         "box_rejected": box_rejected, "y0": y_start,
+                         "box": None if stand_in.box is None else [[b.start, b.stop] for b in stand_in.box],
+                         "box_rejected": stand_in.box_rejected, "precision": stand_in.precision,
+                         "precision_rejected": stand_in.precision_rejected, "y0": stand_in.y0,
                          "better_than_random": bool(auc < auc_random)},
             "seconds": time.perf_counter() - started}
 

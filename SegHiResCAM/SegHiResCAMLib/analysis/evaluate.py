@@ -36,9 +36,9 @@ import torch
 
 from .. import __version__
 from ..engine import compute_cams
-from ..engine.faithfulness import (BASELINES, BOX_TOLERANCE, DEFAULT_MARGIN, MEASURED_ERROR, RANDOM_TARGETS, Curve,
-                                   box_note, box_share, choose_box, dilate, energy_in_region, map_correlations,
-                                   model_randomization, parameter_layers, perturbation_curves, placed_fractions,
+from ..engine.faithfulness import (BASELINES, BOX_TOLERANCE, DEFAULT_FRACTIONS, DEFAULT_MARGIN, MEASURED_ERROR,
+                                   RANDOM_TARGETS, Curve, box_share, choose_stand_in, dilate, energy_in_region,
+                                   map_correlations, model_randomization, parameter_layers, perturbation_curves,
                                    random_target, region_fraction, region_on_grid, target_box)
 from ..engine.methods import METHODS
 from ..errors import InputError
@@ -169,10 +169,10 @@ def _key(method: str, layer: str) -> str:
 
 def interior_steps(steps: Union[int, Sequence[float], None], exact: bool = False) -> int:
     """The interior deletion/insertion points of ``steps`` (a number of equal steps, or fractions from 0 to 1);
-    without steps, the default's: 9 with ``exact`` (10 equal steps), else the shortcut's 2 placed fractions."""
+    without steps, the default's: 9 with ``exact`` (10 equal steps), else the shortcut's 4 (``DEFAULT_FRACTIONS``)."""
     if isinstance(steps, int):
         return steps - 1
-    return len(list(steps)) - 2 if steps else (9 if exact else 2)
+    return len(list(steps)) - 2 if steps else (9 if exact else len(DEFAULT_FRACTIONS) - 2)
 
 
 def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, target: Optional[TargetSpec] = None,
@@ -182,7 +182,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
                    sanity_stages: Union[int, Sequence[str], None] = 3,
                    random_targets: Sequence[str] = ("shift", "class"), random_reference: bool = True,
                    device: str = "auto", seed: int = 0, progress: Optional[ProgressCallback] = None,
-                   exact: bool = False, margin: Optional[int] = None, slice_axis: Optional[str] = None,
+                   exact: bool = False, margin: Optional[int] = None, precision: str = "auto",
+                   slice_axis: Optional[str] = None,
                    slice_context: int = 0, slice_count: Optional[int] = None, **method_options) -> Evaluation:
     """Faithfulness and sanity metrics of every method x layer for one target on one image.
 
@@ -193,8 +194,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         methods: CAM method names (default: all).
         layers: layer names or ``auto`` (the model's default layer).
         steps: deletion/insertion steps, or fractions (see :func:`~.engine.metrics.perturbation_curves`);
-            ``None``: 10 equal steps with ``exact``, else the shortcut's well-placed fractions
-            (:func:`~SegHiResCAMLib.engine.faithfulness.placed_fractions`).
+            ``None``: 10 equal steps with ``exact``, else the shortcut's fractions 0, 1/8, 3/8, 5/8, 7/8, 1
+            (:data:`~SegHiResCAMLib.engine.faithfulness.DEFAULT_FRACTIONS`).
         baseline, sigma: replacement of removed voxels (``blur`` with ``sigma`` model voxels, ``mean``, ``zero``).
         dilation: radius of the dilated segment, in model voxels.
         batch_size: perturbed inputs per forward pass (``None``: from free memory and the input's size,
@@ -206,8 +207,13 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         exact: the full computation: every perturbed input runs on the whole model input. Default (``False``):
             the shortcut of :mod:`SegHiResCAMLib.engine.faithfulness.shortcut`: perturbed inputs run on the
             target's bounding box grown by ``margin`` model voxels (default
-            :data:`~SegHiResCAMLib.engine.faithfulness.DEFAULT_MARGIN`), and ``steps=None`` means well-placed
-            fractions. Its error against ``exact`` is measured in ``benchmarks/results/evaluate.md``.
+            :data:`~SegHiResCAMLib.engine.faithfulness.DEFAULT_MARGIN`), and ``steps=None`` means its four
+            interior fractions. Its error against ``exact`` is measured in ``benchmarks/results/evaluate.md``.
+        precision: the arithmetic of the perturbed inputs' forward passes: ``float32``, ``bfloat16``, or ``auto``
+            (:func:`~SegHiResCAMLib.engine.faithfulness.resolve_precision`: bfloat16 on a CPU that computes it
+            natively, else float32; always float32 with ``exact``). bfloat16 is used only where the model scores the unperturbed
+            input in it within 1% of float32 (:func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in`); the
+            precision used is ``metadata["precision"]``.
         slice_axis, slice_context, slice_count: a 2D model on a 3D scan is evaluated on the ``slice_count``
             (default 3) slices with the most target voxels, each as a 2D image, and every row is the mean over them
             (:mod:`.slice_evaluate`, ``docs/slice_models.md``).
@@ -221,7 +227,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             labels_on_image, slice_axis, slice_context, slice_count, progress, methods=methods, layers=layers,
             steps=steps, baseline=baseline, sigma=sigma, dilation=dilation, batch_size=batch_size,
             sanity_stages=sanity_stages, random_targets=random_targets, random_reference=random_reference,
-            device=device, seed=seed, exact=exact, margin=margin, **method_options))
+            device=device, seed=seed, exact=exact, margin=margin, precision=precision, **method_options))
     clock = _Clock(progress or (lambda f, m: None))
     report = clock
     for kind in random_targets:
@@ -271,7 +277,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         maps.append(torch.rand(spatial, generator=generator).to(dev))
         labels.append((RANDOM_ORDER, "-"))
     box = None
-    placed = False  # the shortcut's own fractions (placed_fractions), whose error the benchmark measured
+    placed = False  # the shortcut's own fractions (DEFAULT_FRACTIONS), whose error the benchmark measured
     if not exact:
         margin = DEFAULT_MARGIN if margin is None else margin
         if tuple(region.shape[1:]) == spatial:
@@ -279,19 +285,21 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             box = target_box(region, spatial, margin, divisible if isinstance(divisible, int) else 1)
         placed = steps is None
         if placed:
-            steps = placed_fractions(fraction)
+            steps = list(DEFAULT_FRACTIONS)
     elif steps is None:
         steps = 10
     n_interior = interior_steps(steps, exact)
     passes = 1 + len(maps) * 2 * max(0, n_interior)
-    box, y_start, box_rejected = choose_box(net, x, cam_target, region, box, y0, passes, model.output_key)
-    scored_box = box is not None or box_rejected is not None  # choose_box took one pass on the box
+    stand_in = choose_stand_in(net, x, cam_target, region, box, y0, passes, model.output_key,
+                               precision="float32" if exact and precision == "auto" else precision)
+    box = stand_in.box
     share = box_share(box, spatial)
     clock.plan(curves=passes * share)
     t0 = time.perf_counter()
     curves = perturbation_curves(net, x, cam_target, maps, steps=steps, baseline=baseline, sigma=sigma,
-                                 domain=domain, region=region, reference_score=y_start, batch_size=batch_size,
+                                 domain=domain, region=region, reference_score=stand_in.y0, batch_size=batch_size,
                                  output_key=model.output_key, seed=seed, box=box, rescore_box=False,
+                                 precision=stand_in.precision,
                                  progress=lambda f, m: report(clock.at("curves", f), "deletion/insertion: %s" % m))
     timings["curves_s"] = time.perf_counter() - t0
     stages = []
@@ -334,21 +342,27 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         "layers": resolved, "methods": methods,
         "options": {"steps": steps, "baseline": baseline, "sigma_voxels": sigma, "dilation_voxels": dilation,
                     "batch_size": batch_size, "sanity_stages": sanity_stages, "random_targets": list(random_targets),
-                    "seed": seed, "method_options": dict(method_options), "exact": bool(exact), "margin": margin},
+                    "seed": seed, "method_options": dict(method_options), "exact": bool(exact), "margin": margin,
+                    "precision": precision},
+        "precision": {"used": stand_in.precision, "rejected": stand_in.precision_rejected, "note": None if
+                      stand_in.precision == "float32" else "the perturbed inputs' forward passes ran in bfloat16 "
+                      "(the model scored the unperturbed input within %g of float32; --precision float32 runs "
+                      "float32)" % BOX_TOLERANCE},
         "shortcut": None if exact else {
             "box": None if box is None else [[b.start, b.stop] for b in box], "box_share": share,
             "margin_voxels": margin, "fractions": curves[0]["deletion"].fractions if curves else None,
             "y0_box": curves[0]["deletion"].reference if curves else None,
-            "box_rejected": box_rejected,
+            "box_rejected": stand_in.box_rejected,
             "measured_error": dict(MEASURED_ERROR) if placed else None,
-            "note": box_note(box_rejected) or (
+            "note": stand_in.note() or (
                 "perturbed inputs ran on the target's bounding box + margin (exact where the margin covers the "
                 "receptive field of a network without global operations; the model scored the unperturbed box "
                 "within %g of the whole input); --exact runs the full computation" % BOX_TOLERANCE
                 if box is not None else "perturbed inputs ran on the whole input (the target's box + margin, if "
                 "any, was too large to save its extra pass)")},
+        "stand_in_note": stand_in.note(),
         "cost": {"cam_passes": 1 + (len(stages) if stages else 0), "targets_in_first_pass": 1 + len(extra),
-                 "perturbation_forwards": 1 + scored_box + n_maps * 2 * n_inner,
+                 "perturbation_forwards": 1 + stand_in.scored + n_maps * 2 * n_inner,
                  "batch_size": curves[0]["deletion"].batch_size if curves else None},
         "timings": timings,
         "normalization": "AUC of score / y0 over the perturbed fraction in [0, 1] (trapezoid); NaN if y0 <= 0",

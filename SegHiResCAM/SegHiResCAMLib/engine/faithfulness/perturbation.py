@@ -19,7 +19,7 @@ higher insertion AUC are more faithful. ``y0 <= 0`` (possible with logits) leave
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InputError, InternalError, ModelError, SegHiResCAMError
+from .. import cam
 from ..cam import ProgressCallback, check_input
 from ..hooks import model_guard
 from ..outputs import available_bytes, main_output, reusing_freed_memory
@@ -35,9 +36,12 @@ from .shortcut import box_share
 
 BASELINES = ("blur", "mean", "zero")
 MODES = ("deletion", "insertion")
-#: the largest relative difference between the target's score on its box alone and on the whole input for which
-#: :func:`choose_box` lets the box stand in for the whole input
+#: the largest relative difference between the target's score on a stand-in of the unperturbed input (its box alone,
+#: or the whole input in bfloat16) and on the whole input in float32 for which :func:`choose_stand_in` uses it
 BOX_TOLERANCE = 0.01
+#: the arithmetic of the perturbed inputs' forward passes (``precision`` of :func:`perturbation_curves`); ``auto``
+#: is :func:`resolve_precision`'s choice
+PRECISIONS = ("auto", "float32", "bfloat16")
 #: inference memory per input voxel assumed by ``batch_size=None`` (HD-BET: 1.8 GiB for 128^3, ~900 B/voxel)
 AUTO_BYTES_PER_VOXEL = 1024
 
@@ -251,17 +255,38 @@ def _forward(model: nn.Module, batch: torch.Tensor, output_key: Optional[str]) -
         raise ModelError("the model failed on an input of shape %s: %s" % (tuple(batch.shape), text)) from exc
 
 
+def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
+    """``float32`` or ``bfloat16``: the arithmetic of perturbed inputs' forward passes on ``device``.
+
+    ``auto`` is ``bfloat16`` on a CPU that computes it natively (:func:`~SegHiResCAMLib.engine.cam.cpu_bfloat16`:
+    AVX512-BF16 or AMX, through oneDNN; on the AMX CPU of ``benchmarks/results/precision.md`` one HD-BET pass on a
+    whole brain MRI took 0.46 of its float32 time on 2 cores), else ``float32`` (a GPU, and any other CPU, where
+    bfloat16 is emulated and slower). ``bfloat16`` runs the passes under
+    :func:`torch.autocast`: convolutions and matrix products in bfloat16, normalisations and sums in float32."""
+    if precision not in PRECISIONS:
+        raise InputError("precision must be one of %s, got %r" % (", ".join(PRECISIONS), precision))
+    kind = torch.device(device).type
+    if precision == "auto":
+        return "bfloat16" if kind == "cpu" and cam.cpu_bfloat16() else "float32"
+    if precision == "bfloat16" and kind not in ("cpu", "cuda"):
+        raise InputError("bfloat16 forward passes run on a CPU or a CUDA GPU, not on %s; use --precision float32"
+                         % kind)
+    return precision
+
+
 class _Scorer:
     """Scores ``y^c_M`` of batches of inputs with a fixed region, halving the batch on out-of-memory errors."""
 
-    def __init__(self, model, target, region, output_key, batch_size, eval_mode):
+    def __init__(self, model, target, region, output_key, batch_size, eval_mode, precision="float32"):
         self.model, self.target, self.output_key, self.eval_mode = model, target, output_key, eval_mode
         self.region = region
         self.batch_size = batch_size
+        self.precision = precision
         self.forwards = 0
 
     def _scores(self, batch: torch.Tensor) -> torch.Tensor:
-        out = _forward(self.model, batch, self.output_key)
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            out = _forward(self.model, batch, self.output_key)
         self.forwards += batch.shape[0]
         region = self.region.expand((batch.shape[0],) + tuple(self.region.shape[1:]))
         return self.target(out, region).detach().double().cpu()
@@ -287,49 +312,92 @@ class _Scorer:
         return scores
 
 
-def choose_box(model: nn.Module, x: torch.Tensor, target: SegmentTarget, region: torch.Tensor,
-               box: Optional[Sequence[slice]], reference_score: float, passes: int, output_key: Optional[str] = None,
-               eval_mode: bool = True, tolerance: float = BOX_TOLERANCE
-               ) -> Tuple[Optional[Tuple[slice, ...]], float, Optional[dict]]:
-    """Whether ``passes`` perturbed inputs should run on the target's ``box`` (:func:`.shortcut.target_box`) rather
-    than on the whole input ``x``, and the unperturbed score their curves then start from.
+@dataclass
+class StandIn:
+    """What :func:`choose_stand_in` lets the perturbed inputs run on, and the unperturbed score ``y0`` their curves
+    start from (taken on that stand-in, so a curve's points share one arithmetic and one input size).
 
-    The box is used only when both hold:
-
-    - it is cheaper: its ``passes`` plus the one below cost less than the whole input's (``(passes + 1) * share <
-      passes``, ``share`` the box's part of the input);
-    - the model scores the unperturbed box like the whole input: ``|y_box - y0| <= tolerance * |y0|``, ``y0`` being
-      ``reference_score`` (one forward pass on the box). The box stands in for the whole input only where the
-      margin covers the receptive field of a network without global operations; instance normalisation, for one,
-      normalises a small box by its own statistics, and HD-BET scored a 10 mm ball +15411 on a whole MRI and -12861
-      on its 64^3 box (``benchmarks/results/check-click-mni152.json``).
-
-    Returns ``(box or None, y, rejected)``: ``y`` is ``y_box`` when the box is used, else ``reference_score``;
-    ``rejected`` is ``None``, or, when the box was scored and not used, ``{"box", "y0_box", "y0", "tolerance"}``.
+    Attributes:
+        box: the target's box (:func:`.shortcut.target_box`), or ``None``: the whole input.
+        precision: ``float32`` or ``bfloat16``.
+        y0: the unperturbed score on the stand-in (the whole input's float32 score when nothing stands in).
+        box_rejected, precision_rejected: a stand-in that was scored and not used, ``{"y0_stand_in", "y0",
+            "tolerance", ...}`` (the box's also holds ``box`` and the precision it was scored in), else ``None``.
     """
-    if box is None:
-        return None, float(reference_score), None
-    box = tuple(box)
+
+    box: Optional[Tuple[slice, ...]]
+    precision: str
+    y0: float
+    box_rejected: Optional[dict] = None
+    precision_rejected: Optional[dict] = None
+    scored: int = field(default=0)  #: forward passes taken to decide (0 to 2)
+
+    def note(self) -> Optional[str]:
+        """One line for the reader about the stand-ins scored and not used, else ``None``."""
+        lines = []
+        if self.box_rejected:
+            lines.append("the model scored the target's box alone %.6g and the whole input %.6g, more than %g apart "
+                         "(a network with global operations, e.g. instance normalisation): the perturbed inputs ran "
+                         "on the whole input" % (self.box_rejected["y0_stand_in"], self.box_rejected["y0"],
+                                                 self.box_rejected["tolerance"]))
+        if self.precision_rejected:
+            lines.append("the model scored the input %.6g in bfloat16 and %.6g in float32, more than %g apart: the "
+                         "perturbed inputs ran in float32" % (self.precision_rejected["y0_stand_in"],
+                                                              self.precision_rejected["y0"],
+                                                              self.precision_rejected["tolerance"]))
+        return "; ".join(lines) or None
+
+
+def choose_stand_in(model: nn.Module, x: torch.Tensor, target: SegmentTarget, region: torch.Tensor,
+                    box: Optional[Sequence[slice]], reference_score: float, passes: int,
+                    output_key: Optional[str] = None, eval_mode: bool = True, tolerance: float = BOX_TOLERANCE,
+                    precision: str = "float32") -> StandIn:
+    """What ``passes`` perturbed inputs of the whole input ``x`` should run on: the target's ``box``
+    (:func:`.shortcut.target_box`) and/or ``precision`` ``bfloat16`` (:func:`resolve_precision`) instead of the
+    whole input in float32, and the unperturbed score their curves then start from.
+
+    A stand-in is used only when the model scores the unperturbed input on it like the whole input in float32:
+    ``|y_stand_in - y0| <= tolerance * |y0|``, ``y0`` being ``reference_score`` (one forward pass on the stand-in).
+    The box stands in for the whole input only where the margin covers the receptive field of a network without
+    global operations; instance normalisation, for one, normalises a small box by its own statistics, and HD-BET
+    scored a 10 mm ball +15411 on a whole MRI and -12861 on its 64^3 box
+    (``benchmarks/results/check-click-mni152.json``). bfloat16 keeps about 3 significant digits per product; HD-BET's
+    score moved by 2e-4 of itself (``benchmarks/results/precision.md``). The box is tried only where it is cheaper:
+    its ``passes`` plus the one that scores it cost less than the whole input's (``(passes + 1) * share < passes``,
+    ``share`` the box's part of the input). Order: the box in ``precision``; if it is rejected and ``precision`` is
+    bfloat16, the whole input in bfloat16; else the whole input in float32, from ``reference_score``.
+    """
+    precision = resolve_precision(precision, x.device)
     spatial = tuple(x.shape[2:])
-    if (passes + 1) * box_share(box, spatial) >= passes:
-        return None, float(reference_score), None
+    box = None if box is None else tuple(box)
+    if box is not None and (passes + 1) * box_share(box, spatial) >= passes:
+        box = None
+    y0 = float(reference_score)
+    chosen = StandIn(None, "float32", y0)
+    if box is None and precision == "float32":
+        return chosen
     region = region.to(x.device).bool()
     region = region[None] if region.ndim == len(spatial) else region
-    scorer = _Scorer(model, target, region[(slice(None),) + box], output_key, 1, eval_mode)
-    y_box = scorer(lambda i: x[(slice(None), slice(None)) + box].detach(), 1)[0]
-    y0 = float(reference_score)
-    if abs(y_box - y0) <= tolerance * abs(y0):
-        return box, y_box, None
-    return None, y0, {"box": [[b.start, b.stop] for b in box], "y0_box": y_box, "y0": y0, "tolerance": tolerance}
 
+    def score(cut: Optional[Tuple[slice, ...]]) -> float:
+        cut = cut or tuple(slice(None) for _ in spatial)
+        chosen.scored += 1
+        scorer = _Scorer(model, target, region[(slice(None),) + cut], output_key, 1, eval_mode, precision)
+        return scorer(lambda i: x[(slice(None), slice(None)) + cut].detach(), 1)[0]
 
-def box_note(rejected: Optional[dict]) -> Optional[str]:
-    """One line for the reader when :func:`choose_box` scored the box and did not use it, else ``None``."""
-    if not rejected:
-        return None
-    return ("the model scored the target's box alone %.6g and the whole input %.6g, more than %g apart (a network "
-            "with global operations, e.g. instance normalisation): the perturbed inputs ran on the whole input"
-            % (rejected["y0_box"], rejected["y0"], rejected["tolerance"]))
+    def record(y: float) -> dict:
+        return {"y0_stand_in": y, "y0": y0, "tolerance": tolerance}
+
+    for cut in ([box] if box is not None else []) + ([None] if precision != "float32" else []):
+        y = score(cut)
+        if abs(y - y0) <= tolerance * abs(y0):
+            chosen.box, chosen.precision, chosen.y0 = cut, precision, y
+            return chosen
+        if cut is not None:
+            chosen.box_rejected = dict(record(y), box=[[b.start, b.stop] for b in cut], precision=precision)
+        else:
+            chosen.precision_rejected = record(y)
+    return chosen
 
 
 def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget, heatmaps: Sequence[torch.Tensor],
@@ -338,7 +406,8 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
                         region: Optional[torch.Tensor] = None, reference_score: Optional[float] = None,
                         batch_size: Optional[int] = None, output_key: Optional[str] = None, seed: int = 0,
                         eval_mode: bool = True, progress: Optional[ProgressCallback] = None,
-                        box: Optional[Sequence[slice]] = None, rescore_box: bool = True) -> List[Dict[str, Curve]]:
+                        box: Optional[Sequence[slice]] = None, rescore_box: bool = True,
+                        precision: str = "float32") -> List[Dict[str, Curve]]:
     """Deletion and insertion curves of several heatmaps of one input and target.
 
     Args:
@@ -364,16 +433,20 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
             and the score of the unperturbed box is taken again (one more forward pass) as ``y0``. Needs a model
             whose output lies on the input grid. ``rescore_box=False`` keeps the given ``reference_score`` (one
             forward pass less; the curve then starts from the whole input's score).
+        precision: ``float32`` (default) or ``bfloat16`` (or ``auto``, :func:`resolve_precision`): the arithmetic of
+            the scored inputs' forward passes; ``reference_score`` should then be the unperturbed input's score in
+            it (:func:`choose_stand_in` gives both).
 
     Returns:
         For every heatmap, ``{mode: Curve}``. Both end points are shared by all maps (the unperturbed input and
         the fully replaced one), so the cost is ``2 + len(heatmaps) * len(modes) * (len(fractions) - 2)``
         forward passes at most (a partial deletion curve: ``len(heatmaps) * (len(fractions) - 1)``, plus one
-        with a ``box`` and ``rescore_box``).
+        with a ``box`` and ``rescore_box``, or in bfloat16 without a ``reference_score``).
     """
     check_input(model, x)
     if x.shape[0] != 1:
         raise InputError("deletion/insertion evaluate one image at a time; got a batch of %d" % x.shape[0])
+    precision = resolve_precision(precision, x.device)
     fractions = _fractions(steps)
     modes = list(modes)
     if not modes or any(m not in MODES for m in modes):
@@ -393,7 +466,8 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
         raise InputError("batch size must be >= 1, got %r" % (batch_size,))
     report = progress or (lambda f, m: None)
     x = x.detach()
-    if region is None or reference_score is None:
+    rescore = reference_score is None and precision != "float32"  # y0 in the curve's own arithmetic
+    if region is None or (reference_score is None and not rescore):
         with model_guard(model, eval_mode=eval_mode), torch.no_grad():
             out = _forward(model, x, output_key)
         region = target.region(out) if region is None else region
@@ -414,9 +488,9 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, target: SegmentTarget
     base_cut = baseline_input(x, baseline, sigma, dom, box)  # the baseline of the scored box only
     replaced_cut = base_cut if dom is None else torch.where(dom[cut[2:]], base_cut, x_cut)
     batch_size = auto_batch_size(x_cut) if batch_size is None else int(batch_size)  # the box's inputs are batched
-    scorer = _Scorer(model, target, region, output_key, batch_size, eval_mode)
-    if box is not None and rescore_box:
-        report(0.0, "score of the unperturbed box")
+    scorer = _Scorer(model, target, region, output_key, batch_size, eval_mode, precision)
+    if (box is not None and rescore_box) or rescore:
+        report(0.0, "score of the unperturbed %s" % ("box" if box is not None else "input"))
         reference_score = scorer(lambda i: x_cut, 1)[0]
     whole = fractions[-1] == 1.0  # else a partial curve: its last point is a perturbed input like the others
     y_base = float("nan")
@@ -467,6 +541,6 @@ def _fractions(steps) -> List[float]:
     return values
 
 
-__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "BOX_TOLERANCE", "MODES", "Curve", "auto_batch_size",
-           "baseline_input", "box_note", "choose_box", "gaussian_blur", "perturbation_curves", "saliency_order",
-           "saliency_sets"]
+__all__ = ["AUTO_BYTES_PER_VOXEL", "BASELINES", "BOX_TOLERANCE", "MODES", "PRECISIONS", "Curve", "StandIn",
+           "auto_batch_size", "baseline_input", "choose_stand_in", "gaussian_blur", "perturbation_curves",
+           "resolve_precision", "saliency_order", "saliency_sets"]
