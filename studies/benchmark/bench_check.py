@@ -130,7 +130,8 @@ def worker(name: str, size: int, repeats: int, threads: int) -> dict:
             runs.append({"kind": "explain + check" if check else "explain", "seconds": seconds,
                          "cam_s": timings["cam_s"], "check_s": timings.get("check_s"), "load_1min": load_average()[0],
                          "verdict": meta.get("verdict"),
-                         "check_box": _checked_box(meta) if check else None})
+                         "check_box": _checked_box(meta) if check else None,
+                         "check_precision": meta["check"]["deletion"].get("precision") if check else None})
     return {"case": name, "title": title, "layer": layer, "version": __version__, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "load_average_start": load_start, "load_average_end": load_average(),
             "runs": runs}
@@ -150,7 +151,9 @@ def summarise(result: dict) -> dict:
     result["summary"] = {"explain_s": _median(plain), "explain_check_s": _median(checked), "check_s": _median(check_s),
                          "ratio": _median(checked) / _median(plain), "pair_ratios": pairs,
                          "check_over_explain": _median(check_s) / _median(plain),
-                         "verdict": next(r["verdict"] for r in result["runs"] if r["verdict"])}
+                         "verdict": next(r["verdict"] for r in result["runs"] if r["verdict"]),
+                         "precision": next((r.get("check_precision") for r in result["runs"]
+                                            if r.get("check_precision")), None)}
     return result
 
 
@@ -170,7 +173,8 @@ def markdown(data: dict) -> str:
     for r in data["results"]:
         s = r["summary"]
         lines.append("| %s | %s | %s | %.1f | %.1f | **%.2f** | %.2f | %s | %s -> %s | %s |" % (
-            r["tree"], r["commit"], r["title"], s["explain_s"], s["explain_check_s"], s["ratio"],
+            r["tree"], r["commit"], r["title"] + (", check in %s" % s["precision"] if s.get("precision") else ""),
+            s["explain_s"], s["explain_check_s"], s["ratio"],
             s["check_over_explain"], ", ".join("%.2f" % p for p in s["pair_ratios"]),
             "/".join("%.1f" % v for v in r["load_average_start"]), "/".join("%.1f" % v for v in r["load_average_end"]),
             s["verdict"]))

@@ -362,7 +362,7 @@ def choose_stand_in(model: nn.Module, x: torch.Tensor, target: SegmentTarget, re
     global operations; instance normalisation, for one, normalises a small box by its own statistics, and HD-BET
     scored a 10 mm ball +15411 on a whole MRI and -12861 on its 64^3 box
     (``benchmarks/results/check-click-mni152.json``). bfloat16 keeps about 3 significant digits per product; HD-BET's
-    score moved by 2e-4 of itself (``benchmarks/results/precision.md``). The box is tried only where it is cheaper:
+    score on a whole brain MRI moved by 0.13% (``benchmarks/results/precision.md``). The box is tried only where it is cheaper:
     its ``passes`` plus the one that scores it cost less than the whole input's (``(passes + 1) * share < passes``,
     ``share`` the box's part of the input). Order: the box in ``precision``; if it is rejected and ``precision`` is
     bfloat16, the whole input in bfloat16; else the whole input in float32, from ``reference_score``.
