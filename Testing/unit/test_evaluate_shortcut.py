@@ -16,8 +16,8 @@ from SegHiResCAMLib.analysis.evaluate import evaluate_image
 from SegHiResCAMLib.analysis.explain import TargetSpec
 from SegHiResCAMLib.engine import SegmentTarget
 from SegHiResCAMLib.engine import cam
-from SegHiResCAMLib.engine.faithfulness import (DEFAULT_FRACTIONS, MEASURED_ERROR, StandIn, choose_stand_in, perturbation_curves,
-                                                placed_fractions, resolve_precision, target_box)
+from SegHiResCAMLib.engine.faithfulness import (DEFAULT_FRACTIONS, MEASURED_ERROR, StandIn, choose_stand_in,
+                                                perturbation_curves, placed_fractions, resolve_precision, target_box)
 from SegHiResCAMLib.engine.regions import MaskRegion
 from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.geometry import Geometry

@@ -17,7 +17,8 @@ costing at most one explain run) and the check's own seconds (``metadata["timing
   memory plan of a 23 GiB machine runs it in windows, where the check does not run), class 1 in a ball of
   10 mm around the centre voxel (a clicked voxel, as in the Slicer module): a small target in a large image. Until
   commit 6c8fd84 its check perturbed and scored only the target's box; the UNet's instance normalisation scores that
-  box unlike the whole input, so the check now runs on the whole input (``choose_stand_in``; each run records its box and precision).
+  box unlike the whole input, so the check now runs on the whole input (``choose_stand_in``; each run records its
+  box and precision).
 
 Several source trees can be measured in one call (``--tree before=DIR --tree after=.``, each a checkout holding
 ``SegHiResCAM/``), e.g. the code before and after a change; the results name each tree's commit.

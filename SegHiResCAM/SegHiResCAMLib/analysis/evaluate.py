@@ -211,8 +211,8 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             interior fractions. Its error against ``exact`` is measured in ``benchmarks/results/evaluate.md``.
         precision: the arithmetic of the perturbed inputs' forward passes: ``float32``, ``bfloat16``, or ``auto``
             (:func:`~SegHiResCAMLib.engine.faithfulness.resolve_precision`: bfloat16 on a CPU that computes it
-            natively, else float32; always float32 with ``exact``). bfloat16 is used only where the model scores the unperturbed
-            input in it within 1% of float32 (:func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in`); the
+            natively, else float32; always float32 with ``exact``). bfloat16 is used only where the model scores the
+            unperturbed input in it within 1% of float32 (:func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in`); the
             precision used is ``metadata["precision"]``.
         slice_axis, slice_context, slice_count: a 2D model on a 3D scan is evaluated on the ``slice_count``
             (default 3) slices with the most target voxels, each as a 2D image, and every row is the mean over them

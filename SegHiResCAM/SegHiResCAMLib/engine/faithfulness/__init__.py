@@ -38,11 +38,11 @@ from .sanity import (RANDOM_TARGETS, SanityStage, UpstreamRecorder, cascade_stag
                      recording_parameter_layers, spearman, target_randomization)
 
 __all__ = [
-    "BASELINES", "BOX_TOLERANCE", "Curve", "DEFAULT_FRACTIONS", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES", "PRECISIONS",
-    "RANDOM_TARGETS", "SanityStage", "StandIn", "UpstreamRecorder", "auto_batch_size", "baseline_input",
-    "box_share", "cascade_stages", "choose_stand_in", "dilate", "energy_in_region", "fixed_target", "gaussian_blur",
-    "map_correlations", "model_randomization", "parameter_layers", "perturbation_curves", "placed_fractions",
-    "random_target", "randomize_modules", "rankdata", "recording_parameter_layers", "region_fraction",
-    "region_on_grid", "resolve_precision", "saliency_order", "saliency_sets", "spearman", "target_box",
-    "target_randomization"
+    "BASELINES", "BOX_TOLERANCE", "Curve", "DEFAULT_FRACTIONS", "DEFAULT_MARGIN", "MEASURED_ERROR", "MODES",
+    "PRECISIONS", "RANDOM_TARGETS", "SanityStage", "StandIn", "UpstreamRecorder", "auto_batch_size",
+    "baseline_input", "box_share", "cascade_stages", "choose_stand_in", "dilate", "energy_in_region",
+    "fixed_target", "gaussian_blur", "map_correlations", "model_randomization", "parameter_layers",
+    "perturbation_curves", "placed_fractions", "random_target", "randomize_modules", "rankdata",
+    "recording_parameter_layers", "region_fraction", "region_on_grid", "resolve_precision", "saliency_order",
+    "saliency_sets", "spearman", "target_box", "target_randomization"
 ]

@@ -19,7 +19,7 @@ higher insertion AUC are more faithful. ``y0 <= 0`` (possible with logits) leave
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -330,7 +330,7 @@ class StandIn:
     y0: float
     box_rejected: Optional[dict] = None
     precision_rejected: Optional[dict] = None
-    scored: int = field(default=0)  #: forward passes taken to decide (0 to 2)
+    scored: int = 0  #: forward passes taken to decide (0 to 2)
 
     def note(self) -> Optional[str]:
         """One line for the reader about the stand-ins scored and not used, else ``None``."""
@@ -362,10 +362,11 @@ def choose_stand_in(model: nn.Module, x: torch.Tensor, target: SegmentTarget, re
     global operations; instance normalisation, for one, normalises a small box by its own statistics, and HD-BET
     scored a 10 mm ball +15411 on a whole MRI and -12861 on its 64^3 box
     (``benchmarks/results/check-click-mni152.json``). bfloat16 keeps about 3 significant digits per product; HD-BET's
-    score on a whole brain MRI moved by 0.13% (``benchmarks/results/precision.md``). The box is tried only where it is cheaper:
-    its ``passes`` plus the one that scores it cost less than the whole input's (``(passes + 1) * share < passes``,
-    ``share`` the box's part of the input). Order: the box in ``precision``; if it is rejected and ``precision`` is
-    bfloat16, the whole input in bfloat16; else the whole input in float32, from ``reference_score``.
+    score on a whole brain MRI moved by 0.13% (``benchmarks/results/precision.md``). The box is tried only where it
+    is cheaper: its ``passes`` plus the one that scores it cost less than the whole input's (``(passes + 1) * share <
+    passes``, ``share`` the box's part of the input). Order: the box in ``precision``; if it is rejected and
+    ``precision`` is bfloat16, the whole input in bfloat16; else the whole input in float32, from
+    ``reference_score``.
     """
     precision = resolve_precision(precision, x.device)
     spatial = tuple(x.shape[2:])
