@@ -97,7 +97,7 @@ class SegHiResCAMParameterNode:
     addPrediction: bool = True
     outputVolume: vtkMRMLScalarVolumeNode
     predictionSegmentation: vtkMRMLSegmentationNode
-    evaluateSteps: Annotated[int, WithinRange(2, 50)] = 5
+    evaluateSteps: Annotated[int, WithinRange(0, 50)] = 0  # 0: evaluate's default (1/8, 3/8, 5/8, 7/8); 1 refused
     evaluateAllMethods: bool = False
     evaluateCropVoxels: Annotated[int, WithinRange(0, 512)] = 0
     tta: bool = False  # mirroring TTA: the mean map, plus the spread map as a second volume

@@ -372,8 +372,9 @@ SIGNALS = {
     "QSocketNotifier": _OBJECT | {"activated(int)", "activated(QSocketDescriptor,QSocketNotifier::Type)"},
 }
 #: Qt's defaults of the properties the module and the connectors use
-_DEFAULTS = {"QSpinBox": dict(value=0, minimum=0, maximum=99, singleStep=1),
-             "QDoubleSpinBox": dict(value=0.0, minimum=0.0, maximum=99.99, singleStep=1.0, decimals=2),
+_DEFAULTS = {"QSpinBox": dict(value=0, minimum=0, maximum=99, singleStep=1, specialValueText=""),
+             "QDoubleSpinBox": dict(value=0.0, minimum=0.0, maximum=99.99, singleStep=1.0, decimals=2,
+                                    specialValueText=""),
              "QCheckBox": dict(checked=False), "QComboBox": dict(currentIndex=-1, currentText="", editable=False),
              "ctkPathLineEdit": dict(currentPath="", filters="AllEntries"),  # ctkPathLineEdit's default filters
              "QProgressBar": dict(value=0)}

@@ -76,6 +76,21 @@ def test_evaluate_table_equals_the_headless_api(volume, weights):
     assert "Evaluation: 2 rows" in logic.summary(node)
 
 
+def test_evaluate_by_default_uses_the_command_lines_default_steps(volume, weights):
+    """The panel's steps 0 ("default") is evaluate's measured rule, as on the command line; 1 step is refused."""
+    logic = SegHiResCAM.SegHiResCAMLogic()
+    node = logic.evaluate(volume, model=SPEC, weights=weights, layer="dec", classIndex=1)
+    image, geometry = mrml.image_from_volume(volume)
+    expected = evaluate_image(load_model(SPEC, weights=weights), image, geometry, TargetSpec(class_index=1),
+                              methods=["seg-hires-grad-cam"], layers="dec")
+    assert expected.metadata["shortcut"]["fractions"] == [0.0, 0.125, 0.375, 0.625, 0.875, 1.0]
+    headers, rows = table_contents(node)
+    assert headers == expected.table()[0]
+    assert_rows_equal(rows, expected.table()[1])
+    with pytest.raises(InputError, match="0 \\(evaluate's default"):
+        logic.evaluate(volume, model=SPEC, weights=weights, layer="dec", steps=1)
+
+
 def test_evaluate_crop_keeps_a_point_target_inside(volume, weights):
     point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     ras = IJK_TO_RAS @ np.array([2.0, 3.0, 4.0, 1.0])  # voxel (i, j, k) = (2, 3, 4)

@@ -120,6 +120,13 @@ def test_load_layers_fills_the_layer_list(panel):
     assert slicer_logic.missingPackages(SPEC) == []
 
 
+def test_evaluate_steps_start_at_the_default_rule(panel):
+    """The panel's steps start at 0, shown as evaluate's default rule (the measured one), as on the command line."""
+    spin = panel.ui.evaluateStepsSpinBox
+    assert panel.p.evaluateSteps == 0 and spin.minimum == 0 and spin.value == 0
+    assert spin.specialValueText == "default (1/8, 3/8, 5/8, 7/8)"
+
+
 @pytest.mark.parametrize("button, kind", [("evaluateButton", "evaluation"),
                                           ("segmentationAbilityButton", "segmentation-ability")])
 def test_analysis_buttons_run_on_the_worker_thread(panel, button, kind):

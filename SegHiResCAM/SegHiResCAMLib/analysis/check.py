@@ -32,14 +32,14 @@ Two checks (the quick versions of :mod:`.evaluate`'s; definitions in :mod:`SegHi
    to score or the passes run in bfloat16 (on the whole input in float32, ``y0`` is the explain run's).
 
 Cost measured against one explain run on an idle 2-core machine: ``benchmarks/results/check.md``
-(``studies/benchmark/bench_check.py``): 1.35-1.68x on HD-BET (96^3 crop of the ROBEX atlas; 1.51x in the latest
-run, on the whole input); 1.52x to 2.85x on a MONAI UNet (128^3, the target half the input) whose explain runs
-take 0.8-1.5 s (two forward passes, a backward pass and rank statistics on 2 million voxels cost more than the
-model there); 1.35x for a small target in a large image (a 10 mm ball in the UNet's 192^3 input, whose box the
-UNet scores differently: the whole input runs); 2.71x and 4.03x before issue 18 part 4 (the fully replaced input,
-the order probe, the whole-image correlation and the randomised copy's whole forward pass). Within issue 18's "2x
-one explain run" for HD-BET and the small target; for that UNet in two of its nine runs since issue 18 part 4
-(1.94x, 1.52x), within the noise of its explain runs.
+(``studies/benchmark/bench_check.py``). With the deletion in bfloat16 (a CPU with AMX, commit dcc915a): 1.32x on
+HD-BET (96^3 crop of the ROBEX atlas), 1.73x on a MONAI UNet (128^3, the target half the input; its explain runs
+take about 0.9 s, and two forward passes, a backward pass and rank statistics on 2 million voxels cost more than
+the model there) and 1.33x for a small target in a large image (a 10 mm ball in the UNet's 192^3 input, whose box
+the UNet scores differently: the whole input runs). In float32: 1.35-1.68x on HD-BET, 1.52x to 2.85x on that UNet
+(within issue 18's "2x one explain run" in three of its ten runs since issue 18 part 4), 1.33-1.35x for the small
+target; 2.71x and 4.03x before issue 18 part 4 (the fully replaced input, the order probe, the whole-image
+correlation and the randomised copy's whole forward pass).
 
 The verdict reads e.g. ``passes model randomisation (rho 0.08); deletion AUC 0.55 vs random 0.97: better than
 random`` (a lower deletion AUC is better; ``no better than random`` otherwise, from the unrounded AUCs); when the

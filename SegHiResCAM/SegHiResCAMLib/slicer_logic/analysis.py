@@ -79,7 +79,7 @@ class AnalysisLogic(ExplainLogic):
                                     steps=parameters.evaluateSteps, cropVoxels=parameters.evaluateCropVoxels)
 
     def prepareAnalysis(self, kind: str, request: ExplainRequest, methods: Optional[Sequence[str]] = None,
-                        steps: int = 5, cropVoxels: int = 0) -> AnalysisRequest:
+                        steps: int = 0, cropVoxels: int = 0) -> AnalysisRequest:
         if kind not in ANALYSES:
             raise InputError("analysis must be one of %s, got %r" % (", ".join(ANALYSES), kind))
         methods = list(methods or [request.method])
@@ -93,8 +93,9 @@ class AnalysisLogic(ExplainLogic):
                              "one slice axis, or use Apply for the ensemble's mean map and spread map"
                              % (kind, "%d weights files" % len(request.memberWeights) if request.memberWeights
                                 else "slice axes %s" % ", ".join(axes) if axes else "folds %s" % request.folds))
-        if isinstance(steps, bool) or int(steps) != steps or steps < 2:
-            raise InputError("steps must be a whole number >= 2, got %r" % (steps,))
+        if isinstance(steps, bool) or int(steps) != steps or steps < 0 or steps == 1:
+            raise InputError("steps must be 0 (evaluate's default: interior points at 1/8, 3/8, 5/8 and 7/8) or a "
+                             "whole number >= 2 of equal steps, got %r" % (steps,))
         if isinstance(cropVoxels, bool) or int(cropVoxels) != cropVoxels or cropVoxels < 0:
             raise InputError("cropVoxels must be 0 (whole image) or a voxel count, got %r" % (cropVoxels,))
         return AnalysisRequest(kind, request, methods, int(steps), int(cropVoxels))
@@ -187,7 +188,7 @@ class AnalysisLogic(ExplainLogic):
             "; %s: %s" % (key, text[len("evaluation: "):]) for key, text in verdicts.items() if text))
 
     # ------------------------------------------------------------------ all three steps
-    def evaluate(self, inputVolume, methods: Optional[Sequence[str]] = None, steps: int = 5, cropVoxels: int = 0,
+    def evaluate(self, inputVolume, methods: Optional[Sequence[str]] = None, steps: int = 0, cropVoxels: int = 0,
                  progress: Optional[ProgressCallback] = None, **explainArgs):
         """Faithfulness metrics of the heatmaps of ``inputVolume`` as a new ``vtkMRMLTableNode``.
 
@@ -195,7 +196,10 @@ class AnalysisLogic(ExplainLogic):
             inputVolume, **explainArgs: the scan, model, target, ``method``, ``layer``... as for
                 :meth:`ExplainLogic.process` (``outputVolume``, ``addPrediction`` are ignored).
             methods: the CAM methods compared (default: ``method`` only); a row each, plus the random-order row.
-            steps: deletion/insertion steps; the cost is about ``2 x (len(methods) + 1) x steps`` forward passes.
+            steps: deletion/insertion steps, 0 for evaluate's default (interior points at 1/8, 3/8, 5/8 and 7/8,
+                :data:`~SegHiResCAMLib.engine.faithfulness.DEFAULT_FRACTIONS`, whose error against the full
+                computation is measured; the cost of 5 equal steps); the cost is about ``2 x (len(methods) + 1) x
+                steps`` forward passes.
             cropVoxels: evaluate a cube of this many voxels per axis around the target (0: the whole scan).
 
         Returns:

@@ -81,7 +81,7 @@ class AnalysisRequest:
     kind: str
     explain: ExplainRequest
     methods: List[str]
-    steps: int = 5
+    steps: int = 0  #: 0: evaluate's default steps
     cropVoxels: int = 0
 
 
@@ -210,7 +210,7 @@ class ComputeLogic:
             from ..analysis.explain import TargetSpec
             image, geometry, target = cropRequest(request)
             return evaluate_image(model, image, geometry, TargetSpec(**target), methods=request.methods,
-                                  layers=r.layer, steps=request.steps, device=r.device,
+                                  layers=r.layer, steps=request.steps or None, device=r.device,
                                   progress=lambda f, m: report(0.02 + 0.98 * f, m), **slices)
         from ..engine.protoseg import LAST_FEATURE
         from ..analysis.segmentation_ability import sa_score_image

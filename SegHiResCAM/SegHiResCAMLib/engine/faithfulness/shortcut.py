@@ -72,9 +72,9 @@ def box_share(box: Optional[Sequence[slice]], spatial: Sequence[int]) -> float:
 
 
 def placed_fractions(region_fraction: float) -> List[float]:
-    """The deletion/insertion fractions of the shortcut: ``[0, r / 2, r, 1]`` with ``r`` the fraction of the
-    domain covered by the target, kept within [0.04, 0.5] (a point at 0 would repeat an end point; above one half
-    the two points would leave most of the curve to a straight line)."""
+    """``[0, r / 2, r, 1]`` with ``r`` the fraction of the domain covered by the target, kept within [0.04, 0.5]
+    (a point at 0 would repeat an end point; above one half the two points would leave most of the curve to a
+    straight line): evaluate's fractions before :data:`DEFAULT_FRACTIONS`; the quick check scores its point ``r``."""
     if not math.isfinite(float(region_fraction)):
         raise InputError("the region fraction must be a number in [0, 1], got %r" % (region_fraction,))
     r = min(0.5, max(0.04, float(region_fraction)))
