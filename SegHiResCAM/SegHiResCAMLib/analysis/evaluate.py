@@ -212,8 +212,9 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         precision: the arithmetic of the perturbed inputs' forward passes: ``float32``, ``bfloat16``, or ``auto``
             (:func:`~SegHiResCAMLib.engine.faithfulness.resolve_precision`: bfloat16 on a CPU that computes it
             natively, else float32; always float32 with ``exact``). bfloat16 is used only where the model scores the
-            unperturbed input in it within 1% of float32 (:func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in`); the
-            precision used is ``metadata["precision"]``.
+            unperturbed input in it within 1% of float32
+            (:func:`~SegHiResCAMLib.engine.faithfulness.choose_stand_in`); the precision used is
+            ``metadata["precision"]``.
         slice_axis, slice_context, slice_count: a 2D model on a 3D scan is evaluated on the ``slice_count``
             (default 3) slices with the most target voxels, each as a 2D image, and every row is the mean over them
             (:mod:`.slice_evaluate`, ``docs/slice_models.md``).
@@ -277,14 +278,14 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
         maps.append(torch.rand(spatial, generator=generator).to(dev))
         labels.append((RANDOM_ORDER, "-"))
     box = None
-    placed = False  # the shortcut's own fractions (DEFAULT_FRACTIONS), whose error the benchmark measured
+    measured = False  # the shortcut's own fractions (DEFAULT_FRACTIONS), whose error the benchmark measured
     if not exact:
         margin = DEFAULT_MARGIN if margin is None else margin
         if tuple(region.shape[1:]) == spatial:
             divisible = model.preprocessing.divisible_by
             box = target_box(region, spatial, margin, divisible if isinstance(divisible, int) else 1)
-        placed = steps is None
-        if placed:
+        measured = steps is None
+        if measured:
             steps = list(DEFAULT_FRACTIONS)
     elif steps is None:
         steps = 10
@@ -353,7 +354,7 @@ def evaluate_image(model: SegModel, image: np.ndarray, geometry: Geometry, targe
             "margin_voxels": margin, "fractions": curves[0]["deletion"].fractions if curves else None,
             "y0_box": curves[0]["deletion"].reference if curves else None,
             "box_rejected": stand_in.box_rejected,
-            "measured_error": dict(MEASURED_ERROR) if placed else None,
+            "measured_error": dict(MEASURED_ERROR) if measured else None,
             "note": stand_in.note() or (
                 "perturbed inputs ran on the target's bounding box + margin (exact where the margin covers the "
                 "receptive field of a network without global operations; the model scored the unperturbed box "
