@@ -235,3 +235,18 @@ def test_evaluate_in_bfloat16_records_it_and_stays_close_to_float32(monkeypatch)
     monkeypatch.setattr(cam, "cpu_bfloat16", lambda: True)
     assert evaluate_image(model, image, geometry, spec, **kw).metadata["precision"]["used"] == "bfloat16"
     assert evaluate_image(model, image, geometry, spec, exact=True, **kw).metadata["precision"]["used"] == "float32"
+
+
+def test_bfloat16_reaches_traced_and_scripted_models():
+    """A TorchScript model (``--model file.pt``) runs its convolutions in bfloat16 under the same autocast as an eager
+    one: ``auto`` on a CPU with native bfloat16 must neither fail on it nor leave it in float32 unsaid."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 32, 32, 32) + 1.0
+    region = _blob()
+    target = SegmentTarget(1)
+    plain = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1)).eval()
+    for net in (toy_models.unet3d().eval(), torch.jit.trace(toy_models.unet3d().eval(), x), torch.jit.script(plain)):
+        with torch.no_grad():
+            y0 = float(target(net(x), region)[0])
+        chosen = choose_stand_in(net, x, target, region, None, y0, passes=4, precision="bfloat16")
+        assert chosen.precision == "bfloat16" and chosen.y0 != y0 and chosen.y0 == pytest.approx(y0, rel=1e-2)
