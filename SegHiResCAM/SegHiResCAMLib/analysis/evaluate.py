@@ -90,6 +90,12 @@ class Evaluation:
             cols.append(("spearman_target:%s" % kind, "rho, random target (%s)" % kind))
         return cols
 
+    def notes(self) -> List[str]:
+        """What the reader should know about how the curves ran: a stand-in scored and not used, and bfloat16
+        passes (the command line prints them, the Markdown report lists them)."""
+        return [n for n in (self.metadata.get("stand_in_note"), (self.metadata.get("precision") or {}).get("note"))
+                if n]
+
     def table(self) -> Tuple[List[str], List[List[object]]]:
         """Headers and rows (plain Python values, NaN for missing) for a Slicer table node or a CSV file."""
         cols = self.columns()

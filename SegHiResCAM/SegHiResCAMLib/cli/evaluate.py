@@ -188,7 +188,6 @@ def run(args: argparse.Namespace) -> int:
     common.warn_model_output(model)
     for warning in sorted({w for r in evaluation.rows for w in r.get("warnings", [])}):
         print("seghirescam: warning: %s" % warning, file=sys.stderr)
-    for note in (evaluation.metadata.get("stand_in_note"), (evaluation.metadata.get("precision") or {}).get("note")):
-        if note:
-            print("seghirescam: note: %s" % note, file=sys.stderr)
+    for note in evaluation.notes():
+        print("seghirescam: note: %s" % note, file=sys.stderr)
     return 0

@@ -90,9 +90,8 @@ def evaluation_markdown(evaluation: Evaluation, title: str = "Heatmap faithfulne
                   "(benchmarks/results/evaluate.md); maps whose AUCs are closer than that may change places with "
                   "`--exact`." % (", ".join("%.3g" % f for f in meta["shortcut"]["fractions"][1:-1]),
                                   measured["deletion"], measured["insertion"])]
-    for note in (meta.get("stand_in_note"), (meta.get("precision") or {}).get("note")):
-        if note:
-            lines += ["", "Note: %s." % note]
+    for note in evaluation.notes():
+        lines += ["", "Note: %s." % note]
     warnings = sorted({"%s @ %s: %s" % (r["method"], r["layer"], w) for r in rows for w in r.get("warnings", [])})
     if warnings:
         lines += ["", "Warnings:", ""] + ["- %s" % w for w in warnings]
